@@ -1,0 +1,152 @@
+"""Durable file placement under `data_dir`: spool, incoming area, quarantine, disk watermarks.
+
+Layout (paths recorded in the store are relative to `data_dir`):
+
+    incoming/          files being received; anything here at start-up was never acknowledged
+    spool/00 … spool/ff/<random>.dcm
+                       acknowledged instances; names are random, never taken from DICOM values
+    quarantine/<time>-<random>.dcm (+ .json)
+                       rejected input kept byte for byte, with the reason beside it
+
+A file is durable once `place` returns: its data was fsynced under a temporary name, renamed into
+its shard, and the shard directory fsynced so the rename itself survives power loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+INCOMING = "incoming"
+SPOOL = "spool"
+QUARANTINE = "quarantine"
+_SHARDS = [f"{i:02x}" for i in range(256)]
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """Usage of the filesystem that holds `data_dir`."""
+
+    total: int
+    used: int
+    free: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.used / self.total if self.total else 100.0
+
+
+class Spool:
+    """Owns every file under `data_dir` except the database."""
+
+    def __init__(self, data_dir: Path, high_water: float) -> None:
+        self.data_dir = data_dir
+        self.high_water = high_water
+        self.incoming = data_dir / INCOMING
+        self.quarantine_dir = data_dir / QUARANTINE
+
+    def prepare(self) -> None:
+        """Create the directory layout (idempotent) and make its creation durable."""
+        created = []
+        for directory in (self.data_dir, self.incoming, self.quarantine_dir, self.data_dir / SPOOL):
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                created.append(directory)
+        for shard in _SHARDS:
+            path = self.data_dir / SPOOL / shard
+            if not path.is_dir():
+                path.mkdir(exist_ok=True)
+                created.append(path)
+        for directory in {p.parent for p in created} | set(created):
+            fsync_directory(directory)
+
+    def disk_usage(self) -> DiskUsage:
+        usage = shutil.disk_usage(self.data_dir)
+        return DiskUsage(total=usage.total, used=usage.used, free=usage.free)
+
+    def above_high_water(self) -> bool:
+        """Return True when the disk is fuller than `spool.high_water` allows for new data."""
+        return self.disk_usage().percent >= self.high_water
+
+    def place(self, received: Path) -> str:
+        """Make the received file durable in the spool; return its path relative to `data_dir`.
+
+        The file must be on the same filesystem (it is: it lives in `incoming/`). Raise OSError
+        (for example ENOSPC) if the data cannot be made durable; the caller must not acknowledge.
+        """
+        fd = os.open(received, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        name = uuid.uuid4().hex
+        relative = f"{SPOOL}/{name[:2]}/{name}.dcm"
+        target = self.data_dir / relative
+        os.rename(received, target)
+        fsync_directory(target.parent)
+        return relative
+
+    def path(self, relative: str) -> Path:
+        return self.data_dir / relative
+
+    def remove(self, relative: str) -> None:
+        """Delete a spool file that the store no longer references (missing is fine)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.data_dir / relative)
+
+    def discard(self, received: Path) -> None:
+        """Delete an incoming file that will not be kept (a duplicate, or refused for space)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(received)
+
+    def quarantine(self, received: Path, reason: str, details: dict[str, object]) -> str:
+        """Move rejected input into quarantine with a JSON note of why; return its relative path.
+
+        Not fsynced: nothing was acknowledged, so a crash losing it loses nothing promised.
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        name = f"{stamp}-{uuid.uuid4().hex[:12]}"
+        target = self.quarantine_dir / f"{name}.dcm"
+        os.rename(received, target)
+        note = {"reason": reason, "quarantined_at": stamp, **details}
+        (self.quarantine_dir / f"{name}.json").write_text(json.dumps(note, indent=2) + "\n")
+        return f"{QUARANTINE}/{name}.dcm"
+
+    def sweep(self, referenced: Iterable[str]) -> int:
+        """Delete files that were never acknowledged; return how many.
+
+        At start-up, anything in `incoming/` is a receive that was cut off, and a spool file no
+        row references was renamed but never committed: the sender saw no Success for either.
+        """
+        removed = 0
+        for leftover in self.incoming.iterdir():
+            leftover.unlink()
+            removed += 1
+        known = set(referenced)
+        for shard in _SHARDS:
+            for entry in os.scandir(self.data_dir / SPOOL / shard):
+                if f"{SPOOL}/{shard}/{entry.name}" not in known:
+                    os.unlink(entry.path)
+                    removed += 1
+        if removed:
+            logger.warning("removed %d unacknowledged file(s) left by an interrupted run", removed)
+        return removed
+
+
+def fsync_directory(directory: Path) -> None:
+    """fsync a directory so that entries created or renamed in it survive power loss."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
