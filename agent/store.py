@@ -1,0 +1,752 @@
+"""The agent's durable state in SQLite: studies, instances, quarantine, events and jobs.
+
+This module holds all of the project's SQL. One connection serves the whole process: pynetdicom
+runs every association in its own thread, so the connection is shared behind a lock, and every
+write is one short `BEGIN IMMEDIATE` transaction (taking the write lock up front, so a
+transaction never fails half-way with SQLITE_BUSY after it has read). The database runs in WAL
+mode with `synchronous=FULL`, so a committed row survives power loss: the receiver answers a
+C-STORE with Success only after `record_instance` has returned.
+
+Work is claimed, not popped (litequeue's pattern): `claim_job` leases a job to an owner, and a
+lease that expires without `complete_job` or `fail_job` is returned to `ready` by
+`requeue_expired`.
+
+Every time is passed in as `now` (epoch seconds), so callers and tests control the clock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+BUSY_TIMEOUT_MS = 10_000
+_SYNCHRONOUS_FULL = 2
+
+
+class StoreError(Exception):
+    """The database cannot be opened, migrated or written; or a job is not held by its caller."""
+
+
+class StudyState(StrEnum):
+    """Where a study part is on its way to the cloud."""
+
+    OPEN = "open"
+    STABLE = "stable"
+    QUEUED = "queued"
+    UPLOADING = "uploading"
+    SENT = "sent"
+    CONFIRMED = "confirmed"
+
+
+class InstanceState(StrEnum):
+    """Where one received instance is on its way to the cloud."""
+
+    RECEIVED = "received"
+    PACKED = "packed"
+    SENT = "sent"
+
+
+class JobState(StrEnum):
+    """A job's place in its lifecycle: ready → claimed (leased) → done | failed."""
+
+    READY = "ready"
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Outcome(StrEnum):
+    """What `record_instance` did with an arrival."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    REPLACED = "replaced"
+
+
+class Level(StrEnum):
+    """Severity of an audit event."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+UPLOAD = "upload"
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """An instance that is already durable in the spool, about to be recorded."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    sha256: str
+    calling_ae: str
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """What `record_instance` did.
+
+    `obsolete_path` names a spool file that no row references any more; the caller deletes it
+    after `record_instance` has returned (never before: until the commit, the old row still
+    pointed at it). None means there is nothing to delete.
+    """
+
+    outcome: Outcome
+    study_uid: str
+    part: int
+    obsolete_path: str | None
+
+
+@dataclass(frozen=True)
+class KnownInstance:
+    """The current (not superseded) record of a SOP Instance UID."""
+
+    sop_instance_uid: str
+    sha256: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job leased to `lease_owner` until `lease_expires_at`."""
+
+    id: int
+    kind: str
+    study_id: int
+    study_uid: str
+    part: int
+    attempts: int
+    lease_owner: str
+    lease_expires_at: float
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """Counts for every state (0 included), the newest error event and the schema version."""
+
+    studies: dict[str, int]
+    instances: dict[str, int]
+    jobs: dict[str, int]
+    last_error: dict[str, Any] | None
+    schema_version: int
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema change. Released migrations are never edited: a change is a new version."""
+
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "initial schema",
+        (
+            """CREATE TABLE studies (
+                id INTEGER PRIMARY KEY,
+                study_uid TEXT NOT NULL,
+                part INTEGER NOT NULL,
+                state TEXT NOT NULL CHECK (state IN
+                    ('open', 'stable', 'queued', 'uploading', 'sent', 'confirmed')),
+                first_received_at REAL,
+                last_received_at REAL,
+                stable_at REAL,
+                UNIQUE (study_uid, part)
+            )""",
+            "CREATE INDEX studies_by_state ON studies (state, last_received_at)",
+            """CREATE TABLE instances (
+                id INTEGER PRIMARY KEY,
+                study_id INTEGER NOT NULL REFERENCES studies (id),
+                sop_instance_uid TEXT NOT NULL,
+                sop_class_uid TEXT NOT NULL,
+                series_uid TEXT NOT NULL,
+                transfer_syntax TEXT NOT NULL,
+                path TEXT NOT NULL,
+                size INTEGER NOT NULL,
+                sha256 TEXT NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('received', 'packed', 'sent')),
+                calling_ae TEXT NOT NULL,
+                received_at REAL NOT NULL,
+                replaced_count INTEGER NOT NULL DEFAULT 0,
+                superseded INTEGER NOT NULL DEFAULT 0
+            )""",
+            """CREATE UNIQUE INDEX instances_current_sop_uid
+                ON instances (sop_instance_uid) WHERE superseded = 0""",
+            "CREATE INDEX instances_by_path ON instances (path)",
+            "CREATE INDEX instances_by_study ON instances (study_id)",
+            """CREATE TABLE quarantine (
+                id INTEGER PRIMARY KEY,
+                at REAL NOT NULL,
+                reason TEXT NOT NULL,
+                path TEXT NOT NULL,
+                calling_ae TEXT NOT NULL,
+                sop_instance_uid TEXT NULL
+            )""",
+            """CREATE TABLE events (
+                id INTEGER PRIMARY KEY,
+                at REAL NOT NULL,
+                level TEXT NOT NULL CHECK (level IN ('info', 'warning', 'error')),
+                kind TEXT NOT NULL,
+                study_uid TEXT NULL,
+                sop_instance_uid TEXT NULL,
+                message TEXT NOT NULL
+            )""",
+            "CREATE INDEX events_by_level ON events (level, at)",
+            """CREATE TABLE jobs (
+                id INTEGER PRIMARY KEY,
+                kind TEXT NOT NULL,
+                study_id INTEGER NOT NULL REFERENCES studies (id),
+                state TEXT NOT NULL CHECK (state IN ('ready', 'claimed', 'done', 'failed')),
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at REAL,
+                lease_owner TEXT NULL,
+                lease_expires_at REAL NULL,
+                last_error TEXT NULL,
+                created_at REAL NOT NULL,
+                updated_at REAL NOT NULL,
+                UNIQUE (kind, study_id)
+            )""",
+            "CREATE INDEX jobs_due ON jobs (kind, state, next_attempt_at)",
+        ),
+    ),
+)
+
+_SCHEMA_MIGRATIONS = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at REAL NOT NULL
+)"""
+
+
+@dataclass(frozen=True)
+class _Current:
+    """The current row of a SOP Instance UID, with the study part that holds it."""
+
+    id: int
+    sha256: str
+    path: str
+    replaced_count: int
+    study_id: int
+    study_uid: str
+    part: int
+    part_state: str
+
+
+@dataclass(frozen=True)
+class _Part:
+    id: int
+    study_uid: str
+    part: int
+
+
+class Store:
+    """The one connection to the agent's database; safe to call from many threads."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._db = connection
+        self._lock = threading.Lock()
+
+    # -- opening --------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, path: Path, *, create: bool = True, migrations: Sequence[Migration] = MIGRATIONS
+    ) -> Store:
+        """Open (and, with `create`, create) the database at `path` and bring its schema up to date.
+
+        Raise StoreError if `create` is false and there is no database at `path`, if the database
+        refuses WAL mode or `synchronous=FULL` (some network filesystems cannot share memory for
+        WAL), if its schema is newer than this code knows, or if a migration fails (a failed
+        migration is rolled back whole, and is not recorded).
+        """
+        if not create and not path.is_file():
+            raise StoreError(f"no database at {path}")
+        try:
+            connection = _connect(path, create)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database at {path}: {exc}") from exc
+        store = cls(connection)
+        try:
+            store._configure(path)
+            store._migrate(migrations)
+        except BaseException:
+            connection.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Close the connection; the store cannot be used afterwards."""
+        with self._lock:
+            self._db.close()
+
+    def _configure(self, path: Path) -> None:
+        try:
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # Read back: SQLite ignores a pragma it cannot honour instead of failing.
+            synchronous = self._db.execute("PRAGMA synchronous").fetchone()[0]
+            foreign_keys = self._db.execute("PRAGMA foreign_keys").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot configure database at {path}: {exc}") from exc
+        if str(mode).lower() != "wal":
+            raise StoreError(
+                f"database at {path} refused WAL journal mode (got {mode!r}); "
+                "put data_dir on a local filesystem"
+            )
+        if synchronous != _SYNCHRONOUS_FULL:
+            raise StoreError(f"database at {path} refused synchronous=FULL (got {synchronous})")
+        if foreign_keys != 1:
+            raise StoreError(f"database at {path} refused foreign_keys=ON")
+
+    def _migrate(self, migrations: Sequence[Migration]) -> None:
+        known = max((m.version for m in migrations), default=0)
+        with self._write() as db:
+            db.execute(_SCHEMA_MIGRATIONS)
+        current = self._schema_version()
+        if current > known:
+            raise StoreError(
+                f"database schema version {current} is newer than this Dirigo knows ({known}); "
+                "upgrade Dirigo or restore a database written by this version"
+            )
+        for migration in sorted(migrations, key=lambda m: m.version):
+            if migration.version > current:
+                self._apply(migration)
+
+    def _apply(self, migration: Migration) -> None:
+        """Apply one migration and its record in one transaction (DDL is transactional in SQLite).
+
+        Another process may have opened the same database concurrently (`dirigo status` while the
+        daemon starts), so the version is checked again under the write lock.
+        """
+        try:
+            with self._write() as db:
+                if _version(db) >= migration.version:
+                    return
+                for statement in migration.statements:
+                    db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.name, time.time()),
+                )
+        except StoreError as exc:
+            raise StoreError(
+                f"migration {migration.version} ({migration.name}) failed: {exc}"
+            ) from exc
+
+    def _schema_version(self) -> int:
+        with self._read() as db:
+            return _version(db)
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """Run the block in one IMMEDIATE transaction under the lock; commit, or roll back on error.
+
+        sqlite3 errors leave as StoreError, so callers handle one exception type.
+        """
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                self._rollback()
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(str(exc)) from exc
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """Run the block in one read transaction, so several queries see one snapshot."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                self._rollback()
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(str(exc)) from exc
+                raise
+
+    def _rollback(self) -> None:
+        # SQLite rolls some failures back by itself (a full disk, for one); a second ROLLBACK
+        # would then raise and hide the original error.
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    # -- instances ------------------------------------------------------------------------
+
+    def find_instance(self, sop_instance_uid: str) -> KnownInstance | None:
+        """Return the current (not superseded) record of `sop_instance_uid`, or None."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT sop_instance_uid, sha256, path FROM instances"
+                " WHERE sop_instance_uid = ? AND superseded = 0",
+                (sop_instance_uid,),
+            ).fetchone()
+        return None if row is None else KnownInstance(*row)
+
+    def record_instance(self, new: NewInstance, now: float) -> RecordResult:
+        """Record an instance already durable in the spool; return what was done.
+
+        Identical content already current is a duplicate (the caller deletes `new.path`). New
+        content goes into the study's open part, created as a new part if the latest one has
+        closed. New content for a known SOP Instance UID replaces the old row in place if that row
+        is still in an open part (the caller deletes the old file), or supersedes it if its part
+        has closed (its file stays: the uploader owns it).
+        """
+        with self._write() as db:
+            current = _current(db, new.sop_instance_uid)
+            if current is not None and current.sha256 == new.sha256:
+                return RecordResult(Outcome.DUPLICATE, current.study_uid, current.part, new.path)
+            part = _open_part(db, new.study_uid, now)
+            db.execute("UPDATE studies SET last_received_at = ? WHERE id = ?", (now, part.id))
+            if current is None:
+                _insert_instance(db, new, part.id, 0, now)
+                return RecordResult(Outcome.STORED, part.study_uid, part.part, None)
+            _event(
+                db,
+                now,
+                Level.WARNING,
+                "replaced",
+                f"replaced {new.sop_instance_uid} from {new.calling_ae}"
+                f" ({current.sha256} → {new.sha256})",
+                new.study_uid,
+                new.sop_instance_uid,
+            )
+            if current.part_state == StudyState.OPEN:
+                _replace_in_place(db, current, new, part.id, now)
+                return RecordResult(Outcome.REPLACED, part.study_uid, part.part, current.path)
+            db.execute("UPDATE instances SET superseded = 1 WHERE id = ?", (current.id,))
+            _insert_instance(db, new, part.id, current.replaced_count + 1, now)
+            return RecordResult(Outcome.REPLACED, part.study_uid, part.part, None)
+
+    def record_quarantine(
+        self, reason: str, path: str, calling_ae: str, sop_instance_uid: str | None, now: float
+    ) -> None:
+        """Record rejected input kept at `path` (relative to data_dir), and an error event."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO quarantine (at, reason, path, calling_ae, sop_instance_uid)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (now, reason, path, calling_ae, sop_instance_uid),
+            )
+            _event(
+                db,
+                now,
+                Level.ERROR,
+                "quarantined",
+                f"quarantined input from {calling_ae} at {path}: {reason}",
+                None,
+                sop_instance_uid,
+            )
+
+    def spool_paths(self) -> set[str]:
+        """Return every spool path an instance row references, superseded ones included."""
+        with self._read() as db:
+            return {path for (path,) in db.execute("SELECT path FROM instances")}
+
+    # -- studies --------------------------------------------------------------------------
+
+    def mark_stable(self, now: float, stable_after: float) -> list[tuple[str, int]]:
+        """Close every open part quiet since `now - stable_after` (inclusive); return them.
+
+        Each closed part gets state `stable`, an `upload` job due now, and an info event.
+        """
+        with self._write() as db:
+            rows = db.execute(
+                "UPDATE studies SET state = ?, stable_at = ?"
+                " WHERE state = ? AND last_received_at <= ?"
+                " RETURNING id, study_uid, part",
+                (StudyState.STABLE, now, StudyState.OPEN, now - stable_after),
+            ).fetchall()
+            for study_id, study_uid, part in rows:
+                db.execute(
+                    "INSERT INTO jobs (kind, study_id, state, next_attempt_at, created_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (UPLOAD, study_id, JobState.READY, now, now, now),
+                )
+                _event(db, now, Level.INFO, "stable", f"part {part} is stable", study_uid, None)
+        return sorted((study_uid, part) for _, study_uid, part in rows)
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def requeue_expired(self, now: float) -> int:
+        """Return every claimed job whose lease expired by `now` to `ready`; return how many."""
+        with self._write() as db:
+            rows = db.execute(
+                "UPDATE jobs SET state = ?, lease_owner = NULL, lease_expires_at = NULL,"
+                " next_attempt_at = ?, updated_at = ?"
+                " WHERE state = ? AND lease_expires_at <= ?"
+                " RETURNING id, kind, (SELECT study_uid FROM studies WHERE id = study_id)",
+                (JobState.READY, now, now, JobState.CLAIMED, now),
+            ).fetchall()
+            for job_id, kind, study_uid in rows:
+                message = f"{kind} job {job_id}: lease expired, requeued"
+                _event(db, now, Level.WARNING, "lease_expired", message, study_uid, None)
+        return len(rows)
+
+    def claim_job(self, kind: str, owner: str, lease_seconds: float, now: float) -> Job | None:
+        """Lease the job of `kind` due soonest to `owner` for `lease_seconds`; None if none is due.
+
+        Due means `ready`, or `failed` with a next attempt time that has come (a permanent
+        failure has none). The claim counts as an attempt.
+        """
+        with self._write() as db:
+            rows = db.execute(
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, lease_owner = ?,"
+                " lease_expires_at = ?, updated_at = ?"
+                " WHERE id = (SELECT id FROM jobs WHERE kind = ?"
+                "   AND state IN (?, ?) AND coalesce(next_attempt_at, 0) <= ?"
+                "   AND NOT (state = ? AND next_attempt_at IS NULL)"
+                "   ORDER BY next_attempt_at, id LIMIT 1)"
+                " RETURNING id, kind, study_id, attempts, lease_owner, lease_expires_at",
+                (
+                    JobState.CLAIMED,
+                    owner,
+                    now + lease_seconds,
+                    now,
+                    kind,
+                    JobState.READY,
+                    JobState.FAILED,
+                    now,
+                    JobState.FAILED,
+                ),
+            ).fetchall()
+            if not rows:
+                return None
+            job_id, job_kind, study_id, attempts, lease_owner, expires = rows[0]
+            study_uid, part = db.execute(
+                "SELECT study_uid, part FROM studies WHERE id = ?", (study_id,)
+            ).fetchone()
+        return Job(job_id, job_kind, study_id, study_uid, part, attempts, lease_owner, expires)
+
+    def renew_lease(self, job_id: int, owner: str, lease_seconds: float, now: float) -> bool:
+        """Extend `owner`'s lease on a job to `now + lease_seconds`; False if it is not held.
+
+        A lease that has expired is still held until `requeue_expired` takes it back.
+        """
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE jobs SET lease_expires_at = ?, updated_at = ?"
+                " WHERE id = ? AND state = ? AND lease_owner = ?",
+                (now + lease_seconds, now, job_id, JobState.CLAIMED, owner),
+            ).rowcount
+        return changed == 1
+
+    def complete_job(self, job_id: int, owner: str, now: float) -> None:
+        """Mark a job done. Raise StoreError if `owner` no longer holds its lease."""
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE jobs SET state = ?, lease_owner = NULL, lease_expires_at = NULL,"
+                " next_attempt_at = NULL, last_error = NULL, updated_at = ?"
+                " WHERE id = ? AND state = ? AND lease_owner = ?",
+                (JobState.DONE, now, job_id, JobState.CLAIMED, owner),
+            ).rowcount
+            if changed != 1:
+                raise StoreError(f"job {job_id} is not held by {owner}")
+
+    def fail_job(
+        self, job_id: int, owner: str, error: str, next_attempt_at: float | None, now: float
+    ) -> None:
+        """Record a failed attempt; retry at `next_attempt_at`, or never if it is None.
+
+        A permanent failure stays `failed` until an operator retries it, and is an error event
+        (shown as `last_error`); a retryable one is a warning. Raise StoreError if `owner` no
+        longer holds the job's lease.
+        """
+        with self._write() as db:
+            rows = db.execute(
+                "UPDATE jobs SET state = ?, lease_owner = NULL, lease_expires_at = NULL,"
+                " next_attempt_at = ?, last_error = ?, updated_at = ?"
+                " WHERE id = ? AND state = ? AND lease_owner = ?"
+                " RETURNING kind, attempts, (SELECT study_uid FROM studies WHERE id = study_id)",
+                (JobState.FAILED, next_attempt_at, error, now, job_id, JobState.CLAIMED, owner),
+            ).fetchall()
+            if not rows:
+                raise StoreError(f"job {job_id} is not held by {owner}")
+            kind, attempts, study_uid = rows[0]
+            level = Level.ERROR if next_attempt_at is None else Level.WARNING
+            retry = "permanently" if next_attempt_at is None else "will retry"
+            message = f"{kind} job {job_id} attempt {attempts} failed ({retry}): {error}"
+            _event(db, now, level, f"{kind}_failed", message, study_uid, None)
+
+    # -- operators ------------------------------------------------------------------------
+
+    def status(self) -> StatusSnapshot:
+        """Return counts per state (every state present, 0 included) and the newest error event.
+
+        Instance counts are of current rows (a superseded version is not counted again);
+        `quarantined` counts the quarantine table.
+        """
+        with self._read() as db:
+            studies = _counts(db, "SELECT state, count(*) FROM studies GROUP BY state", StudyState)
+            instances = _counts(
+                db,
+                "SELECT state, count(*) FROM instances WHERE superseded = 0 GROUP BY state",
+                InstanceState,
+            )
+            (instances["quarantined"],) = db.execute("SELECT count(*) FROM quarantine").fetchone()
+            jobs = _counts(db, "SELECT state, count(*) FROM jobs GROUP BY state", JobState)
+            error = db.execute(
+                "SELECT at, kind, message FROM events WHERE level = ?"
+                " ORDER BY at DESC, id DESC LIMIT 1",
+                (Level.ERROR,),
+            ).fetchone()
+            version = _version(db)
+        last_error = None
+        if error is not None:
+            at = datetime.fromtimestamp(error[0], tz=UTC).isoformat()
+            last_error = {"at": at, "kind": error[1], "message": error[2]}
+        return StatusSnapshot(studies, instances, jobs, last_error, version)
+
+
+def _connect(path: Path, create: bool) -> sqlite3.Connection:
+    # mode=rw: without `create`, never let a typo in data_dir leave an empty database behind.
+    target = str(path) if create else f"file:{quote(str(path))}?mode=rw"
+    return sqlite3.connect(
+        target,
+        uri=not create,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+
+
+def _version(db: sqlite3.Connection) -> int:
+    (version,) = db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+    return int(version)
+
+
+def _counts(db: sqlite3.Connection, query: str, states: type[StrEnum]) -> dict[str, int]:
+    counts = {str(state): 0 for state in states}
+    counts.update({state: count for state, count in db.execute(query)})
+    return counts
+
+
+def _current(db: sqlite3.Connection, sop_instance_uid: str) -> _Current | None:
+    row = db.execute(
+        "SELECT i.id, i.sha256, i.path, i.replaced_count, s.id, s.study_uid, s.part, s.state"
+        " FROM instances i JOIN studies s ON s.id = i.study_id"
+        " WHERE i.sop_instance_uid = ? AND i.superseded = 0",
+        (sop_instance_uid,),
+    ).fetchone()
+    return None if row is None else _Current(*row)
+
+
+def _open_part(db: sqlite3.Connection, study_uid: str, now: float) -> _Part:
+    """Return the study's open part, creating the next part if the latest one has closed."""
+    row = db.execute(
+        "SELECT id, part, state FROM studies WHERE study_uid = ? ORDER BY part DESC LIMIT 1",
+        (study_uid,),
+    ).fetchone()
+    if row is not None and row[2] == StudyState.OPEN:
+        return _Part(row[0], study_uid, row[1])
+    part = 1 if row is None else row[1] + 1
+    (study_id,) = db.execute(
+        "INSERT INTO studies (study_uid, part, state, first_received_at, last_received_at)"
+        " VALUES (?, ?, ?, ?, ?) RETURNING id",
+        (study_uid, part, StudyState.OPEN, now, now),
+    ).fetchone()
+    return _Part(study_id, study_uid, part)
+
+
+def _insert_instance(
+    db: sqlite3.Connection, new: NewInstance, study_id: int, replaced_count: int, now: float
+) -> None:
+    db.execute(
+        "INSERT INTO instances (study_id, sop_instance_uid, sop_class_uid, series_uid,"
+        " transfer_syntax, path, size, sha256, state, calling_ae, received_at, replaced_count)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            study_id,
+            new.sop_instance_uid,
+            new.sop_class_uid,
+            new.series_uid,
+            new.transfer_syntax,
+            new.path,
+            new.size,
+            new.sha256,
+            InstanceState.RECEIVED,
+            new.calling_ae,
+            now,
+            replaced_count,
+        ),
+    )
+
+
+def _replace_in_place(
+    db: sqlite3.Connection, current: _Current, new: NewInstance, study_id: int, now: float
+) -> None:
+    """Overwrite a row in an open part with new content.
+
+    The new content may name another study (a corrected Study Instance UID); the row then moves
+    to that study's open part, and the part it left is dropped if that left it empty, so no empty
+    part is ever marked stable and uploaded.
+    """
+    db.execute(
+        "UPDATE instances SET study_id = ?, sop_class_uid = ?, series_uid = ?,"
+        " transfer_syntax = ?, path = ?, size = ?, sha256 = ?, calling_ae = ?, received_at = ?,"
+        " replaced_count = replaced_count + 1 WHERE id = ?",
+        (
+            study_id,
+            new.sop_class_uid,
+            new.series_uid,
+            new.transfer_syntax,
+            new.path,
+            new.size,
+            new.sha256,
+            new.calling_ae,
+            now,
+            current.id,
+        ),
+    )
+    if current.study_id != study_id:
+        db.execute(
+            "DELETE FROM studies WHERE id = ?"
+            " AND NOT EXISTS (SELECT 1 FROM instances WHERE study_id = ?)",
+            (current.study_id, current.study_id),
+        )
+
+
+def _event(
+    db: sqlite3.Connection,
+    now: float,
+    level: Level,
+    kind: str,
+    message: str,
+    study_uid: str | None,
+    sop_instance_uid: str | None,
+) -> None:
+    """Append to the audit trail. Messages carry UIDs and AE titles, never patient data."""
+    db.execute(
+        "INSERT INTO events (at, level, kind, study_uid, sop_instance_uid, message)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (now, level, kind, study_uid, sop_instance_uid, message),
+    )

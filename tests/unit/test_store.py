@@ -1,0 +1,560 @@
+"""The store: durable settings, migrations, every record_instance branch, job leases, status."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent import store as store_module
+from agent.store import (
+    MIGRATIONS,
+    Migration,
+    NewInstance,
+    Outcome,
+    Store,
+    StoreError,
+    StudyState,
+)
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+OTHER_STUDY = "1.2.826.0.1.3680043.8.498.2"
+UPLOAD = "upload"
+
+
+def instance(
+    sop_uid: str, sha256: str, path: str, study_uid: str = STUDY, series_uid: str = "1.2.3.4"
+) -> NewInstance:
+    return NewInstance(
+        sop_instance_uid=sop_uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_uid=study_uid,
+        series_uid=series_uid,
+        transfer_syntax="1.2.840.10008.1.2.1",
+        path=path,
+        size=1234,
+        sha256=sha256,
+        calling_ae="MODALITY",
+    )
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "dirigo.sqlite3"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    opened = Store.open(db_path)
+    yield opened
+    opened.close()
+
+
+def query(db_path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Read the database through a connection of its own, as an operator or a second process."""
+    connection = sqlite3.connect(db_path)
+    try:
+        return connection.execute(sql, params).fetchall()
+    finally:
+        connection.close()
+
+
+def stable_job(store: Store, sop_uid: str = "1.1", now: float = 0.0) -> None:
+    """Record one instance at `now` and close its part, leaving one ready upload job due at +60."""
+    store.record_instance(instance(sop_uid, "a" * 64, f"spool/00/{sop_uid}.dcm"), now)
+    assert store.mark_stable(now + 60, stable_after=60) != []
+
+
+# -- opening and migrations -------------------------------------------------------------------
+
+
+def test_open_puts_the_database_in_wal_mode_with_synchronous_full(
+    store: Store, db_path: Path
+) -> None:
+    # The store's own connection: synchronous is a per-connection setting.
+    assert store._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)
+    assert store._db.execute("PRAGMA foreign_keys").fetchone() == (1,)
+    assert store._db.execute("PRAGMA busy_timeout").fetchone() == (10_000,)
+    # WAL is a property of the file: another process sees it too.
+    assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_open_refuses_a_database_that_cannot_use_wal() -> None:
+    # An in-memory database answers "memory" to journal_mode=WAL, as a filesystem without
+    # shared memory support would answer "delete": SQLite refuses silently, the store must not.
+    with pytest.raises(StoreError, match="refused WAL"):
+        Store.open(Path(":memory:"))
+
+
+def test_open_refuses_a_database_that_ignores_synchronous_full(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_connect = store_module._connect
+
+    def connect_ignoring_synchronous(path: Path, create: bool) -> sqlite3.Connection:
+        # SQLite ignores a pragma it will not apply; this stands in for such a build.
+        return _SynchronousNormal(real_connect(path, create))  # type: ignore[return-value]
+
+    monkeypatch.setattr(store_module, "_connect", connect_ignoring_synchronous)
+    with pytest.raises(StoreError, match="synchronous=FULL"):
+        Store.open(db_path)
+
+
+class _SynchronousNormal:
+    """A connection whose `synchronous` pragma stays at NORMAL, as on a build that forces it."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql.startswith("PRAGMA synchronous"):
+            return self._connection.execute("SELECT 1")
+        return self._connection.execute(sql, *args)
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def test_open_without_create_refuses_a_missing_database_and_creates_none(db_path: Path) -> None:
+    with pytest.raises(StoreError, match="no database at"):
+        Store.open(db_path, create=False)
+    assert not db_path.exists()
+
+
+def test_open_without_create_opens_an_existing_database(db_path: Path) -> None:
+    Store.open(db_path).close()
+    reopened = Store.open(db_path, create=False)
+    assert reopened.status().schema_version == MIGRATIONS[-1].version
+    reopened.close()
+
+
+def test_migrations_are_recorded_once_and_reopening_applies_nothing(db_path: Path) -> None:
+    Store.open(db_path).close()
+    first = query(db_path, "SELECT version, name, applied_at FROM schema_migrations")
+    Store.open(db_path).close()
+    assert query(db_path, "SELECT version, name, applied_at FROM schema_migrations") == first
+    assert [(version, name) for version, name, _ in first] == [
+        (m.version, m.name) for m in MIGRATIONS
+    ]
+
+
+def test_a_new_migration_is_applied_to_an_existing_database(db_path: Path) -> None:
+    Store.open(db_path).close()
+    added = Migration(len(MIGRATIONS) + 1, "add a column", ("ALTER TABLE jobs ADD note TEXT",))
+    Store.open(db_path, migrations=(*MIGRATIONS, added)).close()
+    versions = query(db_path, "SELECT version FROM schema_migrations ORDER BY version")
+    assert versions[-1] == (added.version,)
+    assert ("note",) in query(db_path, "SELECT name FROM pragma_table_info('jobs')")
+
+
+def test_a_failing_migration_leaves_no_partial_schema_and_no_record(db_path: Path) -> None:
+    bad = Migration(
+        len(MIGRATIONS) + 1,
+        "half good",
+        ("CREATE TABLE uploads (id INTEGER PRIMARY KEY)", "CREATE TABLE broken (oops"),
+    )
+    with pytest.raises(StoreError, match="half good"):
+        Store.open(db_path, migrations=(*MIGRATIONS, bad))
+    tables = {name for (name,) in query(db_path, "SELECT name FROM sqlite_master")}
+    assert "uploads" not in tables
+    assert "studies" in tables  # the good migrations before it stay applied
+    recorded = query(db_path, "SELECT version FROM schema_migrations")
+    assert (bad.version,) not in recorded
+
+
+def test_a_newer_schema_version_is_refused_with_a_clear_message(db_path: Path) -> None:
+    Store.open(db_path).close()
+    connection = sqlite3.connect(db_path)
+    with connection:
+        connection.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'future', 0)"
+        )
+    connection.close()
+    with pytest.raises(StoreError, match="schema version 99 is newer"):
+        Store.open(db_path)
+
+
+def test_migration_versions_are_strictly_increasing() -> None:
+    versions = [m.version for m in MIGRATIONS]
+    assert versions == sorted(set(versions))
+    assert versions[0] == 1
+
+
+def test_a_closed_store_raises_store_error(db_path: Path) -> None:
+    closed = Store.open(db_path)
+    closed.close()
+    with pytest.raises(StoreError):
+        closed.find_instance("1.1")
+
+
+# -- record_instance --------------------------------------------------------------------------
+
+
+def test_record_instance_stores_a_new_instance_in_part_one(store: Store, db_path: Path) -> None:
+    result = store.record_instance(instance("1.1", "a" * 64, "spool/00/a.dcm"), 10.0)
+    assert (result.outcome, result.study_uid, result.part) == (Outcome.STORED, STUDY, 1)
+    assert result.obsolete_path is None
+    known = store.find_instance("1.1")
+    assert known is not None
+    assert (known.sha256, known.path) == ("a" * 64, "spool/00/a.dcm")
+    assert query(db_path, "SELECT state, first_received_at, last_received_at FROM studies") == [
+        ("open", 10.0, 10.0)
+    ]
+    assert query(db_path, "SELECT state, replaced_count FROM instances") == [("received", 0)]
+
+
+def test_record_instance_of_identical_content_is_a_duplicate_that_changes_nothing(
+    store: Store, db_path: Path
+) -> None:
+    store.record_instance(instance("1.1", "a" * 64, "spool/00/a.dcm"), 10.0)
+    result = store.record_instance(instance("1.1", "a" * 64, "spool/01/b.dcm"), 20.0)
+    assert result.outcome is Outcome.DUPLICATE
+    assert (result.study_uid, result.part) == (STUDY, 1)
+    assert result.obsolete_path == "spool/01/b.dcm"  # the caller's fresh copy is redundant
+    assert store.spool_paths() == {"spool/00/a.dcm"}
+    assert query(db_path, "SELECT last_received_at FROM studies") == [(10.0,)]
+    assert query(db_path, "SELECT count(*) FROM events") == [(0,)]
+
+
+def test_record_instance_of_a_resent_study_after_it_closed_opens_no_new_part(
+    store: Store, db_path: Path
+) -> None:
+    store.record_instance(instance("1.1", "a" * 64, "spool/00/a.dcm"), 0.0)
+    store.mark_stable(60.0, stable_after=60)
+    result = store.record_instance(instance("1.1", "a" * 64, "spool/01/b.dcm"), 100.0)
+    assert (result.outcome, result.part) == (Outcome.DUPLICATE, 1)
+    assert query(db_path, "SELECT part, state FROM studies") == [(1, "stable")]
+
+
+def test_record_instance_with_new_content_in_an_open_part_replaces_the_row_in_place(
+    store: Store, db_path: Path
+) -> None:
+    store.record_instance(instance("1.1", "a" * 64, "spool/00/a.dcm"), 10.0)
+    result = store.record_instance(instance("1.1", "b" * 64, "spool/01/b.dcm"), 20.0)
+    assert (result.outcome, result.part) == (Outcome.REPLACED, 1)
+    assert result.obsolete_path == "spool/00/a.dcm"
+    assert query(db_path, "SELECT sha256, path, replaced_count, superseded FROM instances") == [
+        ("b" * 64, "spool/01/b.dcm", 1, 0)
+    ]
+    assert store.spool_paths() == {"spool/01/b.dcm"}
+    assert query(db_path, "SELECT last_received_at FROM studies") == [(20.0,)]
+    [(level, kind, message)] = query(db_path, "SELECT level, kind, message FROM events")
+    assert (level, kind) == ("warning", "replaced")
+    assert f"{'a' * 64} → {'b' * 64}" in message
+
+
+def test_record_instance_with_new_content_for_a_closed_part_supersedes_the_old_row(
+    store: Store, db_path: Path
+) -> None:
+    store.record_instance(instance("1.1", "a" * 64, "spool/00/a.dcm"), 0.0)
+    store.mark_stable(60.0, stable_after=60)
+    result = store.record_instance(instance("1.1", "b" * 64, "spool/01/b.dcm"), 100.0)
+    assert (result.outcome, result.part) == (Outcome.REPLACED, 2)
+    assert result.obsolete_path is None  # the old file belongs to the closed part's upload
+    rows = query(
+        db_path,
+        "SELECT s.part, i.sha256, i.replaced_count, i.superseded"
+        " FROM instances i JOIN studies s ON s.id = i.study_id ORDER BY i.id",
+    )
+    assert rows == [(1, "a" * 64, 0, 1), (2, "b" * 64, 1, 0)]
+    assert store.spool_paths() == {"spool/00/a.dcm", "spool/01/b.dcm"}
+    known = store.find_instance("1.1")
+    assert known is not None and known.sha256 == "b" * 64
+    assert query(db_path, "SELECT kind FROM events WHERE level = 'warning'") == [("replaced",)]
+
+
+def test_a_late_instance_after_the_study_went_stable_opens_part_two(
+    store: Store, db_path: Path
+) -> None:
+    store.record_instance(instance("1.1", "a" * 64, "spool/00/a.dcm"), 0.0)
+    assert store.mark_stable(60.0, stable_after=60) == [(STUDY, 1)]
+    late = store.record_instance(instance("1.2", "b" * 64, "spool/00/b.dcm"), 70.0)
+    also_late = store.record_instance(instance("1.3", "c" * 64, "spool/00/c.dcm"), 75.0)
+    assert (late.outcome, late.part, also_late.part) == (Outcome.STORED, 2, 2)
+    assert store.mark_stable(135.0, stable_after=60) == [(STUDY, 2)]
+    third = store.record_instance(instance("1.4", "d" * 64, "spool/00/d.dcm"), 200.0)
+    assert third.part == 3
+    assert query(db_path, "SELECT part, state, first_received_at FROM studies ORDER BY part") == [
+        (1, "stable", 0.0),
+        (2, "stable", 70.0),
+        (3, "open", 200.0),
+    ]
+
+
+def test_record_instance_moving_to_another_study_drops_the_part_it_emptied(
+    store: Store, db_path: Path
+) -> None:
+    store.record_instance(instance("1.1", "a" * 64, "spool/00/a.dcm"), 0.0)
+    corrected = instance("1.1", "b" * 64, "spool/00/b.dcm", study_uid=OTHER_STUDY)
+    result = store.record_instance(corrected, 5.0)
+    assert (result.outcome, result.study_uid, result.part) == (Outcome.REPLACED, OTHER_STUDY, 1)
+    assert result.obsolete_path == "spool/00/a.dcm"
+    assert query(db_path, "SELECT study_uid, part, state FROM studies") == [
+        (OTHER_STUDY, 1, "open")
+    ]
+    # No empty part is left to be marked stable and uploaded.
+    assert store.mark_stable(100.0, stable_after=60) == [(OTHER_STUDY, 1)]
+
+
+def test_record_quarantine_keeps_the_reason_and_an_error_event(store: Store, db_path: Path) -> None:
+    store.record_quarantine("truncated file", "quarantine/x.dcm", "CT1", "1.9", 1_700_000_000.0)
+    store.record_quarantine("no SOP UID", "quarantine/y.dcm", "CT1", None, 1_700_000_001.0)
+    assert query(db_path, "SELECT reason, path, calling_ae, sop_instance_uid FROM quarantine") == [
+        ("truncated file", "quarantine/x.dcm", "CT1", "1.9"),
+        ("no SOP UID", "quarantine/y.dcm", "CT1", None),
+    ]
+    status = store.status()
+    assert status.instances["quarantined"] == 2
+    assert status.last_error is not None
+    assert status.last_error["kind"] == "quarantined"
+    assert "no SOP UID" in status.last_error["message"]
+    assert status.last_error["at"] == "2023-11-14T22:13:21+00:00"
+
+
+# -- mark_stable ------------------------------------------------------------------------------
+
+
+def test_mark_stable_closes_a_part_exactly_when_it_has_been_quiet_for_stable_after(
+    store: Store, db_path: Path
+) -> None:
+    store.record_instance(instance("1.1", "a" * 64, "spool/00/a.dcm"), 0.0)
+    store.record_instance(instance("1.2", "b" * 64, "spool/00/b.dcm"), 50.0)
+    assert store.mark_stable(109.999, stable_after=60) == []
+    assert store.mark_stable(110.0, stable_after=60) == [(STUDY, 1)]
+    assert store.mark_stable(500.0, stable_after=60) == []  # already closed
+    assert query(db_path, "SELECT state, stable_at FROM studies") == [("stable", 110.0)]
+
+
+def test_mark_stable_creates_one_ready_upload_job_due_now_and_an_info_event(
+    store: Store, db_path: Path
+) -> None:
+    store.record_instance(instance("1.1", "a" * 64, "spool/00/a.dcm"), 0.0)
+    store.record_instance(instance("2.1", "b" * 64, "spool/00/b.dcm", OTHER_STUDY), 30.0)
+    assert store.mark_stable(100.0, stable_after=60) == [(STUDY, 1), (OTHER_STUDY, 1)]
+    jobs = query(db_path, "SELECT kind, state, attempts, next_attempt_at FROM jobs")
+    assert jobs == [(UPLOAD, "ready", 0, 100.0)] * 2
+    events = query(db_path, "SELECT level, kind, study_uid FROM events ORDER BY study_uid")
+    assert events == [("info", "stable", STUDY), ("info", "stable", OTHER_STUDY)]
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+
+def test_claim_job_returns_none_when_nothing_is_due(store: Store) -> None:
+    assert store.claim_job(UPLOAD, "w1", 30, now=0.0) is None
+    stable_job(store)  # due at 60
+    assert store.claim_job(UPLOAD, "w1", 30, now=59.0) is None
+    assert store.claim_job("pack", "w1", 30, now=60.0) is None  # another kind
+
+
+def test_claim_job_leases_the_job_and_counts_the_attempt(store: Store) -> None:
+    stable_job(store)
+    job = store.claim_job(UPLOAD, "w1", 30, now=61.0)
+    assert job is not None
+    assert (job.kind, job.study_uid, job.part, job.attempts) == (UPLOAD, STUDY, 1, 1)
+    assert (job.lease_owner, job.lease_expires_at) == ("w1", 91.0)
+    assert store.claim_job(UPLOAD, "w2", 30, now=62.0) is None  # held by w1
+    assert store.status().jobs["claimed"] == 1
+
+
+def test_claim_job_takes_the_job_due_soonest_first(store: Store) -> None:
+    store.record_instance(instance("2.1", "b" * 64, "spool/00/b.dcm", OTHER_STUDY), 10.0)
+    store.mark_stable(70.0, stable_after=60)
+    store.record_instance(instance("1.1", "a" * 64, "spool/00/a.dcm"), 0.0)
+    store.mark_stable(80.0, stable_after=60)
+    first = store.claim_job(UPLOAD, "w1", 30, now=100.0)
+    second = store.claim_job(UPLOAD, "w1", 30, now=100.0)
+    assert first is not None and second is not None
+    assert (first.study_uid, second.study_uid) == (OTHER_STUDY, STUDY)
+
+
+def test_complete_job_marks_it_done_for_the_lease_holder(store: Store, db_path: Path) -> None:
+    stable_job(store)
+    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    assert job is not None
+    store.complete_job(job.id, "w1", now=70.0)
+    assert query(db_path, "SELECT state, lease_owner, updated_at FROM jobs") == [
+        ("done", None, 70.0)
+    ]
+    assert store.claim_job(UPLOAD, "w1", 30, now=1000.0) is None
+
+
+def test_a_competing_owner_cannot_complete_fail_or_renew_another_owners_job(
+    store: Store, db_path: Path
+) -> None:
+    stable_job(store)
+    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    assert job is not None
+    with pytest.raises(StoreError, match="not held by w2"):
+        store.complete_job(job.id, "w2", now=65.0)
+    with pytest.raises(StoreError, match="not held by w2"):
+        store.fail_job(job.id, "w2", "boom", next_attempt_at=100.0, now=65.0)
+    assert store.renew_lease(job.id, "w2", 30, now=65.0) is False
+    assert query(db_path, "SELECT state, lease_owner, lease_expires_at FROM jobs") == [
+        ("claimed", "w1", 90.0)
+    ]
+
+
+def test_renew_lease_extends_the_lease_so_requeue_leaves_the_job_alone(
+    store: Store, db_path: Path
+) -> None:
+    stable_job(store)
+    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    assert job is not None
+    assert store.renew_lease(job.id, "w1", 30, now=80.0) is True
+    assert store.requeue_expired(now=90.0) == 0  # the original expiry
+    assert query(db_path, "SELECT state, lease_expires_at FROM jobs") == [("claimed", 110.0)]
+
+
+def test_requeue_expired_returns_an_expired_lease_to_ready_and_the_old_owner_loses_it(
+    store: Store, db_path: Path
+) -> None:
+    stable_job(store)
+    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    assert job is not None
+    assert store.requeue_expired(now=89.9) == 0
+    assert store.requeue_expired(now=90.0) == 1
+    assert query(db_path, "SELECT state, lease_owner FROM jobs") == [("ready", None)]
+    assert query(db_path, "SELECT level, kind FROM events WHERE kind = 'lease_expired'") == [
+        ("warning", "lease_expired")
+    ]
+    again = store.claim_job(UPLOAD, "w2", 30, now=91.0)
+    assert again is not None and (again.id, again.attempts) == (job.id, 2)
+    assert store.renew_lease(job.id, "w1", 30, now=92.0) is False
+    with pytest.raises(StoreError):
+        store.complete_job(job.id, "w1", now=92.0)
+    store.complete_job(job.id, "w2", now=93.0)
+
+
+def test_fail_job_with_a_next_attempt_time_makes_it_due_again_then(
+    store: Store, db_path: Path
+) -> None:
+    stable_job(store)
+    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    assert job is not None
+    store.fail_job(job.id, "w1", "cloud answered 503", next_attempt_at=120.0, now=65.0)
+    assert query(db_path, "SELECT state, last_error, next_attempt_at, lease_owner FROM jobs") == [
+        ("failed", "cloud answered 503", 120.0, None)
+    ]
+    assert store.claim_job(UPLOAD, "w1", 30, now=119.0) is None
+    retry = store.claim_job(UPLOAD, "w1", 30, now=120.0)
+    assert retry is not None and retry.attempts == 2
+    assert store.status().last_error is None  # a retryable failure is a warning
+
+
+def test_fail_job_without_a_next_attempt_time_fails_it_for_good(store: Store) -> None:
+    stable_job(store)
+    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    assert job is not None
+    store.fail_job(job.id, "w1", "cloud refused the bundle (400)", next_attempt_at=None, now=70.0)
+    assert store.claim_job(UPLOAD, "w1", 30, now=1e12) is None
+    assert store.requeue_expired(now=1e12) == 0
+    status = store.status()
+    assert status.jobs["failed"] == 1
+    assert status.last_error is not None
+    assert status.last_error["kind"] == "upload_failed"
+    assert "cloud refused the bundle (400)" in status.last_error["message"]
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+
+def test_two_threads_recording_500_instances_each_concurrently_lose_none(
+    store: Store, db_path: Path
+) -> None:
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def record(thread: int) -> None:
+        start.wait()
+        try:
+            for n in range(500):
+                uid = f"1.{thread}.{n}"
+                result = store.record_instance(instance(uid, uid, f"spool/{uid}.dcm"), float(n))
+                assert result.outcome is Outcome.STORED
+        except BaseException as exc:  # surfaced by the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=record, args=(t,)) for t in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert query(db_path, "SELECT count(*), count(DISTINCT sop_instance_uid) FROM instances") == [
+        (1000, 1000)
+    ]
+    assert len(store.spool_paths()) == 1000
+    assert query(db_path, "SELECT part FROM studies") == [(1,)]
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def test_status_of_an_empty_database_lists_every_state_at_zero(store: Store) -> None:
+    status = store.status()
+    assert status.studies == {state: 0 for state in StudyState}
+    assert status.instances == {"received": 0, "packed": 0, "sent": 0, "quarantined": 0}
+    assert status.jobs == {"ready": 0, "claimed": 0, "done": 0, "failed": 0}
+    assert status.last_error is None
+    assert status.schema_version == MIGRATIONS[-1].version
+
+
+def test_status_counts_current_rows_in_each_state(store: Store) -> None:
+    store.record_instance(instance("1.1", "a" * 64, "spool/00/a.dcm"), 0.0)
+    store.record_instance(instance("1.2", "b" * 64, "spool/00/b.dcm"), 0.0)
+    store.mark_stable(60.0, stable_after=60)
+    store.record_instance(instance("1.1", "c" * 64, "spool/00/c.dcm"), 70.0)  # supersedes
+    store.claim_job(UPLOAD, "w1", 30, now=80.0)
+    status = store.status()
+    assert status.studies["open"] == 1 and status.studies["stable"] == 1
+    assert status.instances["received"] == 2  # the superseded version is not counted again
+    assert status.jobs["claimed"] == 1 and status.jobs["ready"] == 0
+
+
+# -- property ---------------------------------------------------------------------------------
+
+# Each step: which of three SOP UIDs, which of three contents, and whether the study then closes.
+STEPS = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(0, 2), st.booleans()), min_size=1, max_size=25
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=STEPS)
+def test_any_sequence_of_records_leaves_one_current_row_per_uid_with_the_last_content(
+    steps: list[tuple[int, int, bool]],
+) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "dirigo.sqlite3"
+        store = Store.open(path)
+        try:
+            last: dict[str, str] = {}
+            kept: set[str] = set()
+            for n, (uid_index, content, close) in enumerate(steps):
+                uid, sha = f"1.{uid_index}", f"{content:064d}"
+                result = store.record_instance(instance(uid, sha, f"spool/{n}.dcm"), float(n))
+                kept.add(f"spool/{n}.dcm")
+                kept.discard(result.obsolete_path or "")
+                last[uid] = sha
+                if close:
+                    store.mark_stable(float(n), stable_after=0)
+            current = query(
+                path, "SELECT sop_instance_uid, sha256 FROM instances WHERE superseded = 0"
+            )
+            assert sorted(current) == sorted(last.items())
+            for uid, sha in last.items():
+                known = store.find_instance(uid)
+                assert known is not None and known.sha256 == sha
+            # Every obsolete path is unreferenced (safe to delete); every other file is kept.
+            assert store.spool_paths() == kept
+        finally:
+            store.close()
