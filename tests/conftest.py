@@ -1,0 +1,104 @@
+"""Fixtures shared by every test: real peers, DICOM data and temporary directories.
+
+Nothing is skipped when a peer is missing: the test fails and says to run
+scripts/setup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import datasets, dcmtk
+from tests.support.net import free_port
+from tests.support.orthanc import Modalities, Orthanc, OrthancMissing
+from tests.support.process import stop_process
+
+OrthancFactory = Callable[..., Orthanc]
+
+
+@dataclass(frozen=True)
+class StoreSCP:
+    """A running DCMTK storescp: where it listens and where it writes."""
+
+    port: int
+    ae: str
+    out_dir: Path
+
+
+StoreSCPFactory = Callable[..., StoreSCP]
+
+
+@pytest.fixture
+def tmp_data_dir(tmp_path: Path) -> Path:
+    """Return an empty directory to use as a Dirigo `data_dir`."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    return data_dir
+
+
+@pytest.fixture
+def orthanc() -> Iterator[OrthancFactory]:
+    """Return a factory that starts Orthanc servers; all are stopped after the test.
+
+    `orthanc(aet="ORTHANC", modalities={"dirigo": ["DIRIGO", "127.0.0.1", port]},
+    dicomweb=True, extra_config={...}) -> Orthanc`, already answering.
+    """
+    started: list[Orthanc] = []
+
+    def start(aet: str = "ORTHANC", modalities: Modalities | None = None, **kwargs: Any) -> Orthanc:
+        try:
+            server = Orthanc(aet, modalities, **kwargs)
+        except OrthancMissing as exc:
+            pytest.fail(str(exc), pytrace=False)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.terminate()  # all at once: each takes seconds to shut down
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[StoreSCPFactory]:
+    """Return a factory that starts DCMTK storescp peers; all are stopped after the test.
+
+    `storescp(ae="STORESCP", extra_args=("+xa",)) -> StoreSCP`, already
+    answering C-ECHO, writing into a fresh directory under tmp_path.
+    """
+    procs = []
+
+    def start(ae: str = "STORESCP", extra_args: tuple[str, ...] = ("+xa",)) -> StoreSCP:
+        port = free_port()
+        out_dir = tmp_path / f"storescp-{ae}-{port}"
+        try:
+            procs.append(dcmtk.start_storescp(out_dir, port, ae, extra_args))
+        except dcmtk.ToolMissing as exc:
+            pytest.fail(str(exc), pytrace=False)
+        return StoreSCP(port, ae, out_dir)
+
+    yield start
+    for proc in procs:
+        stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def ct_series_500(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> list[Path]:
+    """Return the 500-slice synthetic CT (≈263 MB), cached in pytest's cache directory."""
+    cache = request.config.cache
+    out_dir = cache.mkdir("ct_series_500") if cache else tmp_path_factory.mktemp("ct")
+    return datasets.ct_series(out_dir, slices=500)
+
+
+@pytest.fixture(scope="session")
+def real_dicom_files() -> list[Path]:
+    """Return pydicom-data's sound Part-10 storage instances (see datasets.real_files)."""
+    return datasets.real_files()
