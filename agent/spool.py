@@ -43,7 +43,10 @@ class DiskUsage:
 
     @property
     def percent(self) -> float:
-        return 100.0 * self.used / self.total if self.total else 100.0
+        """Percent used as `df` reports it: blocks reserved for root count as unavailable,
+        because the agent runs as an unprivileged user and cannot write into them."""
+        usable = self.used + self.free
+        return 100.0 * self.used / usable if usable else 100.0
 
 
 class Spool:

@@ -1,0 +1,161 @@
+"""The supervisor: starts the DICOM server and the periodic work, stops them gracefully.
+
+Signal handlers only set a flag; the main loop notices it, stops accepting associations, lets those
+in flight finish (bounded by a grace period), and closes the store (huey's consumer does the same).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import EventHandlerType
+
+from agent.config import Settings
+from agent.dicom import PeerPolicy, association_handlers, build_ae
+from agent.receive import Arrival, Receiver
+from agent.spool import Spool
+from agent.store import Store
+
+logger = logging.getLogger(__name__)
+
+DATABASE = "dirigo.db"
+SHUTDOWN_GRACE = 30.0
+"""Seconds in-flight associations get after a stop signal (the unit's TimeoutStopSec is longer)."""
+TICK = 0.25
+"""How often the main loop checks its stop flag."""
+
+
+class StartupError(Exception):
+    """The daemon cannot start (port taken, data_dir unusable, …); the message says why."""
+
+
+class Daemon:
+    """One agent process: the DICOM server plus periodic study-stability and lease checks."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.spool = Spool(settings.data_dir, settings.spool.high_water)
+        self.store: Store | None = None
+        self.server: Any = None
+        self._stopping = False
+        self._next_housekeeping = 0.0
+
+    def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        self.start()
+        try:
+            while not self._stopping:
+                self.housekeeping(time.time())
+                time.sleep(TICK)
+        finally:
+            self.stop()
+
+    def start(self) -> None:
+        """Prepare the data directory, recover from any interrupted run, and start listening."""
+        try:
+            self.spool.prepare()
+        except OSError as exc:
+            raise StartupError(f"cannot prepare data_dir {self.settings.data_dir}: {exc}") from exc
+        # pynetdicom streams each incoming dataset into a NamedTemporaryFile; putting those in the
+        # spool's own filesystem makes the final placement a rename, not a copy.
+        tempfile.tempdir = str(self.spool.incoming)
+        self.store = Store.open(self.settings.data_dir / DATABASE)
+        self.spool.sweep(self.store.spool_paths())
+        requeued = self.store.requeue_expired(time.time())
+        if requeued:
+            logger.warning("returned %d job(s) with expired leases to the queue", requeued)
+        self.server = self._start_server(self.store)
+        host, port = self.server.server_address[:2]
+        logger.info(
+            "listening as %s on %s:%d (data_dir %s)",
+            self.settings.dicom.ae_title,
+            host,
+            port,
+            self.settings.data_dir,
+        )
+        notify_systemd("READY=1")
+
+    def _start_server(self, store: Store) -> Any:
+        dicom = self.settings.dicom
+        try:
+            policy = PeerPolicy(dicom.peers, dicom.accept_unknown_peers)
+        except OSError as exc:
+            raise StartupError(f"a peer host in dicom.peers does not resolve: {exc}") from exc
+        receiver = Receiver(self.spool, store)
+
+        def on_store(event: evt.Event) -> Any:
+            request = cast(C_STORE, event.request)
+            uid = request.AffectedSOPInstanceUID
+            arrival = Arrival(
+                path=Path(event.dataset_path),
+                calling_ae=event.assoc.requestor.ae_title.strip(),
+                address=event.assoc.requestor.address,
+                sop_instance_uid=str(uid) if uid else None,
+            )
+            return receiver.accept(arrival).as_dataset()
+
+        handlers: list[EventHandlerType] = [
+            *association_handlers(policy),
+            (evt.EVT_C_STORE, on_store),
+        ]
+        ae = build_ae(dicom)
+        try:
+            return ae.start_server((dicom.bind, dicom.port), block=False, evt_handlers=handlers)
+        except OSError as exc:
+            where = f"{dicom.bind}:{dicom.port}"
+            raise StartupError(f"cannot listen on {where}: {exc.strerror}") from exc
+
+    def housekeeping(self, now: float) -> None:
+        """Close quiet studies and return expired job leases; at most once a second."""
+        if now < self._next_housekeeping or self.store is None:
+            return
+        self._next_housekeeping = now + 1.0
+        for study_uid, part in self.store.mark_stable(now, self.settings.study.stable_after):
+            logger.info("study %s part %d is stable", study_uid, part)
+        self.store.requeue_expired(now)
+
+    def stop(self) -> None:
+        """Stop accepting, let in-flight associations finish (bounded), then close the store."""
+        notify_systemd("STOPPING=1")
+        if self.server is not None:
+            self.server.shutdown()
+            deadline = time.monotonic() + SHUTDOWN_GRACE
+            while self.server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for assoc in self.server.active_associations:
+                logger.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
+                assoc.abort()
+            self.server = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        logger.info("stopped")
+
+    def _request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self._stopping = True
+
+
+def notify_systemd(message: str) -> None:
+    """Send `message` to systemd's notify socket when running under Type=notify; else do nothing."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError as exc:
+            logger.warning("could not notify systemd: %s", exc)

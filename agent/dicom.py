@@ -1,0 +1,166 @@
+"""pynetdicom mechanism: the Application Entity, presentation contexts, peer admission, statuses.
+
+Policy (what to do with a received instance) lives in `receive`; this module only knows how to be a
+well-behaved DICOM node: which contexts to accept, whom to let in, and how to tune the sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from agent.config import DicomSettings, Peer
+
+logger = logging.getLogger(__name__)
+
+
+class Status(IntEnum):
+    """DIMSE statuses Dirigo returns (PS3.4 B.2.3 for storage; 0xC2xx are ours, in the
+    'Cannot understand' range so senders treat them as permanent failures for that instance)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    MALFORMED_DATASET = 0xC210
+    MISSING_ATTRIBUTE = 0xC211
+    SOP_INSTANCE_MISMATCH = 0xC212
+    PROCESSING_FAILURE = 0x0110
+
+
+class RejectReason(IntEnum):
+    """A-ASSOCIATE-RJ diagnostics (source: service user) that Dirigo uses."""
+
+    CALLING_AE_NOT_RECOGNIZED = 0x03
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether an association request may proceed, and why not."""
+
+    accepted: bool
+    reason: str = ""
+
+
+class PeerPolicy:
+    """Decides which (calling AE title, source address) pairs may associate.
+
+    An AE title is not authentication: a configured peer with a `host` must also connect from one
+    of that host's addresses, so `-aet PACS` from another machine is refused. Host names are
+    resolved once, when the policy is built.
+    """
+
+    def __init__(self, peers: Sequence[Peer], accept_unknown: bool) -> None:
+        self.accept_unknown = accept_unknown
+        self._peers: dict[str, frozenset[str] | None] = {
+            peer.ae_title: resolve(peer.host) if peer.host else None for peer in peers
+        }
+
+    def admit(self, calling_ae: str, address: str) -> Admission:
+        calling_ae = calling_ae.strip()
+        if calling_ae not in self._peers:
+            if self.accept_unknown:
+                return Admission(True)
+            return Admission(False, f"calling AE title {calling_ae!r} is not a configured peer")
+        allowed = self._peers[calling_ae]
+        if allowed is not None and normalize_address(address) not in allowed:
+            return Admission(
+                False, f"calling AE title {calling_ae!r} connected from {address}, not its host"
+            )
+        return Admission(True)
+
+
+def resolve(host: str) -> frozenset[str]:
+    """Return every address `host` resolves to. Raise OSError if it does not resolve."""
+    infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    return frozenset(normalize_address(str(info[4][0])) for info in infos)
+
+
+def normalize_address(address: str) -> str:
+    """Return the canonical text of an IP address; IPv4-mapped IPv6 becomes plain IPv4."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    """Disable Nagle's algorithm: small DIMSE responses otherwise wait ~40 ms for a delayed ACK.
+
+    pynetdicom never sets it; measured here, a sender reaches 72-86 MB/s with it and 19 without.
+    """
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def quiet_identifiers() -> None:
+    """Keep patient identifiers out of pynetdicom's logs (it logs request identifiers)."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+
+
+def build_ae(settings: DicomSettings) -> AE:
+    """Return an AE accepting every storage SOP class in every transfer syntax, and Verification.
+
+    Incoming datasets are written straight to a file as they arrive (pynetdicom's chunked receive),
+    so memory does not grow with instance size. Private and future storage SOP classes are accepted
+    too: a gateway must not drop a vendor's private objects.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    quiet_identifiers()
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    for context in AllStoragePresentationContexts:
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+def association_handlers(policy: PeerPolicy) -> list[EventHandlerType]:
+    """Return the event handlers every Dirigo association gets: socket tuning and admission."""
+
+    def on_open(event: evt.Event) -> None:
+        if event.assoc.dul.socket is not None:
+            set_nodelay(event.assoc.dul.socket.socket)
+
+    def on_requested(event: evt.Event) -> None:
+        request = event.assoc.requestor.primitive
+        calling_ae = request.calling_ae_title if request is not None else ""
+        address = event.assoc.requestor.address
+        admission = policy.admit(calling_ae, address)
+        if not admission.accepted:
+            logger.warning("rejected association: %s", admission.reason)
+            event.assoc.acse.send_reject(0x01, 0x01, RejectReason.CALLING_AE_NOT_RECOGNIZED)
+            # As pynetdicom's own rejection does: wait until the reject is on the wire, or the
+            # reactor would close the socket first and the peer would see a bare abort.
+            event.assoc.kill()
+
+    def on_echo(event: evt.Event) -> int:
+        return Status.SUCCESS
+
+    return [
+        (evt.EVT_CONN_OPEN, on_open),
+        (evt.EVT_REQUESTED, on_requested),
+        (evt.EVT_C_ECHO, on_echo),
+    ]
+
+
+def peer_by_title(peers: Iterable[Peer], ae_title: str) -> Peer | None:
+    """Return the configured peer with this AE title, if any."""
+    return next((peer for peer in peers if peer.ae_title == ae_title.strip()), None)

@@ -1,0 +1,168 @@
+"""Storage SCP policy: what happens to an instance between its arrival and the Success status.
+
+Order matters, and is the promise: check → (duplicate? answer Success, keep the durable copy)
+→ fsync + rename into the spool → commit the row → Success. Anything else gets a named failure
+status, the received bytes are quarantined or discarded, and the association carries on.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from agent.dicom import Status
+from agent.instance import InstanceHeader, InvalidInstance, Problem, inspect
+from agent.spool import Spool
+from agent.store import NewInstance, Outcome, Store, StoreError
+
+logger = logging.getLogger(__name__)
+
+_STATUS_FOR_PROBLEM = {
+    Problem.MALFORMED: Status.MALFORMED_DATASET,
+    Problem.MISSING_UID: Status.MISSING_ATTRIBUTE,
+    Problem.UID_MISMATCH: Status.SOP_INSTANCE_MISMATCH,
+}
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One received file and what the sender said about it."""
+
+    path: Path
+    calling_ae: str
+    address: str
+    sop_instance_uid: str | None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The DIMSE status for an arrival, with an error comment when it failed."""
+
+    status: Status
+    comment: str = ""
+
+    def as_dataset(self) -> Dataset:
+        """Return the C-STORE response status dataset pynetdicom sends."""
+        ds = Dataset()
+        ds.Status = int(self.status)
+        if self.comment:
+            # Error Comment is LO: at most 64 printable characters, and a backslash would split
+            # it into several values.
+            text = "".join(c if c.isprintable() and c != "\\" else "?" for c in self.comment)
+            ds.ErrorComment = text[:64]
+        return ds
+
+
+class Receiver:
+    """Accepts arrivals into the spool and the store; called concurrently by association threads."""
+
+    def __init__(self, spool: Spool, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.spool = spool
+        self.store = store
+        self.clock = clock
+
+    def accept(self, arrival: Arrival) -> Reply:
+        """Given a received file, make it durable and recorded, and return the status to send.
+
+        Never raises: every failure becomes a status, and the file is quarantined or discarded.
+        """
+        try:
+            return self._accept(arrival)
+        except OSError as exc:
+            self.spool.discard(arrival.path)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                logger.error("disk full while storing %s: %s", arrival.sop_instance_uid, exc)
+                return Reply(Status.OUT_OF_RESOURCES, "disk full at the gateway; retry later")
+            logger.error("could not store %s: %s", arrival.sop_instance_uid, exc)
+            return Reply(Status.OUT_OF_RESOURCES, f"storage error at the gateway: {exc.strerror}")
+        except StoreError as exc:
+            self.spool.discard(arrival.path)
+            logger.error("could not record %s: %s", arrival.sop_instance_uid, exc)
+            return Reply(Status.OUT_OF_RESOURCES, "database error at the gateway; retry later")
+        except Exception:
+            # A bug, not bad input: answer with a failure (never Success) and keep serving.
+            logger.exception("unexpected error storing %s", arrival.sop_instance_uid)
+            self.spool.discard(arrival.path)
+            return Reply(Status.PROCESSING_FAILURE, "internal error at the gateway")
+
+    def _accept(self, arrival: Arrival) -> Reply:
+        if self.spool.above_high_water():
+            self.spool.discard(arrival.path)
+            logger.warning(
+                "refused %s from %s: disk above high-water mark (%.0f%%)",
+                arrival.sop_instance_uid,
+                arrival.calling_ae,
+                self.spool.high_water,
+            )
+            return Reply(Status.OUT_OF_RESOURCES, "gateway disk above high-water mark")
+        try:
+            header = inspect(arrival.path, arrival.sop_instance_uid)
+        except InvalidInstance as exc:
+            return self._quarantine(arrival, exc)
+        known = self.store.find_instance(header.sop_instance_uid)
+        if known is not None and known.sha256 == header.sha256:
+            # Already durable with identical content: the new copy adds nothing.
+            self.spool.discard(arrival.path)
+            logger.info("duplicate %s from %s ignored", header.sop_instance_uid, arrival.calling_ae)
+            return Reply(Status.SUCCESS)
+        relative = self.spool.place(arrival.path)
+        try:
+            new = self._new_instance(header, relative, arrival)
+            result = self.store.record_instance(new, self.clock())
+        except BaseException:
+            self.spool.remove(relative)
+            raise
+        if result.obsolete_path is not None:
+            self.spool.remove(result.obsolete_path)
+        log = logger.warning if result.outcome is Outcome.REPLACED else logger.info
+        log(
+            "%s %s study %s part %d (%d bytes) from %s",
+            result.outcome,
+            header.sop_instance_uid,
+            header.study_uid,
+            result.part,
+            header.size,
+            arrival.calling_ae,
+        )
+        return Reply(Status.SUCCESS)
+
+    def _quarantine(self, arrival: Arrival, exc: InvalidInstance) -> Reply:
+        status = _STATUS_FOR_PROBLEM[exc.problem]
+        details: dict[str, object] = {
+            "calling_ae": arrival.calling_ae,
+            "address": arrival.address,
+            "sop_instance_uid": arrival.sop_instance_uid,
+            "status": f"0x{status:04X}",
+        }
+        relative = self.spool.quarantine(arrival.path, exc.detail, details)
+        self.store.record_quarantine(
+            exc.detail, relative, arrival.calling_ae, arrival.sop_instance_uid, self.clock()
+        )
+        logger.error(
+            "quarantined %s from %s (%s): %s",
+            arrival.sop_instance_uid,
+            arrival.calling_ae,
+            exc.problem,
+            exc.detail,
+        )
+        return Reply(status, exc.detail)
+
+    @staticmethod
+    def _new_instance(header: InstanceHeader, relative: str, arrival: Arrival) -> NewInstance:
+        return NewInstance(
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            transfer_syntax=header.transfer_syntax,
+            path=relative,
+            size=header.size,
+            sha256=header.sha256,
+            calling_ae=arrival.calling_ae,
+        )
