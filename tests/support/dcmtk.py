@@ -80,11 +80,13 @@ def tool(name: str) -> str:
 
 
 def version() -> str:
-    """Return DCMTK's version line, e.g. '$dcmtk: storescu v3.6.7 2022-04-22 $'."""
+    """Return DCMTK's name and version, e.g. 'DCMTK 3.6.7 2022-04-22'."""
     out = subprocess.run(
         [tool("storescu"), "--version"], capture_output=True, text=True, timeout=10, check=False
     )
-    return out.stdout.splitlines()[0].strip() if out.stdout else "unknown"
+    # The first line reads "$dcmtk: storescu v3.6.7 2022-04-22 $".
+    words = out.stdout.split("\n", 1)[0].strip("$ ").split()
+    return f"DCMTK {words[2].lstrip('v')} {words[3]}" if len(words) >= 4 else "DCMTK (unknown)"
 
 
 def run(

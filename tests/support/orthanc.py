@@ -61,9 +61,10 @@ def dicomweb_plugin() -> str | None:
 
 
 def version() -> str:
-    """Return Orthanc's version line, e.g. '/usr/sbin/Orthanc 1.10.1'."""
+    """Return Orthanc's name and version, e.g. 'Orthanc 1.10.1'."""
     out = subprocess.run([binary(), "--version"], capture_output=True, text=True, timeout=10)
-    return out.stdout.splitlines()[0].strip() if out.stdout else "unknown"
+    first = out.stdout.split("\n", 1)[0].split()
+    return f"Orthanc {first[-1]}" if first else "Orthanc (unknown version)"
 
 
 class Orthanc:
