@@ -65,7 +65,12 @@ class Agent:
         self.proc = subprocess.Popen(
             self.command("run"), stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL
         )
-        wait_until(self._answers_echo, timeout, what=f"dirigo on port {self.port} answering C-ECHO")
+        try:
+            wait_until(self._answers_echo, timeout, what=f"dirigo on port {self.port} answering")
+        except BaseException:
+            # `with Agent(...)` never reaches __exit__ when __enter__ raises: stop it here.
+            stop_process(self.proc, timeout=10)
+            raise
         return self
 
     def _answers_echo(self) -> bool:
