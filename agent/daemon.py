@@ -46,6 +46,7 @@ class Daemon:
         self.settings = settings
         self.spool = Spool(settings.data_dir, settings.spool.high_water)
         self.store: Store | None = None
+        self.receiver: Receiver | None = None
         self.server: Any = None
         self._stopping = False
         self._next_housekeeping = 0.0
@@ -93,7 +94,8 @@ class Daemon:
             policy = PeerPolicy(dicom.peers, dicom.accept_unknown_peers)
         except OSError as exc:
             raise StartupError(f"a peer host in dicom.peers does not resolve: {exc}") from exc
-        receiver = Receiver(self.spool, store)
+        receiver = Receiver(self.spool, store, concurrency=dicom.max_associations)
+        self.receiver = receiver
 
         def on_store(event: evt.Event) -> Any:
             request = cast(C_STORE, event.request)
@@ -138,6 +140,9 @@ class Daemon:
                 logger.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
                 assoc.abort()
             self.server = None
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
         if self.store is not None:
             self.store.close()
             self.store = None

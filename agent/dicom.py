@@ -22,6 +22,10 @@ from agent.config import DicomSettings, Peer
 logger = logging.getLogger(__name__)
 
 
+DUL_POLL_INTERVAL = 0.0001
+"""Seconds pynetdicom's DUL reactor sleeps when idle (its default is 0.001)."""
+
+
 class Status(IntEnum):
     """DIMSE statuses Dirigo returns (PS3.4 B.2.3 for storage; 0xC2xx are ours, in the
     'Cannot understand' range so senders treat them as permanent failures for that instance)."""
@@ -138,6 +142,12 @@ def association_handlers(policy: PeerPolicy) -> list[EventHandlerType]:
     def on_open(event: evt.Event) -> None:
         if event.assoc.dul.socket is not None:
             set_nodelay(event.assoc.dul.socket.socket)
+        # pynetdicom's DUL reactor sleeps this long whenever it finds nothing to do; its own
+        # comment trades idle CPU against latency. Every C-STORE waits on it several times:
+        # 1 ms (the default) costs ~1.7 ms per instance here, while an idle association
+        # costs the same 2.4% of a core at 1 ms and at 0.1 ms (the reactor's fixed 1 ms loop
+        # dominates that).
+        event.assoc.dul._run_loop_delay = DUL_POLL_INTERVAL
 
     def on_requested(event: evt.Event) -> None:
         request = event.assoc.requestor.primitive

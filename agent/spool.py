@@ -81,17 +81,24 @@ class Spool:
         """Return True when the disk is fuller than `spool.high_water` allows for new data."""
         return self.disk_usage().percent >= self.high_water
 
-    def place(self, received: Path) -> str:
-        """Make the received file durable in the spool; return its path relative to `data_dir`.
-
-        The file must be on the same filesystem (it is: it lives in `incoming/`). Raise OSError
-        (for example ENOSPC) if the data cannot be made durable; the caller must not acknowledge.
-        """
+    def flush(self, received: Path) -> None:
+        """fsync a received file's data. Raise OSError (ENOSPC, EIO) if it cannot be durable."""
         fd = os.open(received, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def place(self, received: Path, *, flushed: bool = False) -> str:
+        """Make the received file durable in the spool; return its path relative to `data_dir`.
+
+        Its data is fsynced (unless the caller already did, `flushed=True`), it is renamed into
+        a shard under a random name, and the shard directory is fsynced so the rename survives
+        power loss. The file must be on the same filesystem (it is: it lives in `incoming/`).
+        Raise OSError (for example ENOSPC) if it cannot be made durable: do not acknowledge.
+        """
+        if not flushed:
+            self.flush(received)
         name = uuid.uuid4().hex
         relative = f"{SPOOL}/{name[:2]}/{name}.dcm"
         target = self.data_dir / relative
