@@ -170,8 +170,9 @@ def dcmsend(
 ) -> subprocess.CompletedProcess[str]:
     """C-STORE files with dcmsend, which proposes each file's own transfer syntax.
 
-    dcmsend carries on after a failed file; exit code 0 means every file was
-    sent with Success.
+    dcmsend carries on after a failed file. Its exit code does not tell whether
+    every file got Success (DCMTK 3.6.7 exits 0 after a 0xC212 failure
+    status): check the receiver's side.
     """
     args = ["-v", *extra_args, *_association_args(calling_ae, called_ae, host, port)]
     return run("dcmsend", [*args, *_file_args(files_or_dir)], timeout)
