@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the shared peer harness lives in tests/support
 
 from tests.support import datasets, dcmtk, orthanc  # noqa: E402
-from tests.support.net import PeerExited, free_port, wait_until  # noqa: E402
+from tests.support.agent import Agent  # noqa: E402
+from tests.support.net import LOOPBACK, free_port  # noqa: E402
 from tests.support.process import stop_process, vm_hwm_bytes  # noqa: E402
 
 CALLING_AE = "BENCH"
@@ -106,53 +107,18 @@ def orthanc_receiver(work_dir: Path) -> Iterator[Receiver]:
 
 
 # --- Dirigo ---------------------------------------------------------------------------
-# The hook for Dirigo itself: `python -m agent run --config FILE`, ready when it
-# answers a C-ECHO from BENCH. Its config keeps studies from turning stable
-# during a run so that only receiving is measured; the upload URL is a closed
-# port on loopback.
-
-DIRIGO_CONFIG = """\
-site: bench
-data_dir: {data_dir}
-dicom:
-  ae_title: DIRIGO
-  bind: 127.0.0.1
-  port: {port}
-  peers: [{{ae_title: {calling}, host: 127.0.0.1}}]
-study: {{stable_after: 1h}}
-cloud: {{upload_url: "http://127.0.0.1:9/files/"}}
-"""
+# `dirigo run` as the tests start it, ready when it answers a C-ECHO from BENCH. Studies
+# never turn stable during a run (stable_after 1h), so only receiving is measured.
 
 
 @contextlib.contextmanager
 def dirigo_receiver(work_dir: Path) -> Iterator[Receiver]:
     """Run `python -m agent run` with a bench configuration in work_dir."""
-    port = free_port()
-    config = work_dir / "dirigo.yaml"
-    config.write_text(
-        DIRIGO_CONFIG.format(data_dir=work_dir / "data", port=port, calling=CALLING_AE)
-    )
-    log_path = work_dir / "dirigo.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO,
-        )
-        try:
-
-            def ready() -> bool:
-                if proc.poll() is not None:
-                    tail = log_path.read_text(errors="replace")[-3000:]
-                    raise PeerExited(f"dirigo exited with {proc.returncode}:\n{tail}")
-                return dcmtk.echoscu(port, CALLING_AE, "DIRIGO").returncode == 0
-
-            wait_until(ready, 30.0, 0.1, "dirigo answering C-ECHO")
-            yield Receiver(port, "DIRIGO", proc.pid)
-        finally:
-            stop_process(proc, timeout=30.0)
+    data_dir = work_dir / "data"
+    data_dir.mkdir()
+    peer = {"ae_title": CALLING_AE, "host": LOOPBACK}
+    with Agent(data_dir, peers=(peer,), probe_ae=CALLING_AE, stable_after="1h") as agent:
+        yield Receiver(agent.port, agent.ae_title, agent.pid)
 
 
 RECEIVERS: dict[str, ReceiverSpec] = {
