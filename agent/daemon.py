@@ -11,12 +11,14 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
 from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 
@@ -50,6 +52,8 @@ class Daemon:
         self.server: Any = None
         self._stopping = False
         self._next_housekeeping = 0.0
+        self._associations: list[Association] = []
+        self._associations_lock = threading.Lock()
 
     def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
@@ -108,8 +112,13 @@ class Daemon:
             )
             return receiver.accept(arrival).as_dataset()
 
+        def on_open(event: evt.Event) -> None:
+            with self._associations_lock:
+                self._associations.append(event.assoc)
+
         handlers: list[EventHandlerType] = [
             *association_handlers(policy),
+            (evt.EVT_CONN_OPEN, on_open),
             (evt.EVT_C_STORE, on_store),
         ]
         ae = build_ae(dicom)
@@ -127,6 +136,29 @@ class Daemon:
         for study_uid, part in self.store.mark_stable(now, self.settings.study.stable_after):
             logger.info("study %s part %d is stable", study_uid, part)
         self.store.requeue_expired(now)
+        self._reap_associations()
+        dicom = self.settings.dicom
+        self.spool.sweep_incoming(2 * max(dicom.network_timeout, dicom.dimse_timeout), now)
+
+    def _reap_associations(self) -> None:
+        """Delete the half-received file of every association that has ended.
+
+        pynetdicom leaves it behind when a receive is cut off (sender gone, disk full: then its
+        network thread dies with no event at all), and on a full disk it keeps the disk full.
+        """
+        with self._associations_lock:
+            ended = [a for a in self._associations if not a.is_alive()]
+            self._associations = [a for a in self._associations if a.is_alive()]
+        for assoc in ended:
+            message = assoc.dimse.message
+            partial = getattr(message, "_data_set_file", None) if message is not None else None
+            if partial is not None:
+                partial.close()
+                self.spool.discard(Path(partial.name))
+                logger.warning(
+                    "discarded a partial instance from %s (association ended mid-transfer)",
+                    assoc.requestor.ae_title.strip(),
+                )
 
     def stop(self) -> None:
         """Stop accepting, let in-flight associations finish (bounded), then close the store."""

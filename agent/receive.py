@@ -104,7 +104,7 @@ class Receiver:
             return Reply(Status.PROCESSING_FAILURE, "internal error at the gateway")
 
     def _accept(self, arrival: Arrival) -> Reply:
-        if self.spool.above_high_water():
+        if self.spool.above_high_water(pending=arrival.path.stat().st_size):
             self.spool.discard(arrival.path)
             logger.warning(
                 "refused %s from %s: disk above high-water mark (%.0f%%)",

@@ -77,9 +77,15 @@ class Spool:
         usage = shutil.disk_usage(self.data_dir)
         return DiskUsage(total=usage.total, used=usage.used, free=usage.free)
 
-    def above_high_water(self) -> bool:
-        """Return True when the disk is fuller than `spool.high_water` allows for new data."""
-        return self.disk_usage().percent >= self.high_water
+    def above_high_water(self, pending: int = 0) -> bool:
+        """Return True when the disk is at or above `spool.high_water`.
+
+        `pending` bytes (an arrival already written to `incoming/`) are left out, so that the
+        receiver refuses exactly when `dirigo status` says it is not accepting.
+        """
+        usage = self.disk_usage()
+        used = max(usage.used - pending, 0)
+        return DiskUsage(usage.total, used, usage.free + pending).percent >= self.high_water
 
     def flush(self, received: Path) -> None:
         """fsync a received file's data. Raise OSError (ENOSPC, EIO) if it cannot be durable."""
@@ -131,6 +137,22 @@ class Spool:
         note = {"reason": reason, "quarantined_at": stamp, **details}
         (self.quarantine_dir / f"{name}.json").write_text(json.dumps(note, indent=2) + "\n")
         return f"{QUARANTINE}/{name}.dcm"
+
+    def sweep_incoming(self, older_than: float, now: float) -> int:
+        """Delete incoming files not written to for `older_than` seconds; return how many.
+
+        A live association writes its file continuously or is closed by its idle timeout, so
+        such a file is a receive that ended without pynetdicom cleaning up after it.
+        """
+        removed = 0
+        for entry in os.scandir(self.incoming):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat().st_mtime < now - older_than:
+                    os.unlink(entry.path)
+                    removed += 1
+        if removed:
+            logger.warning("removed %d stale partial receive(s) from incoming/", removed)
+        return removed
 
     def sweep(self, referenced: Iterable[str]) -> int:
         """Delete files that were never acknowledged; return how many.

@@ -241,12 +241,6 @@ def test_a_full_disk_never_loses_an_acknowledged_instance_and_the_agent_recovers
         assert_stored_intact(agent, files)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="agent bug: a receive cut off by ENOSPC leaves its partial file in incoming/ "
-    "(until the next restart), so the disk stays full",
-)
 def test_a_receive_cut_off_by_a_full_disk_leaves_no_partial_file_behind(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -260,12 +254,6 @@ def test_a_receive_cut_off_by_a_full_disk_leaves_no_partial_file_behind(
         assert wait_for_empty(agent.data_dir / "incoming", timeout=3) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="agent bug: an association cut off mid-instance leaves its partial file in "
-    "incoming/ until the next restart",
-)
 def test_a_sender_cut_off_mid_instance_leaves_no_partial_file_behind(
     instance_600mb: Path, tmp_data_dir: Path
 ) -> None:
@@ -319,12 +307,6 @@ def test_the_high_water_mark_refuses_with_out_of_resources_before_the_disk_is_fu
         assert "disk above high-water mark" in agent.log_tail(20_000)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="agent bug: receive counts the instance just received against the mark, status does "
-    "not, so status says accepting while every new instance is refused",
-)
 def test_status_says_not_accepting_while_the_high_water_mark_refuses(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

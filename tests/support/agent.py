@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
@@ -110,7 +111,9 @@ class Agent:
     def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
         """Run a read-only query against the agent's database (tests inspect what was committed)."""
         uri = f"file:{self.data_dir / 'dirigo.db'}?mode=ro"
-        with sqlite3.connect(uri, uri=True) as db:
+        # closing(): sqlite3's own context manager commits but leaves the connection open,
+        # which keeps a tmpfs data_dir busy.
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
             return db.execute(sql, params).fetchall()
 
     def __enter__(self) -> Agent:
