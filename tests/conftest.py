@@ -93,7 +93,7 @@ def ct_series_500(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> list[Path]:
     """Return the 500-slice synthetic CT (≈263 MB), cached in pytest's cache directory."""
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`
     out_dir = cache.mkdir("ct_series_500") if cache else tmp_path_factory.mktemp("ct")
     return datasets.ct_series(out_dir, slices=500)
 
