@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -113,23 +113,33 @@ class Receiver:
                 self.spool.high_water,
             )
             return Reply(Status.OUT_OF_RESOURCES, "gateway disk above high-water mark")
-        # The data's fsync (I/O, no GIL) runs while this thread checks the same bytes (CPU): the
-        # sender waits for both anyway, so overlapping them shortens every C-STORE.
-        flushed = self._flusher.submit(self.spool.flush, arrival.path)
+        # Into the spool first, then the fsyncs (I/O, no GIL) run while this thread checks the
+        # same bytes (CPU): the sender waits for both anyway, so overlapping them shortens every
+        # C-STORE. Until the row is committed, a crash leaves an unreferenced file that the
+        # start-up sweep removes; nothing was acknowledged for it.
+        relative = self.spool.adopt(arrival.path)
+        settled = self._flusher.submit(self.spool.settle, relative)
         try:
-            header = inspect(arrival.path, arrival.sop_instance_uid)
+            header = inspect(self.spool.path(relative), arrival.sop_instance_uid)
         except InvalidInstance as exc:
-            wait([flushed])
-            return self._quarantine(arrival, exc)
+            wait([settled])
+            return self._quarantine(replace(arrival, path=self.spool.path(relative)), exc)
+        except BaseException:
+            wait([settled])
+            self.spool.remove(relative)
+            raise
         known = self.store.find_instance(header.sop_instance_uid)
         if known is not None and known.sha256 == header.sha256:
             # Already durable with identical content: the new copy adds nothing.
-            wait([flushed])
-            self.spool.discard(arrival.path)
+            wait([settled])
+            self.spool.remove(relative)
             logger.info("duplicate %s from %s ignored", header.sop_instance_uid, arrival.calling_ae)
             return Reply(Status.SUCCESS)
-        flushed.result()
-        relative = self.spool.place(arrival.path, flushed=True)
+        try:
+            settled.result()
+        except BaseException:
+            self.spool.remove(relative)
+            raise
         try:
             new = self._new_instance(header, relative, arrival)
             result = self.store.record_instance(new, self.clock())

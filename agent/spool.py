@@ -8,8 +8,9 @@ Layout (paths recorded in the store are relative to `data_dir`):
     quarantine/<time>-<random>.dcm (+ .json)
                        rejected input kept byte for byte, with the reason beside it
 
-A file is durable once `place` returns: its data was fsynced under a temporary name, renamed into
-its shard, and the shard directory fsynced so the rename itself survives power loss.
+A received file is renamed into its shard (`adopt`), then made durable (`settle`): its data
+fsynced, then the shard directory fsynced so the rename itself survives power loss. Only then may
+its row be committed and the sender see Success.
 """
 
 from __future__ import annotations
@@ -95,22 +96,26 @@ class Spool:
         finally:
             os.close(fd)
 
-    def place(self, received: Path, *, flushed: bool = False) -> str:
-        """Make the received file durable in the spool; return its path relative to `data_dir`.
+    def adopt(self, received: Path) -> str:
+        """Rename a received file into a spool shard (not yet durable); return its relative path.
 
-        Its data is fsynced (unless the caller already did, `flushed=True`), it is renamed into
-        a shard under a random name, and the shard directory is fsynced so the rename survives
-        power loss. The file must be on the same filesystem (it is: it lives in `incoming/`).
-        Raise OSError (for example ENOSPC) if it cannot be made durable: do not acknowledge.
+        Until `settle` returns, a crash may leave the file unreferenced: the start-up sweep
+        removes such files, and nothing was acknowledged for them.
         """
-        if not flushed:
-            self.flush(received)
         name = uuid.uuid4().hex
         relative = f"{SPOOL}/{name[:2]}/{name}.dcm"
-        target = self.data_dir / relative
-        os.rename(received, target)
-        fsync_directory(target.parent)
+        os.rename(received, self.data_dir / relative)
         return relative
+
+    def settle(self, relative: str) -> None:
+        """Make an adopted file durable: fsync its data, then its shard directory.
+
+        On ext4 and XFS the file's fsync commits the rename in the same journal transaction,
+        which leaves the directory's fsync almost nothing to do; it stays, because POSIX
+        promises the rename's durability only through it.
+        """
+        self.flush(self.data_dir / relative)
+        fsync_directory((self.data_dir / relative).parent)
 
     def path(self, relative: str) -> Path:
         return self.data_dir / relative
