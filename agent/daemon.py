@@ -26,7 +26,7 @@ from agent.config import Settings
 from agent.dicom import PeerPolicy, association_handlers, build_ae
 from agent.receive import Arrival, Receiver
 from agent.spool import Spool
-from agent.store import Store
+from agent.store import Store, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,12 @@ class Daemon:
         self.start()
         try:
             while not self._stopping:
-                self.housekeeping(time.time())
+                try:
+                    self.housekeeping(time.time())
+                except (OSError, StoreError) as exc:
+                    # Transient (a full disk, a busy database): receiving goes on, and the
+                    # next tick tries again. One line per failure, no traceback.
+                    logger.error("housekeeping failed, will retry: %s", exc)
                 time.sleep(TICK)
         finally:
             self.stop()
