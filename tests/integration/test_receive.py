@@ -281,3 +281,22 @@ def test_sigterm_lets_the_association_in_flight_finish(
     assert output.count("Received Store Response (Success)") == 200
     assert agent.rows("SELECT count(*) FROM instances") == [(200,)]
     assert dcmtk.echoscu(agent.port).returncode != 0
+
+
+def test_an_ipv6_listener_serves_both_families_and_pins_hosts_over_ipv6(
+    tmp_data_dir: Path,
+) -> None:
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    peers = ({"ae_title": "PACS", "host": "127.0.0.1"}, {"ae_title": "PACS6", "host": "::1"})
+    with Agent(tmp_data_dir, peers=peers, extra={"dicom": {"bind": "::"}}) as agent:
+        outcomes = {}
+        for calling in ("PACS6", "PACS"):
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("::1", agent.port, ae_title="DIRIGO")
+            outcomes[calling] = assoc.is_established
+            if assoc.is_established:
+                assoc.release()
+        assert outcomes == {"PACS6": True, "PACS": False}
+        assert "'PACS' connected from ::1, not its host" in agent.log_tail()
