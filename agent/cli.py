@@ -16,7 +16,7 @@ import yaml
 from agent import __version__
 from agent.config import ConfigError, Settings, load_config
 from agent.daemon import DATABASE, Daemon, StartupError
-from agent.dicom import peer_by_title, quiet_identifiers, set_nodelay
+from agent.dicom import peer_by_title, quiet_identifiers
 from agent.health import render, snapshot
 from agent.spool import Spool
 from agent.store import Store, StoreError
@@ -148,7 +148,6 @@ def _echo(settings: Settings, args: argparse.Namespace) -> int:
     if not assoc.is_established:
         outcome = "rejected the association" if assoc.is_rejected else "could not be reached"
         raise CommandError(f"{peer.ae_title} at {peer.host}:{peer.port} {outcome}")
-    set_nodelay(assoc.dul.socket.socket if assoc.dul.socket else None)
     try:
         status = assoc.send_c_echo()
     finally:

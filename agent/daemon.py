@@ -152,8 +152,9 @@ class Daemon:
         network thread dies with no event at all), and on a full disk it keeps the disk full.
         """
         with self._associations_lock:
-            ended = [a for a in self._associations if not a.is_alive()]
-            self._associations = [a for a in self._associations if a.is_alive()]
+            alive = [a.is_alive() for a in self._associations]
+            ended = [a for a, up in zip(self._associations, alive, strict=True) if not up]
+            self._associations = [a for a, up in zip(self._associations, alive, strict=True) if up]
         for assoc in ended:
             message = assoc.dimse.message
             partial = getattr(message, "_data_set_file", None) if message is not None else None

@@ -33,7 +33,7 @@ def snapshot(settings: Settings, store: Store, spool: Spool) -> dict[str, Any]:
             "free_bytes": disk.free,
             "used_percent": round(disk.percent, 1),
             "high_water_percent": settings.spool.high_water,
-            "accepting": disk.percent < settings.spool.high_water,
+            "accepting": not spool.above_high_water(),
         },
         "last_error": state.last_error,
         "schema_version": state.schema_version,

@@ -1,8 +1,9 @@
 """Storage SCP policy: what happens to an instance between its arrival and the Success status.
 
-Order matters, and is the promise: check → (duplicate? answer Success, keep the durable copy)
-→ fsync + rename into the spool → commit the row → Success. Anything else gets a named failure
-status, the received bytes are quarantined or discarded, and the association carries on.
+Order matters, and is the promise: rename into the spool → (fsync data and directory, while the
+bytes are checked) → duplicate? answer Success, keep the durable copy → commit the row → Success.
+Anything else gets a named failure status, the received bytes are quarantined or discarded, and
+the association carries on.
 """
 
 from __future__ import annotations
@@ -121,29 +122,24 @@ class Receiver:
         settled = self._flusher.submit(self.spool.settle, relative)
         try:
             header = inspect(self.spool.path(relative), arrival.sop_instance_uid)
+            known = self.store.find_instance(header.sop_instance_uid)
+            if known is not None and known.sha256 == header.sha256:
+                # Already durable with identical content: the new copy adds nothing.
+                wait([settled])
+                self.spool.remove(relative)
+                logger.info(
+                    "duplicate %s from %s ignored", header.sop_instance_uid, arrival.calling_ae
+                )
+                return Reply(Status.SUCCESS)
+            settled.result()
+            new = self._new_instance(header, relative, arrival)
+            result = self.store.record_instance(new, self.clock())
         except InvalidInstance as exc:
             wait([settled])
             return self._quarantine(replace(arrival, path=self.spool.path(relative)), exc)
         except BaseException:
+            # No row points at the file (the commit is the last step above): drop it.
             wait([settled])
-            self.spool.remove(relative)
-            raise
-        known = self.store.find_instance(header.sop_instance_uid)
-        if known is not None and known.sha256 == header.sha256:
-            # Already durable with identical content: the new copy adds nothing.
-            wait([settled])
-            self.spool.remove(relative)
-            logger.info("duplicate %s from %s ignored", header.sop_instance_uid, arrival.calling_ae)
-            return Reply(Status.SUCCESS)
-        try:
-            settled.result()
-        except BaseException:
-            self.spool.remove(relative)
-            raise
-        try:
-            new = self._new_instance(header, relative, arrival)
-            result = self.store.record_instance(new, self.clock())
-        except BaseException:
             self.spool.remove(relative)
             raise
         if result.obsolete_path is not None:

@@ -121,12 +121,11 @@ class Spool:
         return self.data_dir / relative
 
     def remove(self, relative: str) -> None:
-        """Delete a spool file that the store no longer references (missing is fine)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.data_dir / relative)
+        """Delete a spool file that no row references, by its path relative to `data_dir`."""
+        self.discard(self.data_dir / relative)
 
     def discard(self, received: Path) -> None:
-        """Delete an incoming file that will not be kept (a duplicate, or refused for space)."""
+        """Delete a file that will not be kept (missing is fine)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(received)
 
