@@ -30,6 +30,7 @@ from pydantic import (
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
 from pydantic_core import ErrorDetails, InitErrorDetails
 
@@ -317,9 +318,30 @@ def _pdu_size(value: object) -> int:
     )
 
 
-def _data_dir(value: object, info: ValidationInfo) -> Path:
-    """Return the absolute data directory; a relative one is taken from the config file's
-    directory, which `load_config` passes in the validation context."""
+def _choice(*choices: str) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        text = _text(value, "one of " + ", ".join(choices)).strip().lower()
+        if text in choices:
+            return text
+        raise ValueError(f"{_show(value)} is not one of {', '.join(choices)}")
+
+    return check
+
+
+def _size_between(low: int, high: int, what: str) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        size = _bytes(value)
+        if low <= size <= high:
+            return size
+        bounds = f"{_format_size(low) or 0} to {_format_size(high)}"
+        raise ValueError(f"{_show(value)} is not a valid {what} ({bounds})")
+
+    return check
+
+
+def _absolute_path(value: object, info: ValidationInfo) -> Path:
+    """Return the absolute path; a relative one is taken from the config file's directory,
+    which `load_config` passes in the validation context."""
     text = str(value) if isinstance(value, Path) else _text(value, "a path")
     if not text.strip() or "\0" in text:
         raise ValueError(f"{_show(text)} is not a path")
@@ -371,6 +393,10 @@ def _rule(check: Callable[[object], T], *, optional: bool = False) -> BeforeVali
     return BeforeValidator(validate)
 
 
+def _optional_path(value: object, info: ValidationInfo) -> Path | None:
+    return None if value is None else _absolute_path(value, info)
+
+
 def _empty_as_default(value: object) -> object:
     # `dicom:` with every line below it commented out is YAML null: treat it as "all defaults"
     return {} if value is None else value
@@ -382,7 +408,8 @@ def _empty_as_no_items(value: object) -> object:
 
 # The types of the settings: each parses the YAML forms, checks, and formats back for dumping.
 SiteId = Annotated[str, _rule(_site)]
-DataDir = Annotated[Path, BeforeValidator(_data_dir)]
+DataDir = Annotated[Path, BeforeValidator(_absolute_path)]
+OptionalFile = Annotated[Path | None, BeforeValidator(_optional_path)]
 Level = Annotated[LogLevel, _rule(_log_level)]
 AETitle = Annotated[str, _rule(_ae_title)]
 BindAddress = Annotated[str, _rule(_bind)]
@@ -399,6 +426,16 @@ Url = Annotated[str, _rule(_url), PlainSerializer(redact_url)]
 OptionalUrl = Annotated[
     str | None, _rule(_url, optional=True), PlainSerializer(_redact_optional_url)
 ]
+ChunkSize = Annotated[
+    int, _rule(_size_between(64 * 1024, 1024 * MiB, "chunk size")), PlainSerializer(_format_size)
+]
+Bandwidth = Annotated[
+    int, _rule(_size_between(0, 10**12, "bandwidth")), PlainSerializer(_format_size)
+]
+Workers = Annotated[int, _rule(_bounded_int(1, 64, "number of uploads"))]
+CompressionLevel = Annotated[int, _rule(_bounded_int(1, 19, "zstd level"))]
+CompressionThreads = Annotated[int, _rule(_bounded_int(0, 64, "number of threads"))]
+Retention = Annotated[float, _rule(_duration(0, inclusive=True)), PlainSerializer(_format_duration)]
 Section = BeforeValidator(_empty_as_default)
 
 
@@ -461,15 +498,42 @@ class SpoolSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     high_water: Percent = 90.0
+    keep_sent_for: Retention = 7 * 86400.0
 
 
 class CloudSettings(BaseModel):
-    """Where the state exchange is."""
+    """Where the state exchange is, and how to prove who we are to it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     upload_url: Url
     dicomweb_url: OptionalUrl = None
+    ca_file: OptionalFile = None
+    client_cert: OptionalFile = None
+    client_key: OptionalFile = None
+    token_file: OptionalFile = None
+    timeout: Timeout = 60.0
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> CloudSettings:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("'client_key' is set without 'client_cert'")
+        return self
+
+
+class UploadSettings(BaseModel):
+    """How complete studies are packed and sent to the cloud."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chunk_size: ChunkSize = 8 * MiB
+    concurrency: Workers = 2
+    max_bandwidth: Bandwidth = 0
+    compression: Annotated[str, _rule(_choice("zstd", "none"))] = "zstd"
+    compression_level: CompressionLevel = 3
+    compression_threads: CompressionThreads = 0
+    retry_first: Timeout = 10.0
+    retry_max: Timeout = 900.0
 
 
 class Settings(BaseModel):
@@ -485,6 +549,7 @@ class Settings(BaseModel):
     study: Annotated[StudySettings, Section] = Field(default_factory=StudySettings)
     spool: Annotated[SpoolSettings, Section] = Field(default_factory=SpoolSettings)
     cloud: Annotated[CloudSettings, Section]
+    upload: Annotated[UploadSettings, Section] = Field(default_factory=UploadSettings)
 
     def redacted(self) -> dict[str, object]:
         """Return the effective configuration as plain YAML-able data with secrets replaced by

@@ -831,7 +831,9 @@ def test_redacted_uses_the_yaml_forms() -> None:
         "accept_unknown_peers": False,
     }
     assert dumped["study"] == {"stable_after": "2h"}
-    assert dumped["spool"] == {"high_water": "90%"}
+    assert dumped["spool"] == {"high_water": "90%", "keep_sent_for": "7d"}
+    assert dumped["upload"]["chunk_size"] == "8MiB"
+    assert dumped["upload"]["retry_max"] == "15m"
 
 
 @given(
@@ -877,12 +879,37 @@ def test_redacted_hides_url_secrets_and_still_parses(url: str, shown: str) -> No
 
 def test_redacted_leaves_urls_without_secrets_unchanged() -> None:
     url = "https://exchange.example/files/?site=a&empty=&flag#"
-    assert parse_config(minimal(cloud__upload_url=url)).redacted()["cloud"] == {
-        "upload_url": url,
-        "dicomweb_url": None,
-    }
+    cloud = parse_config(minimal(cloud__upload_url=url)).redacted()["cloud"]
+    assert isinstance(cloud, dict)
+    assert (cloud["upload_url"], cloud["dicomweb_url"]) == (url, None)
 
 
 def test_a_settings_copy_is_equal() -> None:
     settings = load_config(EXAMPLE)
     assert copy.deepcopy(settings) == settings
+
+
+def test_upload_values_are_checked_and_all_reported() -> None:
+    data = minimal(upload__chunk_size="1KiB", upload__compression="gzip", upload__concurrency=0)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert caught.value.problems == [
+        "At 'upload.chunk_size': '1KiB' is not a valid chunk size (64KiB to 1GiB)",
+        "At 'upload.concurrency': 0 is not a valid number of uploads (1-64)",
+        "At 'upload.compression': 'gzip' is not one of zstd, none",
+    ]
+
+
+def test_client_key_without_client_cert_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(minimal(cloud__client_key="/etc/dirigo/client.key"))
+    assert caught.value.problems == ["At 'cloud': 'client_key' is set without 'client_cert'"]
+
+
+def test_cloud_files_are_taken_from_the_config_file_directory(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "site: a\ncloud:\n  upload_url: https://x.example/files/\n  token_file: token\n",
+        encoding="utf-8",
+    )
+    assert load_config(path).cloud.token_file == tmp_path / "token"
