@@ -117,6 +117,12 @@ def inspect(path: Path, expected_sop_instance_uid: str | None = None) -> Instanc
     return InstanceHeader(transfer_syntax=transfer_syntax, size=size, sha256=sha256, **uids)
 
 
+def dataset_offset(f: BinaryIO, size: int) -> int:
+    """Return where the dataset starts in a Part-10 file (after its File Meta group), the
+    start of what `InstanceHeader.sha256` covers. Raise InvalidInstance if the meta is bad."""
+    return _read_meta(f, size)[2]
+
+
 def _read_meta(f: BinaryIO, size: int) -> tuple[str, str | None, int]:
     """Return (transfer syntax, media SOP Instance UID, dataset offset) from the File Meta."""
     f.seek(_PREAMBLE)

@@ -7,6 +7,8 @@ Layout (paths recorded in the store are relative to `data_dir`):
                        acknowledged instances; names are random, never taken from DICOM values
     quarantine/<time>-<random>.dcm (+ .json)
                        rejected input kept byte for byte, with the reason beside it
+    bundles/<random>.tar.zst
+                       packed study parts on their way to the cloud (`.partial` while packing)
 
 A received file is renamed into its shard (`adopt`), then made durable (`settle`): its data
 fsynced, then the shard directory fsynced so the rename itself survives power loss. Only then may
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 INCOMING = "incoming"
 SPOOL = "spool"
 QUARANTINE = "quarantine"
+BUNDLES = "bundles"
+PARTIAL = ".partial"
 _SHARDS = [f"{i:02x}" for i in range(256)]
 
 
@@ -58,11 +62,13 @@ class Spool:
         self.high_water = high_water
         self.incoming = data_dir / INCOMING
         self.quarantine_dir = data_dir / QUARANTINE
+        self.bundles = data_dir / BUNDLES
 
     def prepare(self) -> None:
         """Create the directory layout (idempotent) and make its creation durable."""
         created = []
-        for directory in (self.data_dir, self.incoming, self.quarantine_dir, self.data_dir / SPOOL):
+        layout = (self.incoming, self.quarantine_dir, self.data_dir / SPOOL, self.bundles)
+        for directory in (self.data_dir, *layout):
             if not directory.is_dir():
                 directory.mkdir(parents=True, exist_ok=True)
                 created.append(directory)
@@ -141,6 +147,31 @@ class Spool:
         note = {"reason": reason, "quarantined_at": stamp, **details}
         (self.quarantine_dir / f"{name}.json").write_text(json.dumps(note, indent=2) + "\n")
         return f"{QUARANTINE}/{name}.dcm"
+
+    def new_bundle(self, suffix: str) -> tuple[Path, str]:
+        """Return a temporary path to pack a bundle into, and the relative path it will have."""
+        name = f"{uuid.uuid4().hex}{suffix}"
+        return self.bundles / f"{name}{PARTIAL}", f"{BUNDLES}/{name}"
+
+    def commit_bundle(self, temporary: Path, relative: str) -> None:
+        """Make a packed bundle durable under its final name: fsync, rename, fsync the directory.
+        A crash before this leaves only a `.partial` file, which is never uploaded."""
+        self.flush(temporary)
+        os.rename(temporary, self.data_dir / relative)
+        fsync_directory(self.bundles)
+
+    def sweep_bundles(self, referenced: Iterable[str]) -> int:
+        """Delete partial bundles and bundles no upload refers to; return how many."""
+        known = set(referenced)
+        removed = 0
+        for entry in os.scandir(self.bundles):
+            if f"{BUNDLES}/{entry.name}" not in known:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+        if removed:
+            logger.warning("removed %d bundle file(s) no upload refers to", removed)
+        return removed
 
     def sweep_incoming(self, older_than: float, now: float) -> int:
         """Delete incoming files not written to for `older_than` seconds; return how many.

@@ -159,12 +159,12 @@ def test_a_failing_migration_leaves_no_partial_schema_and_no_record(db_path: Pat
     bad = Migration(
         len(MIGRATIONS) + 1,
         "half good",
-        ("CREATE TABLE uploads (id INTEGER PRIMARY KEY)", "CREATE TABLE broken (oops"),
+        ("CREATE TABLE half (id INTEGER PRIMARY KEY)", "CREATE TABLE broken (oops"),
     )
     with pytest.raises(StoreError, match="half good"):
         Store.open(db_path, migrations=(*MIGRATIONS, bad))
     tables = {name for (name,) in query(db_path, "SELECT name FROM sqlite_master")}
-    assert "uploads" not in tables
+    assert "half" not in tables
     assert "studies" in tables  # the good migrations before it stay applied
     recorded = query(db_path, "SELECT version FROM schema_migrations")
     assert (bad.version,) not in recorded

@@ -28,56 +28,35 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from agent.store.records import InstanceState, JobState, Level, Outcome, StudyState, event
+from agent.store.schema import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE, Migration
+from agent.store.uploads import Uploads
+
+__all__ = [
+    "MIGRATIONS",
+    "UPLOAD",
+    "InstanceState",
+    "Job",
+    "JobState",
+    "KnownInstance",
+    "Level",
+    "Migration",
+    "NewInstance",
+    "Outcome",
+    "RecordResult",
+    "StatusSnapshot",
+    "Store",
+    "StoreError",
+    "StudyState",
+    "Uploads",
+]
+
 BUSY_TIMEOUT_MS = 10_000
 _SYNCHRONOUS_FULL = 2
 
 
 class StoreError(Exception):
     """The database cannot be opened, migrated or written; or a job is not held by its caller."""
-
-
-class StudyState(StrEnum):
-    """Where a study part is on its way to the cloud."""
-
-    OPEN = "open"
-    STABLE = "stable"
-    QUEUED = "queued"
-    UPLOADING = "uploading"
-    SENT = "sent"
-    CONFIRMED = "confirmed"
-
-
-class InstanceState(StrEnum):
-    """Where one received instance is on its way to the cloud."""
-
-    RECEIVED = "received"
-    PACKED = "packed"
-    SENT = "sent"
-
-
-class JobState(StrEnum):
-    """A job's place in its lifecycle: ready → claimed (leased) → done | failed."""
-
-    READY = "ready"
-    CLAIMED = "claimed"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class Outcome(StrEnum):
-    """What `record_instance` did with an arrival."""
-
-    STORED = "stored"
-    DUPLICATE = "duplicate"
-    REPLACED = "replaced"
-
-
-class Level(StrEnum):
-    """Severity of an audit event."""
-
-    INFO = "info"
-    WARNING = "warning"
-    ERROR = "error"
 
 
 UPLOAD = "upload"
@@ -148,96 +127,6 @@ class StatusSnapshot:
 
 
 @dataclass(frozen=True)
-class Migration:
-    """One schema change. Released migrations are never edited: a change is a new version."""
-
-    version: int
-    name: str
-    statements: tuple[str, ...]
-
-
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(
-        1,
-        "initial schema",
-        (
-            """CREATE TABLE studies (
-                id INTEGER PRIMARY KEY,
-                study_uid TEXT NOT NULL,
-                part INTEGER NOT NULL,
-                state TEXT NOT NULL CHECK (state IN
-                    ('open', 'stable', 'queued', 'uploading', 'sent', 'confirmed')),
-                first_received_at REAL,
-                last_received_at REAL,
-                stable_at REAL,
-                UNIQUE (study_uid, part)
-            )""",
-            "CREATE INDEX studies_by_state ON studies (state, last_received_at)",
-            """CREATE TABLE instances (
-                id INTEGER PRIMARY KEY,
-                study_id INTEGER NOT NULL REFERENCES studies (id),
-                sop_instance_uid TEXT NOT NULL,
-                sop_class_uid TEXT NOT NULL,
-                series_uid TEXT NOT NULL,
-                transfer_syntax TEXT NOT NULL,
-                path TEXT NOT NULL,
-                size INTEGER NOT NULL,
-                sha256 TEXT NOT NULL,
-                state TEXT NOT NULL CHECK (state IN ('received', 'packed', 'sent')),
-                calling_ae TEXT NOT NULL,
-                received_at REAL NOT NULL,
-                replaced_count INTEGER NOT NULL DEFAULT 0,
-                superseded INTEGER NOT NULL DEFAULT 0
-            )""",
-            """CREATE UNIQUE INDEX instances_current_sop_uid
-                ON instances (sop_instance_uid) WHERE superseded = 0""",
-            "CREATE INDEX instances_by_path ON instances (path)",
-            "CREATE INDEX instances_by_study ON instances (study_id)",
-            """CREATE TABLE quarantine (
-                id INTEGER PRIMARY KEY,
-                at REAL NOT NULL,
-                reason TEXT NOT NULL,
-                path TEXT NOT NULL,
-                calling_ae TEXT NOT NULL,
-                sop_instance_uid TEXT NULL
-            )""",
-            """CREATE TABLE events (
-                id INTEGER PRIMARY KEY,
-                at REAL NOT NULL,
-                level TEXT NOT NULL CHECK (level IN ('info', 'warning', 'error')),
-                kind TEXT NOT NULL,
-                study_uid TEXT NULL,
-                sop_instance_uid TEXT NULL,
-                message TEXT NOT NULL
-            )""",
-            "CREATE INDEX events_by_level ON events (level, at)",
-            """CREATE TABLE jobs (
-                id INTEGER PRIMARY KEY,
-                kind TEXT NOT NULL,
-                study_id INTEGER NOT NULL REFERENCES studies (id),
-                state TEXT NOT NULL CHECK (state IN ('ready', 'claimed', 'done', 'failed')),
-                attempts INTEGER NOT NULL DEFAULT 0,
-                next_attempt_at REAL,
-                lease_owner TEXT NULL,
-                lease_expires_at REAL NULL,
-                last_error TEXT NULL,
-                created_at REAL NOT NULL,
-                updated_at REAL NOT NULL,
-                UNIQUE (kind, study_id)
-            )""",
-            "CREATE INDEX jobs_due ON jobs (kind, state, next_attempt_at)",
-        ),
-    ),
-)
-
-_SCHEMA_MIGRATIONS = """CREATE TABLE IF NOT EXISTS schema_migrations (
-    version INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    applied_at REAL NOT NULL
-)"""
-
-
-@dataclass(frozen=True)
 class _Current:
     """The current row of a SOP Instance UID, with the study part that holds it."""
 
@@ -264,6 +153,7 @@ class Store:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._db = connection
         self._lock = threading.Lock()
+        self.uploads = Uploads(self)
 
     # -- opening --------------------------------------------------------------------------
 
@@ -322,7 +212,7 @@ class Store:
     def _migrate(self, migrations: Sequence[Migration]) -> None:
         known = max((m.version for m in migrations), default=0)
         with self._write() as db:
-            db.execute(_SCHEMA_MIGRATIONS)
+            db.execute(SCHEMA_MIGRATIONS_TABLE)
         current = self._schema_version()
         if current > known:
             raise StoreError(
@@ -430,7 +320,7 @@ class Store:
             if current is None:
                 _insert_instance(db, new, part.id, 0, now)
                 return RecordResult(Outcome.STORED, part.study_uid, part.part, None)
-            _event(
+            event(
                 db,
                 now,
                 Level.WARNING,
@@ -457,7 +347,7 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?)",
                 (now, reason, path, calling_ae, sop_instance_uid),
             )
-            _event(
+            event(
                 db,
                 now,
                 Level.ERROR,
@@ -492,7 +382,7 @@ class Store:
                     " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
                     (UPLOAD, study_id, JobState.READY, now, now, now),
                 )
-                _event(db, now, Level.INFO, "stable", f"part {part} is stable", study_uid, None)
+                event(db, now, Level.INFO, "stable", f"part {part} is stable", study_uid, None)
         return sorted((study_uid, part) for _, study_uid, part in rows)
 
     # -- jobs -----------------------------------------------------------------------------
@@ -509,7 +399,7 @@ class Store:
             ).fetchall()
             for job_id, kind, study_uid in rows:
                 message = f"{kind} job {job_id}: lease expired, requeued"
-                _event(db, now, Level.WARNING, "lease_expired", message, study_uid, None)
+                event(db, now, Level.WARNING, "lease_expired", message, study_uid, None)
         return len(rows)
 
     def claim_job(self, kind: str, owner: str, lease_seconds: float, now: float) -> Job | None:
@@ -595,7 +485,7 @@ class Store:
             level = Level.ERROR if next_attempt_at is None else Level.WARNING
             retry = "permanently" if next_attempt_at is None else "will retry"
             message = f"{kind} job {job_id} attempt {attempts} failed ({retry}): {error}"
-            _event(db, now, level, f"{kind}_failed", message, study_uid, None)
+            event(db, now, level, f"{kind}_failed", message, study_uid, None)
 
     # -- operators ------------------------------------------------------------------------
 
@@ -733,20 +623,3 @@ def _replace_in_place(
             " AND NOT EXISTS (SELECT 1 FROM instances WHERE study_id = ?)",
             (current.study_id, current.study_id),
         )
-
-
-def _event(
-    db: sqlite3.Connection,
-    now: float,
-    level: Level,
-    kind: str,
-    message: str,
-    study_uid: str | None,
-    sop_instance_uid: str | None,
-) -> None:
-    """Append to the audit trail. Messages carry UIDs and AE titles, never patient data."""
-    db.execute(
-        "INSERT INTO events (at, level, kind, study_uid, sop_instance_uid, message)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (now, level, kind, study_uid, sop_instance_uid, message),
-    )

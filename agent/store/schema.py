@@ -1,0 +1,124 @@
+"""The database schema, as numbered migrations applied in order (see `Store.open`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema change. Released migrations are never edited: a change is a new version."""
+
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "initial schema",
+        (
+            """CREATE TABLE studies (
+                id INTEGER PRIMARY KEY,
+                study_uid TEXT NOT NULL,
+                part INTEGER NOT NULL,
+                state TEXT NOT NULL CHECK (state IN
+                    ('open', 'stable', 'queued', 'uploading', 'sent', 'confirmed')),
+                first_received_at REAL,
+                last_received_at REAL,
+                stable_at REAL,
+                UNIQUE (study_uid, part)
+            )""",
+            "CREATE INDEX studies_by_state ON studies (state, last_received_at)",
+            """CREATE TABLE instances (
+                id INTEGER PRIMARY KEY,
+                study_id INTEGER NOT NULL REFERENCES studies (id),
+                sop_instance_uid TEXT NOT NULL,
+                sop_class_uid TEXT NOT NULL,
+                series_uid TEXT NOT NULL,
+                transfer_syntax TEXT NOT NULL,
+                path TEXT NOT NULL,
+                size INTEGER NOT NULL,
+                sha256 TEXT NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('received', 'packed', 'sent')),
+                calling_ae TEXT NOT NULL,
+                received_at REAL NOT NULL,
+                replaced_count INTEGER NOT NULL DEFAULT 0,
+                superseded INTEGER NOT NULL DEFAULT 0
+            )""",
+            """CREATE UNIQUE INDEX instances_current_sop_uid
+                ON instances (sop_instance_uid) WHERE superseded = 0""",
+            "CREATE INDEX instances_by_path ON instances (path)",
+            "CREATE INDEX instances_by_study ON instances (study_id)",
+            """CREATE TABLE quarantine (
+                id INTEGER PRIMARY KEY,
+                at REAL NOT NULL,
+                reason TEXT NOT NULL,
+                path TEXT NOT NULL,
+                calling_ae TEXT NOT NULL,
+                sop_instance_uid TEXT NULL
+            )""",
+            """CREATE TABLE events (
+                id INTEGER PRIMARY KEY,
+                at REAL NOT NULL,
+                level TEXT NOT NULL CHECK (level IN ('info', 'warning', 'error')),
+                kind TEXT NOT NULL,
+                study_uid TEXT NULL,
+                sop_instance_uid TEXT NULL,
+                message TEXT NOT NULL
+            )""",
+            "CREATE INDEX events_by_level ON events (level, at)",
+            """CREATE TABLE jobs (
+                id INTEGER PRIMARY KEY,
+                kind TEXT NOT NULL,
+                study_id INTEGER NOT NULL REFERENCES studies (id),
+                state TEXT NOT NULL CHECK (state IN ('ready', 'claimed', 'done', 'failed')),
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at REAL,
+                lease_owner TEXT NULL,
+                lease_expires_at REAL NULL,
+                last_error TEXT NULL,
+                created_at REAL NOT NULL,
+                updated_at REAL NOT NULL,
+                UNIQUE (kind, study_id)
+            )""",
+            "CREATE INDEX jobs_due ON jobs (kind, state, next_attempt_at)",
+        ),
+    ),
+    Migration(
+        2,
+        "uploads",
+        (
+            # One row per study part on its way to the cloud: its bundle once packed, its tus
+            # upload once created. `confirmed_offset` is what the server last acknowledged;
+            # `sent_to` is the furthest byte ever put on the wire for `url`, so that an offset
+            # the server reports beyond it is recognised as not ours.
+            """CREATE TABLE uploads (
+                study_id INTEGER PRIMARY KEY REFERENCES studies (id),
+                bundle_path TEXT NULL,
+                bundle_size INTEGER NULL,
+                bundle_sha256 TEXT NULL,
+                bundle_format TEXT NULL,
+                instances INTEGER NOT NULL DEFAULT 0,
+                url TEXT NULL,
+                confirmed_offset INTEGER NOT NULL DEFAULT 0,
+                sent_to INTEGER NOT NULL DEFAULT 0,
+                attempt_offset INTEGER NOT NULL DEFAULT 0,
+                attempt_started_at REAL NULL,
+                created_at REAL NOT NULL,
+                updated_at REAL NOT NULL,
+                sent_at REAL NULL,
+                confirmed_at REAL NULL,
+                purged_at REAL NULL
+            )""",
+            "CREATE INDEX uploads_by_confirmed ON uploads (purged_at, confirmed_at)",
+        ),
+    ),
+)
+
+SCHEMA_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at REAL NOT NULL
+)"""

@@ -1,0 +1,113 @@
+"""The packer: bundles open with standard tools, hold what was received, and refuse damage."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from agent.instance import inspect
+from agent.pack import MANIFEST, Compression, PackError, PartInfo, pack
+from agent.spool import Spool
+from agent.store.uploads import PartFile
+from tests.support import datasets
+
+INFO = PartInfo(site="hospital-a", study_uid="1.2.3.4", part=2)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "data", high_water=100.0)
+    spool.prepare()
+    return spool
+
+
+def spooled(spool: Spool, sources: list[Path]) -> list[PartFile]:
+    """Copy `sources` into the spool as the receiver would, and describe them as the store does."""
+    files = []
+    for source in sources:
+        incoming = spool.incoming / source.name
+        shutil.copyfile(source, incoming)
+        relative = spool.adopt(incoming)
+        header = inspect(spool.path(relative))
+        files.append(
+            PartFile(
+                header.sop_instance_uid,
+                header.sop_class_uid,
+                header.transfer_syntax,
+                relative,
+                header.size,
+                header.sha256,
+            )
+        )
+    return files
+
+
+def members(bundle_path: Path, compressed: bool) -> list[tuple[str, bytes]]:
+    raw = bundle_path.read_bytes()
+    data = zstandard.ZstdDecompressor().decompressobj().decompress(raw) if compressed else raw
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("method", ["zstd", "none"])
+def test_bundle_holds_manifest_first_then_every_file_byte_for_byte(
+    spool: Spool, method: str
+) -> None:
+    sources = datasets.distinct_instances(datasets.real_files())[:6]
+    files = spooled(spool, sources)
+    bundle = pack(spool, INFO, files, Compression(method=method, level=3, threads=1))
+    path = spool.path(bundle.path)
+    assert bundle.size == path.stat().st_size
+    assert bundle.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert bundle.instances == len(files)
+    found = members(path, compressed=method == "zstd")
+    assert found[0][0] == MANIFEST
+    manifest = json.loads(found[0][1])
+    assert (manifest["site"], manifest["study_uid"], manifest["part"]) == (
+        "hospital-a",
+        "1.2.3.4",
+        2,
+    )
+    assert manifest["format"] == bundle.format
+    for (name, data), entry, part_file in zip(found[1:], manifest["instances"], files, strict=True):
+        assert entry["file"] == name
+        assert entry["sop_instance_uid"] == part_file.sop_instance_uid
+        assert entry["sha256"] == part_file.sha256
+        assert data == spool.path(part_file.path).read_bytes()
+    assert not list(spool.bundles.glob("*.partial"))
+
+
+def test_a_damaged_spool_file_stops_the_pack_and_leaves_no_bundle(spool: Spool) -> None:
+    files = spooled(spool, datasets.uncompressed_files()[:3])
+    damaged = spool.path(files[1].path)
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF  # same size, different pixels
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(PackError, match="changed since it was received"):
+        pack(spool, INFO, files, Compression())
+    assert list(spool.bundles.iterdir()) == []
+
+
+def test_a_missing_spool_file_is_named(spool: Spool) -> None:
+    files = spooled(spool, datasets.uncompressed_files()[:2])
+    spool.path(files[0].path).unlink()
+    with pytest.raises(PackError, match=f"{files[0].sop_instance_uid}: spool file .* is missing"):
+        pack(spool, INFO, files, Compression())
+    assert list(spool.bundles.iterdir()) == []
+
+
+def test_unreferenced_and_partial_bundles_are_swept(spool: Spool) -> None:
+    files = spooled(spool, datasets.uncompressed_files()[:1])
+    kept = pack(spool, INFO, files, Compression())
+    orphan = pack(spool, INFO, files, Compression())
+    (spool.bundles / "cut-off.tar.zst.partial").write_bytes(b"half")
+    assert spool.sweep_bundles([kept.path]) == 2
+    assert [p.name for p in spool.bundles.iterdir()] == [Path(kept.path).name]
+    assert not spool.path(orphan.path).exists()
