@@ -17,6 +17,7 @@ from tests.support import datasets, dcmtk
 from tests.support.net import free_port
 from tests.support.orthanc import Modalities, Orthanc, OrthancMissing
 from tests.support.process import stop_process
+from tests.support.tus import TusServer, TusServerMissing
 
 OrthancFactory = Callable[..., Orthanc]
 
@@ -102,3 +103,31 @@ def ct_series_500(
 def real_dicom_files() -> list[Path]:
     """Return pydicom-data's sound Part-10 storage instances (see datasets.real_files)."""
     return datasets.real_files()
+
+
+TusServerFactory = Callable[..., TusServer]
+
+
+@pytest.fixture
+def tus_server(tmp_path: Path) -> Iterator[TusServerFactory]:
+    """Return a factory that starts official tus servers; all are stopped after the test.
+
+    `tus_server(directory=None) -> TusServer`, already answering, on a free
+    loopback port, keeping its uploads in `directory` (by default a fresh one
+    under tmp_path).
+    """
+    started: list[TusServer] = []
+
+    def start(directory: Path | None = None, **kwargs: Any) -> TusServer:
+        if directory is None:
+            directory = tmp_path / f"tus-{len(started)}"
+        try:
+            server = TusServer(directory, **kwargs)
+        except TusServerMissing as exc:
+            pytest.fail(str(exc), pytrace=False)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
