@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from agent import __version__
+from agent.cloud import CloudConfigError
 from agent.config import ConfigError, Settings, load_config
 from agent.daemon import DATABASE, Daemon, StartupError
 from agent.dicom import peer_by_title, quiet_identifiers
@@ -53,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    except CloudConfigError as exc:
+        return _fail(args.debug, f"configuration error: {exc}", EXIT_CONFIG)
     except (CommandError, StartupError, StoreError) as exc:
         return _fail(args.debug, str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:

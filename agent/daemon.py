@@ -22,11 +22,13 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 
+from agent.cloud import Throttle, TusClient, build_session
 from agent.config import Settings
 from agent.dicom import PeerPolicy, association_handlers, build_ae
 from agent.receive import Arrival, Receiver
 from agent.spool import Spool
 from agent.store import Store, StoreError
+from agent.upload import Uploader, UploadWorkers, purge
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class Daemon:
         self.store: Store | None = None
         self.receiver: Receiver | None = None
         self.server: Any = None
+        self.workers: UploadWorkers | None = None
         self._stopping = False
         self._next_housekeeping = 0.0
         self._associations: list[Association] = []
@@ -81,12 +84,16 @@ class Daemon:
         # pynetdicom streams each incoming dataset into a NamedTemporaryFile; putting those in the
         # spool's own filesystem makes the final placement a rename, not a copy.
         tempfile.tempdir = str(self.spool.incoming)
+        session = build_session(self.settings.cloud)  # CloudConfigError: before anything starts
         self.store = Store.open(self.settings.data_dir / DATABASE)
         self.spool.sweep(self.store.spool_paths())
-        requeued = self.store.requeue_expired(time.time())
+        self.spool.sweep_bundles(self.store.uploads.bundle_paths())
+        # One agent owns data_dir, so every job still claimed belongs to a run that is over.
+        requeued = self.store.requeue_expired(time.time(), every_claim=True)
         if requeued:
-            logger.warning("returned %d job(s) with expired leases to the queue", requeued)
+            logger.warning("returned %d interrupted job(s) to the queue", requeued)
         self.server = self._start_server(self.store)
+        self.workers = self._start_uploads(self.store, session)
         host, port = self.server.server_address[:2]
         logger.info(
             "listening as %s on %s:%d (data_dir %s)",
@@ -133,14 +140,31 @@ class Daemon:
             where = f"{dicom.bind}:{dicom.port}"
             raise StartupError(f"cannot listen on {where}: {exc.strerror}") from exc
 
+    def _start_uploads(self, store: Store, session: Any) -> UploadWorkers:
+        upload = self.settings.upload
+        client = TusClient(
+            session,
+            self.settings.cloud.upload_url,
+            self.settings.cloud.timeout,
+            Throttle(upload.max_bandwidth or None),
+        )
+        uploader = Uploader(self.settings, store, self.spool, client, session)
+        workers = UploadWorkers(uploader, upload.concurrency)
+        workers.start()
+        return workers
+
     def housekeeping(self, now: float) -> None:
-        """Close quiet studies and return expired job leases; at most once a second."""
+        """Close quiet studies, return expired job leases, revive dead upload workers and
+        apply the spool's retention; at most once a second."""
         if now < self._next_housekeeping or self.store is None:
             return
         self._next_housekeeping = now + 1.0
         for study_uid, part in self.store.mark_stable(now, self.settings.study.stable_after):
             logger.info("study %s part %d is stable", study_uid, part)
         self.store.requeue_expired(now)
+        if self.workers is not None:
+            self.workers.revive()
+        purge(self.settings, self.store, self.spool, now)
         self._reap_associations()
         dicom = self.settings.dicom
         self.spool.sweep_incoming(2 * max(dicom.network_timeout, dicom.dimse_timeout), now)
@@ -169,6 +193,10 @@ class Daemon:
     def stop(self) -> None:
         """Stop accepting, let in-flight associations finish (bounded), then close the store."""
         notify_systemd("STOPPING=1")
+        if self.workers is not None:
+            # Each worker pauses after its current chunk and gives its job back.
+            self.workers.stop(SHUTDOWN_GRACE)
+            self.workers = None
         if self.server is not None:
             self.server.shutdown()
             deadline = time.monotonic() + SHUTDOWN_GRACE

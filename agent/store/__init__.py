@@ -16,6 +16,7 @@ Every time is passed in as `now` (epoch seconds), so callers and tests control t
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
 import time
@@ -387,15 +388,18 @@ class Store:
 
     # -- jobs -----------------------------------------------------------------------------
 
-    def requeue_expired(self, now: float) -> int:
-        """Return every claimed job whose lease expired by `now` to `ready`; return how many."""
+    def requeue_expired(self, now: float, *, every_claim: bool = False) -> int:
+        """Return every claimed job whose lease expired by `now` (with `every_claim`, every
+        claimed job: at start-up they all belong to a run that is over) to `ready`, due now;
+        return how many."""
+        expired_by = math.inf if every_claim else now
         with self._write() as db:
             rows = db.execute(
                 "UPDATE jobs SET state = ?, lease_owner = NULL, lease_expires_at = NULL,"
                 " next_attempt_at = ?, updated_at = ?"
                 " WHERE state = ? AND lease_expires_at <= ?"
                 " RETURNING id, kind, (SELECT study_uid FROM studies WHERE id = study_id)",
-                (JobState.READY, now, now, JobState.CLAIMED, now),
+                (JobState.READY, now, now, JobState.CLAIMED, expired_by),
             ).fetchall()
             for job_id, kind, study_uid in rows:
                 message = f"{kind} job {job_id}: lease expired, requeued"
@@ -449,6 +453,17 @@ class Store:
                 (now + lease_seconds, now, job_id, JobState.CLAIMED, owner),
             ).rowcount
         return changed == 1
+
+    def release_job(self, job_id: int, owner: str, now: float) -> None:
+        """Give a claimed job back to `ready`, due now, without counting the attempt (the agent
+        is stopping). A job `owner` no longer holds is left alone."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), lease_owner = NULL,"
+                " lease_expires_at = NULL, next_attempt_at = ?, updated_at = ?"
+                " WHERE id = ? AND state = ? AND lease_owner = ?",
+                (JobState.READY, now, now, job_id, JobState.CLAIMED, owner),
+            )
 
     def complete_job(self, job_id: int, owner: str, now: float) -> None:
         """Mark a job done. Raise StoreError if `owner` no longer holds its lease."""

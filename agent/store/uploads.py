@@ -250,6 +250,12 @@ class Uploads:
                 (now, now, study_id),
             )
 
+    def bundle_paths(self) -> set[str]:
+        """Return the path of every recorded bundle (the rest in bundles/ are leftovers)."""
+        with self._store._read() as db:
+            rows = db.execute("SELECT bundle_path FROM uploads WHERE bundle_path IS NOT NULL")
+            return {path for (path,) in rows}
+
     def in_progress(self) -> list[UploadProgress]:
         """Return every part being uploaded, with how far it got."""
         with self._store._read() as db:

@@ -1,0 +1,330 @@
+"""The upload worker: claim a stable study part, pack it, send it with resumable tus chunks,
+confirm it in the archive, and only then let its spool files go.
+
+Policy lives here (what to send, when to resume, what to distrust); `cloud` speaks HTTP and
+classifies failures; `store` keeps every offset durably. One job per study part goes through:
+
+    pack (unless a bundle is recorded and intact)
+    → create the tus upload (unless one is recorded), or HEAD it and validate its offset
+    → PATCH chunk by chunk, committing what is about to be sent and what the server confirmed
+    → sent → (with cloud.dicomweb_url) QIDO-RS lists every instance → confirmed
+
+A crash anywhere resumes from the server's offset. An offset the server reports that we never
+sent (beyond what we put on the wire, or past the bundle's end) is not trusted: that upload is
+terminated and the bundle goes up again under a new URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+from agent.cloud import CloudError, OffsetConflict, TusClient, UploadGone, qido_instances
+from agent.config import Settings
+from agent.pack import Compression, PackError, PartInfo, pack
+from agent.retry import Backoff
+from agent.spool import Spool
+from agent.store import UPLOAD, Job, Store, StoreError, StudyState
+from agent.store.uploads import Bundle, PartFile, Purgeable, UploadRecord
+
+logger = logging.getLogger(__name__)
+
+LEASE_SECONDS = 120.0
+"""A claimed part is renewed after every chunk; a worker silent this long is presumed dead."""
+
+
+class Interrupted(Exception):
+    """The agent is stopping; the job goes back to the queue as it is."""
+
+
+class NotOurOffset(CloudError):
+    """The server reports an offset we never sent: its copy cannot be trusted."""
+
+
+class Uploader:
+    """Processes upload jobs, one per call to `run_once`; safe to call from several threads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        spool: Spool,
+        client: TusClient,
+        session: requests.Session,
+        stop: threading.Event | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.spool = spool
+        self.client = client
+        self.session = session
+        self.stop = stop or threading.Event()
+        self.clock = clock
+        self.backoff = Backoff(settings.upload.retry_first, settings.upload.retry_max)
+        upload = settings.upload
+        self.compression = Compression(
+            upload.compression, upload.compression_level, upload.compression_threads
+        )
+
+    # -- one job --------------------------------------------------------------------------
+
+    def run_once(self, owner: str) -> bool:
+        """Claim the next due part and take it as far as it goes; False if none was due."""
+        job = self.store.claim_job(UPLOAD, owner, LEASE_SECONDS, self.clock())
+        if job is None:
+            return False
+        try:
+            self._process(job)
+        except Interrupted:
+            self.store.release_job(job.id, owner, self.clock())
+            logger.info("study %s part %d: upload paused for shutdown", job.study_uid, job.part)
+        except CloudError as exc:
+            self._failed(job, str(exc), exc.retryable, exc.retry_after)
+        except PackError as exc:
+            # A spool file is gone or changed on disk: no retry can fix that; an operator must.
+            self._failed(job, f"cannot pack: {exc}", retryable=False)
+        except OSError as exc:
+            self._failed(job, f"local I/O failed: {exc}", retryable=True)
+        except StoreError as exc:
+            logger.error("study %s part %d: %s", job.study_uid, job.part, exc)
+        else:
+            self.store.complete_job(job.id, owner, self.clock())
+        return True
+
+    def _failed(self, job: Job, error: str, retryable: bool, hint: float | None = None) -> None:
+        now = self.clock()
+        next_at = now + self.backoff.delay(job.attempts, hint=hint) if retryable else None
+        when = f"retry in {next_at - now:.0f}s" if next_at is not None else "not retrying"
+        logger.warning("study %s part %d: %s (%s)", job.study_uid, job.part, error, when)
+        try:
+            self.store.fail_job(job.id, job.lease_owner, error, next_at, now)
+        except StoreError as exc:
+            logger.error("study %s part %d: %s", job.study_uid, job.part, exc)
+
+    def _process(self, job: Job) -> None:
+        record = self.store.uploads.get(job.study_id)
+        if record.state not in (StudyState.SENT, StudyState.CONFIRMED):
+            self.store.uploads.begin_attempt(job.study_id, self.clock())
+            files = self.store.uploads.part_files(job.study_id)
+            if files:
+                bundle = self._bundle(job, record, files)
+                self._send(job, bundle)
+            self.store.uploads.mark_sent(job.study_id, self.clock())
+            logger.info("study %s part %d: sent", job.study_uid, job.part)
+        if self.settings.cloud.dicomweb_url and record.state != StudyState.CONFIRMED:
+            self._confirm(job)
+
+    # -- pack -----------------------------------------------------------------------------
+
+    def _bundle(self, job: Job, record: UploadRecord, files: list[PartFile]) -> Bundle:
+        """Return the part's recorded bundle if its file is intact, else pack a new one."""
+        if record.bundle is not None:
+            size = _size(self.spool.path(record.bundle.path))
+            if size == record.bundle.size:
+                return record.bundle
+            reason = f"bundle {record.bundle.path} is {size} bytes, not {record.bundle.size}"
+            self.store.uploads.forget_bundle(job.study_id, reason, self.clock())
+            if record.url is not None:
+                self._terminate(record.url)
+        info = PartInfo(self.settings.site, job.study_uid, job.part)
+        started = time.monotonic()
+        bundle = pack(self.spool, info, files, self.compression)
+        self.store.uploads.record_bundle(job.study_id, bundle, self.clock())
+        total = sum(f.size for f in files)
+        logger.info(
+            "study %s part %d: packed %d instance(s), %d → %d bytes in %.1fs",
+            job.study_uid,
+            job.part,
+            len(files),
+            total,
+            bundle.size,
+            time.monotonic() - started,
+        )
+        return bundle
+
+    # -- send -----------------------------------------------------------------------------
+
+    def _send(self, job: Job, bundle: Bundle) -> None:
+        url, offset = self._resume(job, bundle)
+        chunk_size = self.settings.upload.chunk_size
+        with self.spool.path(bundle.path).open("rb") as f:
+            while offset < bundle.size:
+                if self.stop.is_set():
+                    raise Interrupted
+                f.seek(offset)
+                data = f.read(chunk_size)
+                self.store.uploads.record_sending(job.study_id, offset + len(data), self.clock())
+                try:
+                    new_offset = self.client.patch(url, offset, data)
+                except OffsetConflict:
+                    new_offset = self._server_offset(job, url, bundle)
+                else:
+                    if not offset < new_offset <= offset + len(data):
+                        self._distrust(job, url, f"answered a PATCH at {offset} with {new_offset}")
+                self.store.uploads.record_offset(job.study_id, new_offset, self.clock())
+                offset = new_offset
+                self.store.renew_lease(job.id, job.lease_owner, LEASE_SECONDS, self.clock())
+
+    def _resume(self, job: Job, bundle: Bundle) -> tuple[str, int]:
+        """Return the upload URL and the offset to continue from, creating the upload if none
+        is recorded or the recorded one is gone or untrustworthy."""
+        record = self.store.uploads.get(job.study_id)
+        if record.url is not None:
+            try:
+                offset = self._server_offset(job, record.url, bundle)
+                logger.info(
+                    "study %s part %d: resuming at %d of %d bytes",
+                    job.study_uid,
+                    job.part,
+                    offset,
+                    bundle.size,
+                )
+                return record.url, offset
+            except UploadGone:
+                logger.warning(
+                    "study %s part %d: the server no longer has the upload; starting anew",
+                    job.study_uid,
+                    job.part,
+                )
+            except NotOurOffset as exc:
+                logger.warning("study %s part %d: %s; starting anew", job.study_uid, job.part, exc)
+        metadata = {
+            "filename": f"{self.settings.site}-{job.study_uid}-part{job.part}"
+            + self.compression.suffix,
+            "site": self.settings.site,
+            "study_uid": job.study_uid,
+            "part": str(job.part),
+            "sha256": bundle.sha256,
+            "instances": str(bundle.instances),
+            "format": bundle.format,
+        }
+        url = self.client.create(bundle.size, metadata)
+        self.store.uploads.record_url(job.study_id, url, self.clock())
+        return url, 0
+
+    def _server_offset(self, job: Job, url: str, bundle: Bundle) -> int:
+        """HEAD the upload and return its offset if it is one we can have sent."""
+        offset, length = self.client.offset(url)
+        sent_to = self.store.uploads.get(job.study_id).sent_to
+        if length is not None and length != bundle.size:
+            self._distrust(job, url, f"holds an upload of {length} bytes, not {bundle.size}")
+        if offset > min(sent_to, bundle.size):
+            self._distrust(job, url, f"reports offset {offset}, but we sent only {sent_to} bytes")
+        self.store.uploads.record_offset(job.study_id, offset, self.clock())
+        return offset
+
+    def _distrust(self, job: Job, url: str, what: str) -> None:
+        """Give up an upload whose server state is not ours: terminate it, forget its URL."""
+        self._terminate(url)
+        self.store.uploads.record_url(job.study_id, None, self.clock())
+        raise NotOurOffset(f"the server {what}", retryable=True)
+
+    def _terminate(self, url: str) -> None:
+        try:
+            self.client.terminate(url)
+        except CloudError as exc:
+            logger.warning("could not terminate an abandoned upload: %s", exc)
+
+    # -- confirm --------------------------------------------------------------------------
+
+    def _confirm(self, job: Job) -> None:
+        """Mark the part confirmed once the archive lists every one of its instances."""
+        wanted = {f.sop_instance_uid for f in self.store.uploads.part_files(job.study_id)}
+        dicomweb_url = self.settings.cloud.dicomweb_url
+        assert dicomweb_url is not None
+        listed = qido_instances(
+            self.session, dicomweb_url, job.study_uid, self.settings.cloud.timeout
+        )
+        missing = wanted - listed
+        if missing:
+            raise CloudError(
+                f"the archive lists {len(wanted) - len(missing)} of the part's {len(wanted)}"
+                " instances so far",
+                retryable=True,
+            )
+        self.store.uploads.mark_confirmed(job.study_id, self.clock())
+        logger.info("study %s part %d: confirmed by the archive", job.study_uid, job.part)
+
+
+def purge(settings: Settings, store: Store, spool: Spool, now: float) -> int:
+    """Delete the spool files of parts done with (confirmed, or sent when no DICOMweb is
+    configured) longer than `spool.keep_sent_for` ago, and, while the disk is above its
+    high-water mark, of the oldest done parts whatever their age. Return how many parts."""
+    state = StudyState.CONFIRMED if settings.cloud.dicomweb_url else StudyState.SENT
+    done_before = now - settings.spool.keep_sent_for
+    purged = 0
+    while due := store.uploads.purgeable(done_before, state, limit=20):
+        purged += _remove(store, spool, due, now)
+    while spool.above_high_water() and (due := store.uploads.purgeable(None, state, limit=1)):
+        purged += _remove(store, spool, due, now)
+    return purged
+
+
+def _remove(store: Store, spool: Spool, parts: list[Purgeable], now: float) -> int:
+    for part in parts:
+        for path in part.paths:
+            spool.remove(path)
+        store.uploads.record_purged(part.study_id, now)
+        logger.info("study %s part %d: spool files removed", part.study_uid, part.part)
+    return len(parts)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+class UploadWorkers:
+    """`count` threads running `Uploader.run_once`; the daemon revives any that died."""
+
+    IDLE_WAIT = 1.0
+    """Seconds an idle worker waits before looking for due work again."""
+
+    def __init__(self, uploader: Uploader, count: int) -> None:
+        self.uploader = uploader
+        self.count = count
+        self._threads: dict[str, threading.Thread] = {}
+
+    def start(self) -> None:
+        for index in range(1, self.count + 1):
+            self._spawn(f"upload-{index}")
+
+    def revive(self) -> int:
+        """Restart every worker thread that died (an unexpected error); return how many."""
+        dead = [name for name, thread in self._threads.items() if not thread.is_alive()]
+        if self.uploader.stop.is_set():
+            return 0
+        for name in dead:
+            logger.error("upload worker %s died; restarting it", name)
+            self._spawn(name)
+        return len(dead)
+
+    def stop(self, timeout: float) -> None:
+        """Ask every worker to stop after its current chunk; wait up to `timeout` seconds."""
+        self.uploader.stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads.values():
+            thread.join(max(deadline - time.monotonic(), 0))
+            if thread.is_alive():
+                logger.warning("upload worker %s still busy at shutdown", thread.name)
+
+    def _spawn(self, name: str) -> None:
+        thread = threading.Thread(target=self._loop, args=(name,), name=name, daemon=True)
+        self._threads[name] = thread
+        thread.start()
+
+    def _loop(self, name: str) -> None:
+        owner = f"{os.uname().nodename}:{os.getpid()}:{name}"
+        stop = self.uploader.stop
+        while not stop.is_set():
+            if not self.uploader.run_once(owner):
+                stop.wait(self.IDLE_WAIT)

@@ -1,0 +1,174 @@
+"""Uploads against the real tus server: storescu → `dirigo run` → @tus/server, end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+from pydicom import dcmread
+
+from tests.support import datasets, dcmtk
+from tests.support.agent import Agent
+from tests.support.faultproxy import FaultProxy
+from tests.support.net import wait_until
+from tests.support.tus import StoredUpload, TusServer
+
+TusFactory = Callable[..., TusServer]
+
+
+def upload_agent(
+    data_dir: Path, upload_url: str, *, stable_after: str = "1s", **upload: Any
+) -> Agent:
+    settings = {"chunk_size": "64KiB", "concurrency": 2, "retry_first": "1s", "retry_max": "2s"}
+    settings.update(upload)
+    return Agent(
+        data_dir,
+        stable_after=stable_after,
+        extra={"cloud": {"upload_url": upload_url}, "upload": settings},
+    )
+
+
+def bundle_members(data: bytes) -> list[tuple[str, bytes]]:
+    raw = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+        found = []
+        for member in tar.getmembers():
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            found.append((member.name, extracted.read()))
+        return found
+
+
+def dataset_digest(part10: bytes) -> str:
+    """sha256 of what follows the File Meta group, as `datasets.dataset_sha256` computes it."""
+    with tempfile.NamedTemporaryFile(suffix=".dcm") as scratch:
+        scratch.write(part10)
+        scratch.flush()
+        return datasets.dataset_sha256(Path(scratch.name))
+
+
+def complete_uploads(tus: TusServer, count: int, timeout: float = 120.0) -> list[StoredUpload]:
+    def done() -> bool:
+        return len([u for u in tus.uploads() if u.complete]) >= count
+
+    wait_until(done, timeout, what=f"{count} complete upload(s) on the tus server")
+    return [u for u in tus.uploads() if u.complete]
+
+
+def test_a_study_from_storescu_arrives_as_one_verified_bundle(
+    tmp_path: Path, tmp_data_dir: Path, tus_server: TusFactory
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=12, rows=128, cols=128, seed=11)
+    tus = tus_server()
+    with upload_agent(tmp_data_dir, tus.url) as agent:
+        result = dcmtk.storescu(series, agent.port)
+        assert len(dcmtk.acknowledged(result)) == len(series)
+        (upload,) = complete_uploads(tus, 1)
+        wait_until(lambda: agent.status()["studies"]["sent"] == 1, 30, what="the part marked sent")
+        data = upload.data()
+        study_uid = str(dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+        assert upload.metadata["sha256"] == hashlib.sha256(data).hexdigest()
+        assert upload.metadata["site"] == "test-site"
+        assert upload.metadata["study_uid"] == study_uid
+        assert (upload.metadata["part"], upload.metadata["instances"]) == ("1", "12")
+        assert upload.metadata["format"] == "dicom-tar+zstd"
+        members = bundle_members(data)
+        manifest = json.loads(members[0][1])
+        assert members[0][0] == "manifest.json"
+        assert manifest["study_uid"] == study_uid
+        sent = {datasets.dataset_sha256(path) for path in series}
+        received = {dataset_digest(body) for _, body in members[1:]}
+        assert received == sent
+        assert {entry["sha256"] for entry in manifest["instances"]} == sent
+        assert agent.status()["instances"]["sent"] == 12
+
+
+def test_a_resent_study_uploads_nothing_new_and_late_instances_go_as_part_two(
+    tmp_path: Path, tmp_data_dir: Path, tus_server: TusFactory
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=8, rows=64, cols=64, seed=12)
+    tus = tus_server()
+    with upload_agent(tmp_data_dir, tus.url) as agent:
+        dcmtk.storescu(series[:6], agent.port)
+        complete_uploads(tus, 1)
+        wait_until(lambda: agent.status()["studies"]["sent"] == 1, 30, what="part 1 sent")
+        dcmtk.storescu(series, agent.port)  # the PACS sends the whole study again, plus 2 late
+        uploads = complete_uploads(tus, 2)
+        wait_until(lambda: agent.status()["studies"]["sent"] == 2, 30, what="part 2 sent")
+        late = next(u for u in uploads if u.metadata["part"] == "2")
+        assert late.metadata["instances"] == "2"
+        members = bundle_members(late.data())
+        received = {dataset_digest(body) for _, body in members[1:]}
+        assert received == {datasets.dataset_sha256(path) for path in series[6:]}
+        assert len(tus.uploads()) == 2
+
+
+def test_kill_9_mid_upload_resumes_from_the_server_offset_never_from_zero(
+    tmp_path: Path, tmp_data_dir: Path, tus_server: TusFactory
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=24, rows=256, cols=256, seed=13)
+    tus = tus_server()
+    chunk = 128 * 1024
+    kills = 3
+    with FaultProxy("127.0.0.1", tus.port) as proxy:
+        agent = upload_agent(
+            tmp_data_dir,
+            proxy.url_for("/files/"),
+            compression="none",
+            chunk_size=f"{chunk}B",
+            max_bandwidth="1MB",
+            concurrency=1,
+        )
+        offsets_at_kill = []
+        with agent:
+            dcmtk.storescu(series, agent.port)
+            for _ in range(kills):
+                previous = max(offsets_at_kill, default=0)
+
+                def progressed(after: int = previous) -> bool:
+                    found = tus.uploads()
+                    return bool(found) and after + 300_000 < found[0].offset < found[0].size
+
+                wait_until(progressed, 60, what="the upload to progress")
+                agent.kill9()
+                offsets_at_kill.append(tus.uploads()[0].offset)
+                agent.start()
+            (upload,) = complete_uploads(tus, 1)
+            wait_until(lambda: agent.status()["studies"]["sent"] == 1, 30, what="the part sent")
+            log = agent.log_tail(200_000)
+        sent_bytes = proxy.bytes_upstream
+    assert len(tus.uploads()) == 1  # one upload, resumed: never a second one from zero
+    resumed = [
+        int(line.split("resuming at ")[1].split()[0])
+        for line in log.splitlines()
+        if "resuming at " in line
+    ]
+    assert len(resumed) == kills
+    for at_kill, resumed_at in zip(offsets_at_kill, resumed, strict=True):
+        assert resumed_at >= at_kill
+    assert upload.metadata["sha256"] == hashlib.sha256(upload.data()).hexdigest()
+    assert upload.size is not None
+    # The bundle once, at most one chunk again per interruption, and HTTP headers.
+    assert sent_bytes <= upload.size + kills * chunk + 64 * 1024
+
+
+@pytest.mark.parametrize("compression", ["none"])
+def test_uncompressed_bundles_are_plain_tar(
+    tmp_path: Path, tmp_data_dir: Path, tus_server: TusFactory, compression: str
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=3, rows=64, cols=64, seed=14)
+    tus = tus_server()
+    with upload_agent(tmp_data_dir, tus.url, compression=compression) as agent:
+        dcmtk.storescu(series, agent.port)
+        (upload,) = complete_uploads(tus, 1)
+    assert upload.metadata["format"] == "dicom-tar"
+    with tarfile.open(fileobj=io.BytesIO(upload.data()), mode="r:") as tar:
+        assert tar.getnames()[0] == "manifest.json"
