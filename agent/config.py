@@ -532,6 +532,7 @@ class UploadSettings(BaseModel):
     compression: Annotated[str, _rule(_choice("zstd", "none"))] = "zstd"
     compression_level: CompressionLevel = 3
     compression_threads: CompressionThreads = 0
+    transcode: Annotated[str, _rule(_choice("none", "jpeg-ls", "htj2k"))] = "none"
     retry_first: Timeout = 10.0
     retry_max: Timeout = 900.0
 

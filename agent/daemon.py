@@ -28,6 +28,7 @@ from agent.dicom import PeerPolicy, association_handlers, build_ae
 from agent.receive import Arrival, Receiver
 from agent.spool import Spool
 from agent.store import Store, StoreError
+from agent.transcode import missing_codec
 from agent.upload import Uploader, UploadWorkers, purge
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class Daemon:
         # spool's own filesystem makes the final placement a rename, not a copy.
         tempfile.tempdir = str(self.spool.incoming)
         session = build_session(self.settings.cloud)  # CloudConfigError: before anything starts
+        if self.settings.upload.transcode != "none" and (problem := missing_codec()):
+            raise StartupError(problem)
         self.store = Store.open(self.settings.data_dir / DATABASE)
         self.spool.sweep(self.store.spool_paths())
         self.spool.sweep_bundles(self.store.uploads.bundle_paths())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
 import time
@@ -29,6 +30,9 @@ from agent import __version__
 from agent.instance import InvalidInstance, dataset_offset
 from agent.spool import Spool
 from agent.store.uploads import Bundle, PartFile
+from agent.transcode import AsItCame, Outcome, Source, Transcoded, Transcoder
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -50,11 +54,13 @@ class PartInfo:
 
 @dataclass(frozen=True)
 class Compression:
-    """How to compress: `zstd` at `level` with `threads` (0: one per CPU), or `none`."""
+    """How to compress: `zstd` at `level` with `threads` (0: one per CPU), or `none`; and
+    whether to re-encode uncompressed pixel data losslessly first (`jpeg-ls`, `htj2k`)."""
 
     method: str = "zstd"
     level: int = 3
     threads: int = 0
+    transcode: str = "none"
 
     @property
     def format(self) -> str:
@@ -65,8 +71,15 @@ class Compression:
         return ".tar.zst" if self.method == "zstd" else ".tar"
 
 
-def manifest(info: PartInfo, files: Sequence[PartFile], compression: Compression) -> bytes:
-    """Return the manifest of a bundle of `files`, as UTF-8 JSON."""
+def manifest(
+    info: PartInfo,
+    files: Sequence[PartFile],
+    compression: Compression,
+    outcomes: Sequence[Outcome | None] | None = None,
+) -> bytes:
+    """Return the manifest of a bundle of `files` (with their transcoding `outcomes`, if any),
+    as UTF-8 JSON."""
+    outcomes = outcomes or [None] * len(files)
     document = {
         "manifest_version": MANIFEST_VERSION,
         "format": compression.format,
@@ -76,19 +89,35 @@ def manifest(info: PartInfo, files: Sequence[PartFile], compression: Compression
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "agent": f"dirigo {__version__}",
         "sha256_of": "each instance's dataset: the file after its File Meta group",
+        "transcode": compression.transcode,
         "instances": [
-            {
-                "file": member_name(index),
-                "sop_instance_uid": f.sop_instance_uid,
-                "sop_class_uid": f.sop_class_uid,
-                "transfer_syntax": f.transfer_syntax,
-                "size": f.size,
-                "sha256": f.sha256,
-            }
-            for index, f in enumerate(files, 1)
+            _entry(index, f, outcome)
+            for index, (f, outcome) in enumerate(zip(files, outcomes, strict=True), 1)
         ],
     }
     return (json.dumps(document, indent=1) + "\n").encode()
+
+
+def _entry(index: int, f: PartFile, outcome: Outcome | None) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "file": member_name(index),
+        "sop_instance_uid": f.sop_instance_uid,
+        "sop_class_uid": f.sop_class_uid,
+        "transfer_syntax": f.transfer_syntax,
+        "size": f.size,
+        "sha256": f.sha256,
+    }
+    if isinstance(outcome, Transcoded):
+        original = {k: entry[k] for k in ("transfer_syntax", "size", "sha256")}
+        entry.update(
+            transfer_syntax=outcome.transfer_syntax,
+            size=outcome.size,
+            sha256=outcome.sha256,
+            original=original,
+        )
+    elif isinstance(outcome, AsItCame):
+        entry["not_transcoded"] = outcome.reason
+    return entry
 
 
 def member_name(index: int) -> str:
@@ -105,16 +134,48 @@ def pack(
     left behind under a final name.
     """
     temporary, relative = spool.new_bundle(compression.suffix)
+    outcomes: list[Outcome | None] = [None] * len(files)
     try:
+        if compression.transcode != "none":
+            outcomes = _transcode_all(spool, files, compression)
         with temporary.open("wb") as raw:
             sink = _HashingWriter(raw)
-            _write_tar(sink, spool, info, files, compression)
+            _write_tar(sink, spool, info, files, compression, outcomes)
             raw.flush()
         spool.commit_bundle(temporary, relative)
     except BaseException:
         spool.discard(temporary)
         raise
+    finally:
+        for outcome in outcomes:
+            if isinstance(outcome, Transcoded):
+                spool.discard(Path(outcome.path))
     return Bundle(relative, sink.size, sink.sha256.hexdigest(), compression.format, len(files))
+
+
+def _transcode_all(
+    spool: Spool, files: Sequence[PartFile], compression: Compression
+) -> list[Outcome | None]:
+    """Re-encode every file into a temporary beside the bundle; the manifest, written first,
+    must know each result. Raise PackError if a source changed since it was received."""
+    sources = [
+        Source(str(spool.path(f.path)), str(spool.new_bundle(".dcm")[0]), f.sha256) for f in files
+    ]
+    outcomes: list[Outcome | None] = []
+    with Transcoder(compression.transcode, compression.threads) as transcoder:
+        try:
+            for part_file, outcome in zip(files, transcoder.run(sources), strict=True):
+                outcomes.append(outcome)
+                if isinstance(outcome, AsItCame) and outcome.changed:
+                    raise PackError(f"{part_file.sop_instance_uid}: spool file {outcome.reason}")
+        except BaseException:
+            for done in outcomes:
+                if isinstance(done, Transcoded):
+                    spool.discard(Path(done.path))
+            raise
+    count = sum(isinstance(o, Transcoded) for o in outcomes)
+    logger.info("transcoded %d of %d instance(s) to %s", count, len(files), compression.transcode)
+    return outcomes
 
 
 def _write_tar(
@@ -123,6 +184,7 @@ def _write_tar(
     info: PartInfo,
     files: Sequence[PartFile],
     compression: Compression,
+    outcomes: Sequence[Outcome | None],
 ) -> None:
     if compression.method == "zstd":
         threads = compression.threads or -1  # -1: zstd uses one worker per CPU
@@ -130,9 +192,9 @@ def _write_tar(
             level=compression.level, threads=threads, write_checksum=True
         )
         with compressor.stream_writer(cast(BinaryIO, sink), closefd=False) as zstd_out:
-            _tar_into(zstd_out, spool, info, files, compression)
+            _tar_into(zstd_out, spool, info, files, compression, outcomes)
     else:
-        _tar_into(sink, spool, info, files, compression)
+        _tar_into(sink, spool, info, files, compression, outcomes)
 
 
 def _tar_into(
@@ -141,16 +203,26 @@ def _tar_into(
     info: PartInfo,
     files: Sequence[PartFile],
     compression: Compression,
+    outcomes: Sequence[Outcome | None],
 ) -> None:
     spool_mtime = int(time.time())
     with tarfile.open(
         fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_COPY_BLOCK
     ) as tar:  # type: ignore[call-overload]
-        document = manifest(info, files, compression)
+        document = manifest(info, files, compression, outcomes)
         entry = tarfile.TarInfo(MANIFEST)
         entry.size, entry.mtime, entry.mode = len(document), spool_mtime, 0o644
         tar.addfile(entry, io.BytesIO(document))
-        for index, part_file in enumerate(files, 1):
+        for index, (part_file, outcome) in enumerate(zip(files, outcomes, strict=True), 1):
+            if isinstance(outcome, Transcoded):
+                part_file = PartFile(
+                    part_file.sop_instance_uid,
+                    part_file.sop_class_uid,
+                    outcome.transfer_syntax,
+                    outcome.path,
+                    outcome.size,
+                    outcome.sha256,
+                )
             _add_instance(tar, spool, part_file, member_name(index), spool_mtime)
 
 

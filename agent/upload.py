@@ -70,7 +70,10 @@ class Uploader:
         self.backoff = Backoff(settings.upload.retry_first, settings.upload.retry_max)
         upload = settings.upload
         self.compression = Compression(
-            upload.compression, upload.compression_level, upload.compression_threads
+            upload.compression,
+            upload.compression_level,
+            upload.compression_threads,
+            upload.transcode,
         )
 
     # -- one job --------------------------------------------------------------------------

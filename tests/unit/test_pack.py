@@ -8,14 +8,20 @@ import json
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Any
 
+import imagecodecs
+import numpy as np
 import pytest
 import zstandard
+from pydicom import dcmread
+from pydicom.encaps import generate_frames
 
 from agent.instance import inspect
 from agent.pack import MANIFEST, Compression, PackError, PartInfo, pack
 from agent.spool import Spool
 from agent.store.uploads import PartFile
+from agent.transcode import HTJ2K_LOSSLESS, JPEG_LS_LOSSLESS
 from tests.support import datasets
 
 INFO = PartInfo(site="hospital-a", study_uid="1.2.3.4", part=2)
@@ -111,3 +117,53 @@ def test_unreferenced_and_partial_bundles_are_swept(spool: Spool) -> None:
     assert spool.sweep_bundles([kept.path]) == 2
     assert [p.name for p in spool.bundles.iterdir()] == [Path(kept.path).name]
     assert not spool.path(orphan.path).exists()
+
+
+def decoded_frames(part10: bytes) -> list[Any]:
+    """Decode an encapsulated JPEG-LS or HTJ2K file's frames with imagecodecs."""
+    ds = dcmread(io.BytesIO(part10))
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1))))
+    if ds.file_meta.TransferSyntaxUID == JPEG_LS_LOSSLESS:
+        dtype = np.int16 if ds.PixelRepresentation else np.uint16
+        return [imagecodecs.jpegls_decode(f).view(dtype) for f in frames]
+    return [imagecodecs.htj2k_decode(f) for f in frames]
+
+
+@pytest.mark.parametrize(
+    ("method", "syntax"), [("jpeg-ls", JPEG_LS_LOSSLESS), ("htj2k", HTJ2K_LOSSLESS)]
+)
+def test_transcoded_bundles_hold_bit_exact_pixels_and_name_the_original(
+    spool: Spool, tmp_path: Path, method: str, syntax: str
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=4, rows=64, cols=64, seed=21)
+    files = spooled(spool, series)
+    compression = Compression(method="zstd", threads=1, transcode=method)
+    bundle = pack(spool, INFO, files, compression)
+    found = members(spool.path(bundle.path), compressed=True)
+    manifest = json.loads(found[0][1])
+    for (_, data), entry, source in zip(found[1:], manifest["instances"], series, strict=True):
+        assert entry["transfer_syntax"] == syntax
+        assert entry["original"]["sha256"] == datasets.dataset_sha256(source)
+        assert entry["size"] == len(data)
+        original = dcmread(source)
+        (frame,) = decoded_frames(data)
+        assert np.array_equal(frame, original.pixel_array)
+        rewritten = dcmread(io.BytesIO(data))
+        assert rewritten.SOPInstanceUID == original.SOPInstanceUID
+        assert rewritten.PatientName == original.PatientName
+    assert sorted(p.name for p in spool.bundles.iterdir()) == [Path(bundle.path).name]
+
+
+def test_what_cannot_be_transcoded_exactly_goes_as_it_came_with_the_reason(spool: Spool) -> None:
+    colour = [
+        p
+        for p in datasets.uncompressed_files()
+        if dcmread(p, stop_before_pixels=True).get("SamplesPerPixel") == 3
+    ]
+    files = spooled(spool, colour[:1])
+    bundle = pack(spool, INFO, files, Compression(threads=1, transcode="jpeg-ls"))
+    found = members(spool.path(bundle.path), compressed=True)
+    (entry,) = json.loads(found[0][1])["instances"]
+    assert "grayscale" in entry["not_transcoded"]
+    assert entry["sha256"] == files[0].sha256
+    assert found[1][1] == spool.path(files[0].path).read_bytes()
