@@ -1,9 +1,12 @@
-"""The quick-start demo: a hospital PACS sends a study to Dirigo, every server real, on loopback.
+"""The quick-start demo: a hospital PACS sends studies through Dirigo to the cloud, every server
+real, on loopback.
 
 Hospital A's PACS is a real Orthanc. It holds a generated CT series and real images in several
 transfer syntaxes, and pushes them to Dirigo by C-STORE through its REST API, as a PACS
-administrator's "send to" does. Dirigo acknowledges each instance only once it is durable; the
-demo then checks that what Dirigo holds is exactly what the PACS holds, instance by instance.
+administrator's "send to" does. Dirigo acknowledges each instance only once it is durable, waits
+until each study is complete, packs it into a zstd bundle and uploads it with resumable tus
+chunks to the official tus server standing in for the state cloud. The demo then checks that
+what the cloud received is exactly what the PACS holds, instance by instance.
 
 Run it through `scripts/demo`, which installs what it needs first.
 """
@@ -11,7 +14,11 @@ Run it through `scripts/demo`, which installs what it needs first.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import zstandard  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
@@ -36,6 +44,7 @@ from tests.support.datasets import (  # noqa: E402
 )
 from tests.support.net import LOOPBACK, wait_until  # noqa: E402
 from tests.support.orthanc import Orthanc  # noqa: E402
+from tests.support.tus import TusServer  # noqa: E402
 
 
 @contextmanager
@@ -51,7 +60,7 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=200, help="CT slices to generate (512x512)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dirigo-demo-"))
-    print(f"Dirigo demo: hospital A's PACS (Orthanc) -> Dirigo, working in {work}")
+    print(f"Dirigo demo: hospital A's PACS (Orthanc) -> Dirigo -> cloud (tus), working in {work}")
 
     with step(f"generating a {args.slices}-slice CT series and picking real images"):
         # explicit_VR-UN.dcm encodes its UIDs with VR UN; DCMTK-based senders (Orthanc among
@@ -65,26 +74,36 @@ def main() -> int:
         )
         files = ct_series(work / "ct", slices=args.slices) + real
 
+    with step("starting the state cloud's upload endpoint (the official tus server)"):
+        cloud = TusServer(work / "cloud-uploads").start()
     data_dir = work / "dirigo-data"
     data_dir.mkdir()
     pacs_peer = {"ae_title": "HOSPITAL_A", "host": LOOPBACK}
-    agent = Agent(data_dir, peers=(pacs_peer,), probe_ae="HOSPITAL_A", stable_after="3s")
-    with step(f"starting Dirigo (dirigo run --config {agent.config_path})"):
-        agent.start()
+    agent = Agent(
+        data_dir,
+        peers=(pacs_peer,),
+        probe_ae="HOSPITAL_A",
+        stable_after="3s",
+        extra={"cloud": {"upload_url": cloud.url}},
+    )
     try:
+        with step(f"starting Dirigo (dirigo run --config {agent.config_path})"):
+            agent.start()
         modalities = {"dirigo": ["DIRIGO", LOOPBACK, agent.port]}
         with step("starting hospital A's PACS (Orthanc)"):
             pacs = Orthanc("HOSPITAL_A", modalities, dicomweb=False).start()
         try:
-            return run_demo(agent, pacs, files)
+            return run_demo(agent, pacs, cloud, files)
         finally:
             pacs.stop()
     finally:
         agent.stop()
+        cloud.stop()
         print(f"Dirigo's spool and database stay in {data_dir}")
+        print(f"The cloud's uploads stay in {cloud.directory}")
 
 
-def run_demo(agent: Agent, pacs: Orthanc, files: list[Path]) -> int:
+def run_demo(agent: Agent, pacs: Orthanc, cloud: TusServer, files: list[Path]) -> int:
     with step(f"loading {len(files)} instances into the PACS"):
         for path in files:
             response = pacs.session.post(f"{pacs.http_url}/instances", data=path.read_bytes())
@@ -101,11 +120,11 @@ def run_demo(agent: Agent, pacs: Orthanc, files: list[Path]) -> int:
         elapsed = time.monotonic() - started
         print(f"    {total / 1e6 / elapsed:.0f} MB/s, every instance durable before its Success")
 
-    with step("waiting for the studies to be complete (no new instance for 3 s)"):
+    with step("waiting for Dirigo to pack and upload every study (complete after 3 s quiet)"):
         wait_until(
-            lambda: agent.status()["studies"]["stable"] == len(studies),
-            60,
-            what="every study stable",
+            lambda: agent.status()["studies"]["sent"] == len(studies),
+            300,
+            what="every study uploaded",
         )
     print(render_status(agent))
 
@@ -114,12 +133,58 @@ def run_demo(agent: Agent, pacs: Orthanc, files: list[Path]) -> int:
     if mismatches:
         print(f"FAILED: {len(mismatches)} instance(s) differ or are missing: {mismatches[:5]}")
         return 1
+    with step("checking the cloud received exactly what the PACS holds"):
+        uploaded, problems = unpack_cloud(cloud)
+        problems += compare_cloud(uploaded, pacs)
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s) in the cloud: {problems[:5]}")
+        return 1
+    sent = sum(u.size or 0 for u in cloud.uploads())
     print(
-        "OK: Dirigo holds every instance the PACS holds, every element and pixel equal, each"
-        " file matching the sha256 recorded when it arrived."
+        f"OK: the cloud holds {len(uploaded)} instances in {len(cloud.uploads())} bundles"
+        f" ({sent / 1e6:.0f} MB for {sum(p.stat().st_size for p in files) / 1e6:.0f} MB"
+        " received), each bundle matching its sha256, every element and pixel equal to the"
+        " PACS's copy."
     )
-    print("Next (not built yet): compressed, resumable upload to the state cloud.")
+    print("Next (not built yet): the cloud as a DICOM node for hospital B (C-FIND, C-MOVE).")
     return 0
+
+
+def unpack_cloud(cloud: TusServer) -> tuple[dict[str, bytes], list[str]]:
+    """Return every instance in the cloud's finished bundles by SOP Instance UID, and problems
+    (a bundle whose bytes do not match the sha256 in its upload metadata, a duplicate)."""
+    found: dict[str, bytes] = {}
+    problems = []
+    for upload in cloud.uploads():
+        data = upload.data()
+        if not upload.complete or hashlib.sha256(data).hexdigest() != upload.metadata["sha256"]:
+            problems.append(f"bundle {upload.id} is incomplete or does not match its sha256")
+            continue
+        raw = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+            members = {m.name: tar.extractfile(m) for m in tar.getmembers()}
+            manifest = json.load(members.pop("manifest.json"))  # type: ignore[arg-type]
+            for entry in manifest["instances"]:
+                uid = entry["sop_instance_uid"]
+                if uid in found:
+                    problems.append(f"{uid} uploaded twice")
+                found[uid] = members[entry["file"]].read()  # type: ignore[union-attr]
+    return found, problems
+
+
+def compare_cloud(uploaded: dict[str, bytes], pacs: Orthanc) -> list[str]:
+    """Return the SOP Instance UIDs the cloud lacks or holds with other values than the PACS."""
+    found = pacs.post("/tools/find", {"Level": "Instance", "Query": {}, "Expand": True})
+    bad = []
+    for item in found:
+        uid = item["MainDicomTags"]["SOPInstanceUID"]
+        if uid not in uploaded:
+            bad.append(f"{uid} missing")
+            continue
+        original = pacs.session.get(f"{pacs.http_url}/instances/{item['ID']}/file").content
+        if values(dcmread(BytesIO(original))) != values(dcmread(BytesIO(uploaded[uid]))):
+            bad.append(f"{uid} differs")
+    return bad
 
 
 def compare(agent: Agent, pacs: Orthanc) -> list[str]:
