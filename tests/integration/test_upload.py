@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 import zstandard
 from pydicom import dcmread
 
@@ -19,9 +20,11 @@ from tests.support import datasets, dcmtk
 from tests.support.agent import Agent
 from tests.support.faultproxy import FaultProxy
 from tests.support.net import wait_until
+from tests.support.orthanc import Orthanc
 from tests.support.tus import StoredUpload, TusServer
 
 TusFactory = Callable[..., TusServer]
+OrthancFactory = Callable[..., Orthanc]
 
 
 def upload_agent(
@@ -172,3 +175,40 @@ def test_uncompressed_bundles_are_plain_tar(
     assert upload.metadata["format"] == "dicom-tar"
     with tarfile.open(fileobj=io.BytesIO(upload.data()), mode="r:") as tar:
         assert tar.getnames()[0] == "manifest.json"
+
+
+def test_a_part_is_confirmed_once_the_archive_lists_it_and_its_files_then_leave_the_spool(
+    tmp_path: Path, tmp_data_dir: Path, tus_server: TusFactory, orthanc: OrthancFactory
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=5, rows=64, cols=64, seed=15)
+    tus = tus_server()
+    archive = orthanc("ARCHIVE", dicomweb=True)
+    agent = upload_agent(tmp_data_dir, tus.url, retry_first="1s", retry_max="1s")
+    agent_config = yaml.safe_load(agent.config_path.read_text())
+    agent_config["cloud"]["dicomweb_url"] = archive.dicomweb_url
+    agent_config["spool"]["keep_sent_for"] = "0s"
+    agent.config_path.write_text(yaml.safe_dump(agent_config))
+    with agent:
+        dcmtk.storescu(series, agent.port)
+        (upload,) = complete_uploads(tus, 1)
+        # Uploaded but not yet in the archive: the part waits, retrying the QIDO-RS check.
+        wait_until(lambda: agent.status()["studies"]["sent"] == 1, 30, what="the part sent")
+        assert agent.status()["studies"]["confirmed"] == 0
+        spool_files = [row[0] for row in agent.rows("SELECT path FROM instances")]
+        assert all((tmp_data_dir / path).exists() for path in spool_files)
+        # The state's ingest (issue 4 builds it) stores the bundle's instances in the archive.
+        for _, body in bundle_members(upload.data())[1:]:
+            archive.session.post(f"{archive.http_url}/instances", data=body).raise_for_status()
+        wait_until(
+            lambda: agent.status()["studies"]["confirmed"] == 1, 30, what="the part confirmed"
+        )
+        wait_until(
+            lambda: not any((tmp_data_dir / path).exists() for path in spool_files),
+            10,
+            what="the spool files removed (keep_sent_for: 0s)",
+        )
+        assert not list((tmp_data_dir / "bundles").iterdir())
+        # The rows stay: the same study sent again is recognised and uploads nothing.
+        dcmtk.storescu(series, agent.port)
+        assert agent.status()["studies"]["open"] == 0
+        assert len(tus.uploads()) == 1
