@@ -307,6 +307,10 @@ def send(
             params=params,
             timeout=timeout,
             allow_redirects=method in ("GET", "HEAD", "OPTIONS"),
+            # Explicit: requests lets REQUESTS_CA_BUNDLE and friends in the environment
+            # override a session's own trust settings, and cloud.ca_file must win.
+            verify=session.verify,
+            cert=session.cert,
         )
     except requests.exceptions.SSLError as exc:
         raise CloudError(
@@ -357,6 +361,13 @@ def qido_instances(
         values = answer.get("00080018", {}).get("Value", []) if isinstance(answer, dict) else []
         found.update(str(v).strip() for v in values)
     return found
+
+
+def _reason(exc: requests.exceptions.RequestException) -> str:
+    """Return the innermost cause of a requests failure, without urllib3's retry wrapping."""
+    cause: object = exc.args[0] if exc.args else exc
+    cause = getattr(cause, "reason", cause)
+    return str(cause)
 
 
 def _split(header: str) -> tuple[str, ...]:

@@ -64,12 +64,10 @@ const tus = new Server({
     // uploads too.
     expirationPeriodInMilliseconds: 7 * 24 * 3600 * 1000,
   }),
-  // Location is absolute and names the host:port the client asked for (its
-  // Host header), so it works whether the client uses it as it is or resolves
-  // it against the creation URL. srvx fills in the socket's own address when a
-  // client sends no Host header; the default would write "undefined".
-  generateUrl: (req, {proto, host, path, id}) =>
-    `${proto}://${host || new URL(req.url).host}${path}/${id}`,
+  // Location is a path (tus 1.0 allows a relative one): clients resolve it against the
+  // URL they created the upload with, so it stays right behind a TLS front or a proxy
+  // that this server cannot see.
+  generateUrl: (req, {path, id}) => `${path}/${id}`,
 })
 
 const server = http.createServer((req, res) => {
