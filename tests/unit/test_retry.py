@@ -1,0 +1,37 @@
+"""The one backoff policy: doubling steps with jitter, a cap, and the server's hint honoured."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from agent.retry import Backoff
+
+
+def test_each_failure_doubles_the_wait_within_half_to_full_step() -> None:
+    backoff = Backoff(first=10, cap=1000)
+    rng = random.Random(1)
+    for attempts, step in ((1, 10), (2, 20), (3, 40), (4, 80)):
+        for _ in range(50):
+            assert step / 2 <= backoff.delay(attempts, rng) <= step
+
+
+def test_the_wait_never_exceeds_the_cap_even_after_many_failures() -> None:
+    backoff = Backoff(first=10, cap=900)
+    rng = random.Random(2)
+    assert all(450 <= backoff.delay(500, rng) <= 900 for _ in range(50))
+
+
+@pytest.mark.parametrize(("hint", "low", "high"), [(300, 300, 300), (5000, 900, 900), (1, 5, 10)])
+def test_a_retry_after_hint_is_honoured_when_longer_up_to_the_cap(
+    hint: float, low: float, high: float
+) -> None:
+    backoff = Backoff(first=10, cap=900)
+    assert low <= backoff.delay(1, random.Random(3), hint=hint) <= high
+
+
+def test_jitter_spreads_sites_that_failed_together() -> None:
+    backoff = Backoff(first=60, cap=900)
+    delays = {round(backoff.delay(3, random.Random(seed)), 3) for seed in range(20)}
+    assert len(delays) == 20
