@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import pwd
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import yaml
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agent import __version__
 from agent.cloud import CloudConfigError
 from agent.config import ConfigError, Settings, load_config
 from agent.daemon import DATABASE, Daemon, StartupError
 from agent.dicom import peer_by_title, quiet_identifiers
-from agent.health import render, snapshot
-from agent.spool import Spool
-from agent.store import Store, StoreError
+from agent.health import job_document, render, render_jobs, snapshot
+from agent.importer import Imported, Importer, Source, Tally, collect
+from agent.receive import Receiver
+from agent.spool import SWEEP_LOCK, Spool
+from agent.store import JobState, Store, StoreError
 
 logger = logging.getLogger("agent")
 
@@ -94,12 +100,46 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     command("run", _run, "run the agent in the foreground, logging to stderr")
-    status = command("status", _status, "show studies, instances, jobs, disk and the last error")
+    status = command(
+        "status", _status, "show counts by state, uploads, failed jobs, disk and the last error"
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
     echo = command("echo", _echo, "send a C-ECHO to a configured peer")
     echo.add_argument("peer", metavar="PEER_AE", help="AE title of a peer in dicom.peers")
     command("check-config", _check_config, "validate the configuration; print it, secrets redacted")
+    send = command("send", _send, "import DICOM files or folders (a CD) as if sent by C-STORE")
+    send.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="a file, or a folder searched recursively",
+    )
+    _queue_parser(commands, common)
     return parser
+
+
+def _queue_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    text = "inspect the job queue, retry or cancel jobs"
+    queue = commands.add_parser("queue", help=text, description=text)
+    actions = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, parents=[common], help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    listing = action("list", _queue_list, "list jobs (by default every job not done)")
+    listing.add_argument(
+        "--state", choices=[*JobState, "all"], help="only jobs in this state, or all of them"
+    )
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    retry = action("retry", _queue_retry, "make failed or ready jobs ready and due now")
+    retry.add_argument("ids", nargs="+", type=int, metavar="ID", help="job id (`queue list`)")
+    cancel = action("cancel", _queue_cancel, "fail jobs for good (until retried)")
+    cancel.add_argument("ids", nargs="+", type=int, metavar="ID", help="job id (`queue list`)")
 
 
 def _configure_logging(level: str, debug: bool) -> None:
@@ -120,17 +160,140 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _status(settings: Settings, args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _opened_store(settings: Settings) -> Iterator[Store]:
+    """Open the agent's existing database (never create one), running agent or not."""
     try:
         store = Store.open(settings.data_dir / DATABASE, create=False)
     except StoreError as exc:
         raise CommandError(f"{exc} (has `dirigo run` started with this configuration?)") from exc
     try:
-        status = snapshot(settings, store, Spool(settings.data_dir, settings.spool.high_water))
+        yield store
     finally:
         store.close()
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    with _opened_store(settings) as store:
+        status = snapshot(settings, store, Spool(settings.data_dir, settings.spool.high_water))
     print(json.dumps(status, indent=2) if args.json else render(status))
     return EXIT_OK
+
+
+def _queue_list(settings: Settings, args: argparse.Namespace) -> int:
+    states: list[JobState]
+    if args.state is None:
+        states = [state for state in JobState if state != JobState.DONE]
+    else:
+        states = list(JobState) if args.state == "all" else [JobState(args.state)]
+    with _opened_store(settings) as store:
+        jobs = [job_document(job) for job in store.list_jobs(states)]
+    print(json.dumps({"jobs": jobs}, indent=2) if args.json else render_jobs(jobs))
+    return EXIT_OK
+
+
+def _queue_retry(settings: Settings, args: argparse.Namespace) -> int:
+    with _opened_store(settings) as store:
+        jobs = store.retry_jobs(args.ids, time.time())
+    for job in jobs:
+        print(f"job {job.id}: ready, due now ({job.attempts} attempt(s) so far)")
+    return EXIT_OK
+
+
+def _queue_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    with _opened_store(settings) as store:
+        jobs = store.cancel_jobs(args.ids, time.time())
+    for job in jobs:
+        print(f"job {job.id}: cancelled; `dirigo queue retry {job.id}` would queue it again")
+    return EXIT_OK
+
+
+def _send(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        sources, unreadable = collect(args.paths)
+    except OSError as exc:
+        raise CommandError(f"cannot import {exc.filename}: {exc.strerror}") from exc
+    if not sources and not unreadable:
+        raise CommandError("no files to import (only DICOMDIR or empty folders)")
+    _check_owner(settings.data_dir)
+    tally = Tally()
+    for item in unreadable:
+        _report(tally, item)
+    spool = Spool(settings.data_dir, settings.spool.high_water)
+    with _opened_store(settings) as store:
+        try:
+            spool.prepare()  # the layout is the agent's, but may have been tidied away by hand
+        except OSError as exc:
+            raise CommandError(f"cannot prepare data_dir {settings.data_dir}: {exc}") from exc
+        receiver = Receiver(spool, store)
+        # Shared with other imports; an agent starting up waits for it before its sweep.
+        with spool.lock(SWEEP_LOCK, exclusive=False, wait=True):
+            try:
+                interrupted = _import(Importer(spool, receiver), sources, tally, args.debug)
+            finally:
+                receiver.close()
+    print(tally.summary() + (" (interrupted)" if interrupted else ""))
+    return EXIT_OK if tally.ok and not interrupted else EXIT_FAILURE
+
+
+def _import(importer: Importer, sources: list[Source], tally: Tally, debug: bool) -> bool:
+    """Import `sources`, with a progress bar when stderr is a terminal; return True if
+    interrupted (Ctrl-C). The file in hand then may or may not be stored: sending the same
+    files again is safe, as those already stored count as duplicates."""
+    if not debug:
+        # Each file not accepted is reported below with its path and reason (the receiver's log
+        # line knows neither), and the events table keeps the audit trail; --debug shows both.
+        logging.getLogger("agent.receive").setLevel(logging.CRITICAL)
+    bar = tqdm(
+        total=sum(source.size for source in sources),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+    )
+    copied = 0
+
+    def progress(size: int) -> None:
+        nonlocal copied
+        copied += size
+        bar.update(size)
+
+    try:
+        with bar, logging_redirect_tqdm():
+            for done, source in enumerate(sources, start=1):
+                copied = 0
+                imported = importer.import_file(source.path, progress)
+                bar.update(max(source.size - copied, 0))
+                bar.set_postfix_str(f"{done}/{len(sources)} files", refresh=False)
+                _report(tally, imported)
+    except KeyboardInterrupt:
+        return True
+    return False
+
+
+def _report(tally: Tally, imported: Imported) -> None:
+    tally.add(imported)
+    if imported.reason:
+        tqdm.write(f"{imported.result} {imported.path}: {imported.reason}", file=sys.stderr)
+
+
+def _check_owner(data_dir: Path) -> None:
+    """Refuse to import as another user than the one owning data_dir (the agent's): the agent
+    could not read files another user leaves in its spool, nor a database journal root made."""
+    try:
+        owner = data_dir.stat().st_uid
+    except FileNotFoundError:
+        return  # opening the store says there is no database
+    if os.geteuid() != owner:
+        try:
+            name = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            name = f"uid {owner}"
+        raise CommandError(
+            f"run `dirigo send` as the user that owns {data_dir} ({name}), as the agent runs:"
+            " it could not read files another user leaves in its spool"
+        )
 
 
 def _echo(settings: Settings, args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ in flight finish (bounded by a grace period), and closes the store (huey's consu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -26,7 +27,7 @@ from agent.cloud import Throttle, TusClient, build_session
 from agent.config import Settings
 from agent.dicom import PeerPolicy, association_handlers, build_ae
 from agent.receive import Arrival, Receiver
-from agent.spool import Spool
+from agent.spool import AGENT_LOCK, SWEEP_LOCK, Locked, Spool
 from agent.store import Store, StoreError
 from agent.transcode import missing_codec
 from agent.upload import Uploader, UploadWorkers, purge
@@ -54,6 +55,7 @@ class Daemon:
         self.receiver: Receiver | None = None
         self.server: Any = None
         self.workers: UploadWorkers | None = None
+        self._agent_lock: contextlib.ExitStack | None = None
         self._stopping = False
         self._next_housekeeping = 0.0
         self._associations: list[Association] = []
@@ -82,6 +84,7 @@ class Daemon:
             self.spool.prepare()
         except OSError as exc:
             raise StartupError(f"cannot prepare data_dir {self.settings.data_dir}: {exc}") from exc
+        self._hold_agent_lock()
         # pynetdicom streams each incoming dataset into a NamedTemporaryFile; putting those in the
         # spool's own filesystem makes the final placement a rename, not a copy.
         tempfile.tempdir = str(self.spool.incoming)
@@ -89,7 +92,8 @@ class Daemon:
         if self.settings.upload.transcode != "none" and (problem := missing_codec()):
             raise StartupError(problem)
         self.store = Store.open(self.settings.data_dir / DATABASE)
-        self.spool.sweep(self.store.spool_paths())
+        with self.spool.lock(SWEEP_LOCK, exclusive=True, wait=True):  # waits for `dirigo send`
+            self.spool.sweep(self.store.spool_paths())
         self.spool.sweep_bundles(self.store.uploads.bundle_paths())
         # One agent owns data_dir, so every job still claimed belongs to a run that is over.
         requeued = self.store.requeue_expired(time.time(), every_claim=True)
@@ -106,6 +110,17 @@ class Daemon:
             self.settings.data_dir,
         )
         notify_systemd("READY=1")
+
+    def _hold_agent_lock(self) -> None:
+        """Hold data_dir's agent lock until the process ends: two agents on one data_dir would
+        each take the other's files for leftovers of a dead run."""
+        held = contextlib.ExitStack()
+        try:
+            held.enter_context(self.spool.lock(AGENT_LOCK, exclusive=True, wait=False))
+        except Locked:
+            where = self.settings.data_dir
+            raise StartupError(f"another dirigo agent is running with data_dir {where}") from None
+        self._agent_lock = held
 
     def _start_server(self, store: Store) -> Any:
         dicom = self.settings.dicom
@@ -215,6 +230,9 @@ class Daemon:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self._agent_lock is not None:
+            self._agent_lock.close()
+            self._agent_lock = None
         logger.info("stopped")
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:

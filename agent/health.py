@@ -4,22 +4,33 @@ works the same whether or not the daemon is up."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from agent import __version__
 from agent.config import Settings
 from agent.spool import Spool
-from agent.store import Store
+from agent.store import UPLOAD, JobRecord, JobState, Store
+
+FAILED_SHOWN = 10
+"""Failed items `render` lists one per line; the rest are counted (all are in the JSON)."""
 
 
 def snapshot(settings: Settings, store: Store, spool: Spool) -> dict[str, Any]:
     """Return the documented status document (see README, "Operations").
 
     Keys are stable: `studies`, `instances` and `jobs` hold a count for every state (0 included),
-    `disk` the data filesystem, `last_error` the newest error event or null.
+    `disk` the data filesystem, `last_error` the newest error event or null, `uploads` every part
+    a worker is sending right now and how far it got, `failed` every failed job with its last
+    error and next attempt (null: it waits for an operator).
     """
     state = store.status()
     disk = spool.disk_usage()
+    # A part stays `uploading` between attempts; only a claimed job is being sent right now.
+    sending = {
+        (j.study_uid, j.part) for j in store.list_jobs([JobState.CLAIMED]) if j.kind == UPLOAD
+    }
+    uploads = [u for u in store.uploads.in_progress() if (u.study_uid, u.part) in sending]
     return {
         "site": settings.site,
         "version": __version__,
@@ -37,7 +48,51 @@ def snapshot(settings: Settings, store: Store, spool: Spool) -> dict[str, Any]:
         },
         "last_error": state.last_error,
         "schema_version": state.schema_version,
+        "uploads": [
+            {
+                "study_uid": upload.study_uid,
+                "part": upload.part,
+                "bytes_sent": upload.confirmed_offset,
+                "bytes_total": upload.size,
+                "rate_bytes_per_s": round(upload.rate, 1),
+            }
+            for upload in uploads
+        ],
+        "failed": [
+            {
+                "id": job.id,
+                "kind": job.kind,
+                "study_uid": job.study_uid,
+                "part": job.part,
+                "attempts": job.attempts,
+                "last_error": job.last_error,
+                "next_attempt_at": iso_time(job.next_attempt_at),
+            }
+            for job in store.failed_jobs()
+        ],
     }
+
+
+def job_document(job: JobRecord) -> dict[str, Any]:
+    """Return a job as `dirigo queue list --json` shows it (times in ISO-8601 UTC, or null)."""
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "state": str(job.state),
+        "study_uid": job.study_uid,
+        "part": job.part,
+        "attempts": job.attempts,
+        "next_attempt_at": iso_time(job.next_attempt_at),
+        "last_error": job.last_error,
+        "lease_owner": job.lease_owner,
+        "lease_expires_at": iso_time(job.lease_expires_at),
+        "updated_at": iso_time(job.updated_at),
+    }
+
+
+def iso_time(epoch: float | None) -> str | None:
+    """Return epoch seconds as ISO-8601 in UTC (as `last_error.at` is), or None for None."""
+    return None if epoch is None else datetime.fromtimestamp(epoch, tz=UTC).isoformat()
 
 
 def render(status: dict[str, Any]) -> str:
@@ -61,4 +116,90 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"last error {error['at']} {error['kind']}: {error['message']}")
     else:
         lines.append("last error none")
+    lines += [f"uploading  {_upload_line(upload)}" for upload in status["uploads"]]
+    if not status["uploads"]:
+        lines.append("uploading  none")
+    failed = status["failed"]
+    lines += [f"failed     {_failed_line(item)}" for item in failed[:FAILED_SHOWN]]
+    if len(failed) > FAILED_SHOWN:
+        more = len(failed) - FAILED_SHOWN
+        lines.append(f"failed     … and {more} more (`dirigo queue list --state failed`)")
+    if not failed:
+        lines.append("failed     none")
     return "\n".join(lines)
+
+
+def render_jobs(jobs: list[dict[str, Any]]) -> str:
+    """Return job documents (see `job_document`) as a table an operator reads at a terminal."""
+    if not jobs:
+        return "no jobs"
+    header = ("ID", "KIND", "STATE", "ATTEMPTS", "STUDY", "PART", "NEXT ATTEMPT", "LAST ERROR")
+    rows = [header]
+    for job in jobs:
+        rows.append(
+            (
+                str(job["id"]),
+                job["kind"],
+                job["state"],
+                str(job["attempts"]),
+                job["study_uid"],
+                str(job["part"]),
+                _next_attempt(job),
+                job["last_error"] or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(
+            [*(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)), row[-1]]
+        )
+        for row in rows
+    )
+
+
+def _upload_line(upload: dict[str, Any]) -> str:
+    where = f"{upload['study_uid']} part {upload['part']}"
+    total = upload["bytes_total"]
+    if not total:
+        return f"{where}: packing"
+    sent = upload["bytes_sent"]
+    return (
+        f"{where}: {sent / 1e6:.1f} of {total / 1e6:.1f} MB ({100 * sent // total}%)"
+        f" at {upload['rate_bytes_per_s'] / 1e6:.1f} MB/s"
+    )
+
+
+def _failed_line(item: dict[str, Any]) -> str:
+    if item["next_attempt_at"] is None:
+        when = f"never: needs `dirigo queue retry {item['id']}`"
+    else:
+        when = _when(item["next_attempt_at"])
+    return (
+        f"job {item['id']} {item['kind']} {item['study_uid']} part {item['part']},"
+        f" {item['attempts']} attempt(s): {item['last_error']}; next attempt {when}"
+    )
+
+
+def _next_attempt(job: dict[str, Any]) -> str:
+    if job["state"] == JobState.CLAIMED:
+        return f"running ({job['lease_owner']})"
+    if job["state"] == JobState.DONE:
+        return "-"
+    if job["next_attempt_at"] is None:
+        return "never (retry by hand)"
+    return _when(job["next_attempt_at"])
+
+
+def _when(iso: str) -> str:
+    """Return an ISO-8601 time as `2026-11-23 09:12:48 UTC (in 42s)` for people."""
+    at = datetime.fromisoformat(iso)
+    seconds = (at - datetime.now(tz=UTC)).total_seconds()
+    relative = "due now" if seconds <= 0 else f"in {_duration(seconds)}"
+    return f"{at:%Y-%m-%d %H:%M:%S} UTC ({relative})"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"

@@ -44,10 +44,16 @@ class Arrival:
 
 @dataclass(frozen=True)
 class Reply:
-    """The DIMSE status for an arrival, with an error comment when it failed."""
+    """The DIMSE status for an arrival, with an error comment when it failed.
+
+    `outcome` says what a Success did (stored, duplicate or replaced), and `quarantined` whether
+    a failure kept the bytes in quarantine; neither goes to the peer (the importer counts them).
+    """
 
     status: Status
     comment: str = ""
+    outcome: Outcome | None = None
+    quarantined: bool = False
 
     def as_dataset(self) -> Dataset:
         """Return the C-STORE response status dataset pynetdicom sends."""
@@ -130,7 +136,7 @@ class Receiver:
                 logger.info(
                     "duplicate %s from %s ignored", header.sop_instance_uid, arrival.calling_ae
                 )
-                return Reply(Status.SUCCESS)
+                return Reply(Status.SUCCESS, outcome=Outcome.DUPLICATE)
             settled.result()
             new = self._new_instance(header, relative, arrival)
             result = self.store.record_instance(new, self.clock())
@@ -154,7 +160,7 @@ class Receiver:
             header.size,
             arrival.calling_ae,
         )
-        return Reply(Status.SUCCESS)
+        return Reply(Status.SUCCESS, outcome=result.outcome)
 
     def _quarantine(self, arrival: Arrival, exc: InvalidInstance) -> Reply:
         status = _STATUS_FOR_PROBLEM[exc.problem]
@@ -175,7 +181,7 @@ class Receiver:
             exc.problem,
             exc.detail,
         )
-        return Reply(status, exc.detail)
+        return Reply(status, exc.detail, quarantined=True)
 
     @staticmethod
     def _new_instance(header: InstanceHeader, relative: str, arrival: Arrival) -> NewInstance:

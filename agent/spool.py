@@ -18,13 +18,14 @@ its row be committed and the sender see Success.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,11 @@ SPOOL = "spool"
 QUARANTINE = "quarantine"
 BUNDLES = "bundles"
 PARTIAL = ".partial"
+AGENT_LOCK = "agent.lock"
+"""Held exclusively by the running agent: one agent per data_dir."""
+SWEEP_LOCK = "sweep.lock"
+"""Held exclusively while the agent sweeps leftovers at start-up, shared by `dirigo send`
+for its whole run, so a start-up never takes an import's files for a dead run's leftovers."""
 _SHARDS = [f"{i:02x}" for i in range(256)]
 
 
@@ -52,6 +58,10 @@ class DiskUsage:
         because the agent runs as an unprivileged user and cannot write into them."""
         usable = self.used + self.free
         return 100.0 * self.used / usable if usable else 100.0
+
+
+class Locked(Exception):
+    """A lock in data_dir is held by another process."""
 
 
 class Spool:
@@ -79,6 +89,21 @@ class Spool:
                 created.append(path)
         for directory in {p.parent for p in created} | set(created):
             fsync_directory(directory)
+
+    @contextlib.contextmanager
+    def lock(self, name: str, *, exclusive: bool, wait: bool) -> Iterator[None]:
+        """Hold the advisory lock file `name` in data_dir (flock: released when the process
+        dies, however it dies). Raise Locked if `wait` is false and another process holds it."""
+        fd = os.open(self.data_dir / name, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            try:
+                fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Locked(f"{self.data_dir / name} is held by another process") from None
+            yield
+        finally:
+            os.close(fd)
 
     def disk_usage(self) -> DiskUsage:
         usage = shutil.disk_usage(self.data_dir)

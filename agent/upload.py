@@ -43,6 +43,10 @@ class Interrupted(Exception):
     """The agent is stopping; the job goes back to the queue as it is."""
 
 
+class LeaseLost(Exception):
+    """The job is no longer ours (an operator cancelled it): stop without touching it."""
+
+
 class NotOurOffset(CloudError):
     """The server reports an offset we never sent: its copy cannot be trusted."""
 
@@ -85,6 +89,14 @@ class Uploader:
             return False
         try:
             self._process(job)
+            self.store.complete_job(job.id, owner, self.clock())
+        except LeaseLost:
+            logger.warning(
+                "study %s part %d: job %d is no longer ours (cancelled?); stopped",
+                job.study_uid,
+                job.part,
+                job.id,
+            )
         except Interrupted:
             self.store.release_job(job.id, owner, self.clock())
             logger.info("study %s part %d: upload paused for shutdown", job.study_uid, job.part)
@@ -97,8 +109,6 @@ class Uploader:
             self._failed(job, f"local I/O failed: {exc}", retryable=True)
         except StoreError as exc:
             logger.error("study %s part %d: %s", job.study_uid, job.part, exc)
-        else:
-            self.store.complete_job(job.id, owner, self.clock())
         return True
 
     def _failed(self, job: Job, error: str, retryable: bool, hint: float | None = None) -> None:
@@ -118,11 +128,16 @@ class Uploader:
             files = self.store.uploads.part_files(job.study_id)
             if files:
                 bundle = self._bundle(job, record, files)
+                self._renew(job)  # packing a large study may take a while
                 self._send(job, bundle)
             self.store.uploads.mark_sent(job.study_id, self.clock())
             logger.info("study %s part %d: sent", job.study_uid, job.part)
         if self.settings.cloud.dicomweb_url and record.state != StudyState.CONFIRMED:
             self._confirm(job)
+
+    def _renew(self, job: Job) -> None:
+        if not self.store.renew_lease(job.id, job.lease_owner, LEASE_SECONDS, self.clock()):
+            raise LeaseLost
 
     # -- pack -----------------------------------------------------------------------------
 
@@ -173,7 +188,7 @@ class Uploader:
                         self._distrust(job, url, f"answered a PATCH at {offset} with {new_offset}")
                 self.store.uploads.record_offset(job.study_id, new_offset, self.clock())
                 offset = new_offset
-                self.store.renew_lease(job.id, job.lease_owner, LEASE_SECONDS, self.clock())
+                self._renew(job)
 
     def _resume(self, job: Job, bundle: Bundle) -> tuple[str, int]:
         """Return the upload URL and the offset to continue from, creating the upload if none

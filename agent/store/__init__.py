@@ -16,11 +16,12 @@ Every time is passed in as `now` (epoch seconds), so callers and tests control t
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,7 +39,9 @@ __all__ = [
     "UPLOAD",
     "InstanceState",
     "Job",
+    "JobRecord",
     "JobState",
+    "JobStateError",
     "KnownInstance",
     "Level",
     "Migration",
@@ -60,7 +63,13 @@ class StoreError(Exception):
     """The database cannot be opened, migrated or written; or a job is not held by its caller."""
 
 
+class JobStateError(StoreError):
+    """An operator asked for a job that does not exist, or for a change its state forbids."""
+
+
 UPLOAD = "upload"
+CANCELLED = "cancelled by operator"
+"""The last error of a job an operator cancelled."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,24 @@ class Job:
     attempts: int
     lease_owner: str
     lease_expires_at: float
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as an operator sees it, whatever its state. Times are epoch seconds; a failed job
+    with no `next_attempt_at` has failed for good (until an operator retries it)."""
+
+    id: int
+    kind: str
+    state: JobState
+    study_uid: str
+    part: int
+    attempts: int
+    next_attempt_at: float | None
+    last_error: str | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+    updated_at: float
 
 
 @dataclass(frozen=True)
@@ -502,7 +529,72 @@ class Store:
             message = f"{kind} job {job_id} attempt {attempts} failed ({retry}): {error}"
             event(db, now, level, f"{kind}_failed", message, study_uid, None)
 
+    def retry_jobs(self, job_ids: Sequence[int], now: float) -> list[JobRecord]:
+        """Make every job in `job_ids` ready and due `now`, keeping its attempts; return them.
+
+        Only a failed or ready job can be retried. All or nothing: raise JobStateError, naming
+        every offending id, if one does not exist, is done or is claimed by a worker. Each retry
+        is an info event.
+        """
+        allowed = (JobState.FAILED, JobState.READY)
+        with self._write() as db:
+            before = _jobs_for_action(
+                db, job_ids, allowed, "only a failed or ready job can be retried"
+            )
+            for job in before:
+                db.execute(
+                    "UPDATE jobs SET state = ?, next_attempt_at = ?, lease_owner = NULL,"
+                    " lease_expires_at = NULL, updated_at = ? WHERE id = ?",
+                    (JobState.READY, now, now, job.id),
+                )
+                message = (
+                    f"{job.kind} job {job.id} retried by operator"
+                    f" (was {job.state}, {job.attempts} attempt(s) so far)"
+                )
+                event(db, now, Level.INFO, "job_retried", message, job.study_uid, None)
+            return _job_records(db, _BY_IDS, _ids(job_ids))
+
+    def cancel_jobs(self, job_ids: Sequence[int], now: float) -> list[JobRecord]:
+        """Fail every job in `job_ids` for good with the error "cancelled by operator"; return
+        them.
+
+        Any job not done can be cancelled. A claimed job loses its lease: its worker can no
+        longer renew, complete or fail it. All or nothing: raise JobStateError, naming every
+        offending id, if one does not exist or is done. Each cancellation is an info event.
+        """
+        allowed = (JobState.READY, JobState.CLAIMED, JobState.FAILED)
+        with self._write() as db:
+            before = _jobs_for_action(db, job_ids, allowed, "a done job cannot be cancelled")
+            for job in before:
+                db.execute(
+                    "UPDATE jobs SET state = ?, next_attempt_at = NULL, lease_owner = NULL,"
+                    " lease_expires_at = NULL, last_error = ?, updated_at = ? WHERE id = ?",
+                    (JobState.FAILED, CANCELLED, now, job.id),
+                )
+                held = f", claimed by {job.lease_owner}" if job.state == JobState.CLAIMED else ""
+                message = f"{job.kind} job {job.id} cancelled by operator (was {job.state}{held})"
+                event(db, now, Level.INFO, "job_cancelled", message, job.study_uid, None)
+            return _job_records(db, _BY_IDS, _ids(job_ids))
+
     # -- operators ------------------------------------------------------------------------
+
+    def list_jobs(self, states: Collection[JobState] = tuple(JobState)) -> list[JobRecord]:
+        """Return the jobs in `states` (every state by default), oldest first."""
+        with self._read() as db:
+            return _job_records(
+                db, "j.state IN (SELECT value FROM json_each(?))", json.dumps(list(states))
+            )
+
+    def failed_jobs(self) -> list[JobRecord]:
+        """Return every failed job: those failed for good first (they need an operator), then
+        by their next attempt time."""
+        with self._read() as db:
+            return _job_records(
+                db,
+                "j.state = ?",
+                JobState.FAILED,
+                order="j.next_attempt_at IS NOT NULL, j.next_attempt_at, j.id",
+            )
 
     def status(self) -> StatusSnapshot:
         """Return counts per state (every state present, 0 included) and the newest error event.
@@ -530,6 +622,41 @@ class Store:
             at = datetime.fromtimestamp(error[0], tz=UTC).isoformat()
             last_error = {"at": at, "kind": error[1], "message": error[2]}
         return StatusSnapshot(studies, instances, jobs, last_error, version)
+
+
+_BY_IDS = "j.id IN (SELECT value FROM json_each(?))"
+"""Jobs whose id is in a JSON array (one parameter, however many ids)."""
+
+
+def _job_records(
+    db: sqlite3.Connection, where: str, param: object, *, order: str = "j.id"
+) -> list[JobRecord]:
+    rows = db.execute(
+        "SELECT j.id, j.kind, j.state, s.study_uid, s.part, j.attempts, j.next_attempt_at,"
+        " j.last_error, j.lease_owner, j.lease_expires_at, j.updated_at"
+        f" FROM jobs j JOIN studies s ON s.id = j.study_id WHERE {where} ORDER BY {order}",
+        (param,),
+    ).fetchall()
+    return [JobRecord(job_id, kind, JobState(state), *rest) for job_id, kind, state, *rest in rows]
+
+
+def _ids(job_ids: Sequence[int]) -> str:
+    return json.dumps([int(job_id) for job_id in job_ids])
+
+
+def _jobs_for_action(
+    db: sqlite3.Connection, job_ids: Sequence[int], allowed: Sequence[JobState], rule: str
+) -> list[JobRecord]:
+    """Return the jobs `job_ids` names, once each; raise JobStateError naming every id that
+    does not exist or whose state is not in `allowed` (and the `rule` that forbids it)."""
+    found = {job.id: job for job in _job_records(db, _BY_IDS, _ids(job_ids))}
+    missing = [f"there is no job {i}" for i in dict.fromkeys(job_ids) if i not in found]
+    forbidden = [f"job {j.id} is {j.state}" for j in found.values() if j.state not in allowed]
+    if forbidden:
+        forbidden[-1] += f" ({rule})"
+    if missing or forbidden:
+        raise JobStateError("; ".join([*missing, *forbidden]) + "; nothing was changed")
+    return [found[job_id] for job_id in dict.fromkeys(job_ids)]
 
 
 def _connect(path: Path, create: bool) -> sqlite3.Connection:

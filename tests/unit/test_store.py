@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from agent import store as store_module
 from agent.store import (
     MIGRATIONS,
+    JobState,
+    JobStateError,
     Migration,
     NewInstance,
     Outcome,
@@ -462,6 +464,153 @@ def test_fail_job_without_a_next_attempt_time_fails_it_for_good(store: Store) ->
     assert status.last_error is not None
     assert status.last_error["kind"] == "upload_failed"
     assert "cloud refused the bundle (400)" in status.last_error["message"]
+
+
+# -- operator actions on jobs -----------------------------------------------------------------
+
+
+def failed_job(store: Store, sop_uid: str, error: str, next_attempt_at: float | None) -> int:
+    """Make one job for a new study part and fail its first attempt; return its id."""
+    study = f"1.2.826.0.1.3680043.8.498.{sop_uid}"
+    store.record_instance(instance(sop_uid, "f" * 64, f"spool/00/{sop_uid}.dcm", study), 0.0)
+    store.mark_stable(60.0, stable_after=60)
+    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    assert job is not None and job.study_uid == study
+    store.fail_job(job.id, "w1", error, next_attempt_at, now=61.0)
+    return job.id
+
+
+def test_list_jobs_returns_jobs_in_the_states_asked_for_with_their_study_part(
+    store: Store,
+) -> None:
+    failed = failed_job(store, "2.1", "cloud answered 503", next_attempt_at=200.0)
+    stable_job(store, now=100.0)
+    every = store.list_jobs()
+    assert [(j.id, j.state) for j in every] == [(failed, JobState.FAILED), (2, JobState.READY)]
+    (only_failed,) = store.list_jobs([JobState.FAILED])
+    assert only_failed.id == failed
+    assert only_failed.study_uid == "1.2.826.0.1.3680043.8.498.2.1" and only_failed.part == 1
+    assert (only_failed.attempts, only_failed.last_error) == (1, "cloud answered 503")
+    assert (only_failed.next_attempt_at, only_failed.lease_owner) == (200.0, None)
+    assert store.list_jobs([JobState.DONE, JobState.CLAIMED]) == []
+
+
+def test_failed_jobs_lists_permanent_failures_first_then_by_next_attempt(store: Store) -> None:
+    later = failed_job(store, "3.1", "timeout", next_attempt_at=500.0)
+    sooner = failed_job(store, "3.2", "timeout", next_attempt_at=100.0)
+    permanent = failed_job(store, "3.3", "refused (400)", next_attempt_at=None)
+    assert [j.id for j in store.failed_jobs()] == [permanent, sooner, later]
+
+
+def test_retry_makes_a_failed_job_ready_and_due_now_keeping_its_attempts(
+    store: Store, db_path: Path
+) -> None:
+    job_id = failed_job(store, "4.1", "refused (400)", next_attempt_at=None)
+    (retried,) = store.retry_jobs([job_id], now=100.0)
+    assert (retried.state, retried.next_attempt_at, retried.attempts) == ("ready", 100.0, 1)
+    again = store.claim_job(UPLOAD, "w2", 30, now=100.0)
+    assert again is not None and (again.id, again.attempts) == (job_id, 2)
+    assert query(db_path, "SELECT level, message FROM events WHERE kind = 'job_retried'") == [
+        ("info", f"upload job {job_id} retried by operator (was failed, 1 attempt(s) so far)")
+    ]
+
+
+def test_retry_of_a_ready_job_makes_it_due_now(store: Store) -> None:
+    stable_job(store)  # due at 60
+    (retried,) = store.retry_jobs([1], now=10.0)
+    assert (retried.state, retried.next_attempt_at) == ("ready", 10.0)
+    assert store.claim_job(UPLOAD, "w1", 30, now=10.0) is not None
+
+
+def test_retry_of_an_unknown_done_or_claimed_job_changes_nothing_and_names_each(
+    store: Store, db_path: Path
+) -> None:
+    failed = failed_job(store, "5.1", "timeout", next_attempt_at=900.0)
+    done = failed_job(store, "5.2", "timeout", next_attempt_at=61.0)
+    job = store.claim_job(UPLOAD, "w1", 30, now=61.0)
+    assert job is not None and job.id == done
+    store.complete_job(done, "w1", now=62.0)
+    claimed = failed_job(store, "5.3", "timeout", next_attempt_at=63.0)
+    assert store.claim_job(UPLOAD, "w1", 30, now=63.0) is not None
+    before = query(db_path, "SELECT * FROM jobs ORDER BY id")
+    with pytest.raises(JobStateError) as raised:
+        store.retry_jobs([failed, 99, done, claimed], now=70.0)
+    message = str(raised.value)
+    assert "there is no job 99" in message
+    assert f"job {done} is done" in message and f"job {claimed} is claimed" in message
+    assert "(only a failed or ready job can be retried)" in message
+    assert "nothing was changed" in message
+    assert query(db_path, "SELECT * FROM jobs ORDER BY id") == before
+    assert query(db_path, "SELECT count(*) FROM events WHERE kind = 'job_retried'") == [(0,)]
+
+
+def test_cancel_fails_a_ready_job_for_good_with_an_info_event(store: Store, db_path: Path) -> None:
+    stable_job(store)
+    (cancelled,) = store.cancel_jobs([1], now=70.0)
+    assert cancelled.state == "failed" and cancelled.next_attempt_at is None
+    assert cancelled.last_error == "cancelled by operator"
+    assert store.claim_job(UPLOAD, "w1", 30, now=1e12) is None
+    assert [j.id for j in store.failed_jobs()] == [1]
+    assert query(db_path, "SELECT level, message FROM events WHERE kind = 'job_cancelled'") == [
+        ("info", "upload job 1 cancelled by operator (was ready)")
+    ]
+    assert store.status().last_error is None  # an operator's choice is not an error
+
+
+def test_cancel_of_a_claimed_job_takes_its_lease_away_from_the_worker(
+    store: Store, db_path: Path
+) -> None:
+    stable_job(store)
+    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    assert job is not None
+    store.cancel_jobs([job.id], now=65.0)
+    assert store.renew_lease(job.id, "w1", 30, now=66.0) is False
+    with pytest.raises(StoreError, match="not held by w1"):
+        store.complete_job(job.id, "w1", now=67.0)
+    with pytest.raises(StoreError, match="not held by w1"):
+        store.fail_job(job.id, "w1", "boom", next_attempt_at=100.0, now=67.0)
+    store.release_job(job.id, "w1", now=68.0)  # a worker stopping leaves it alone too
+    assert store.requeue_expired(now=1e12, every_claim=True) == 0
+    assert query(db_path, "SELECT state, last_error, lease_owner, next_attempt_at FROM jobs") == [
+        ("failed", "cancelled by operator", None, None)
+    ]
+    (message,) = query(db_path, "SELECT message FROM events WHERE kind = 'job_cancelled'")[0]
+    assert message == f"upload job {job.id} cancelled by operator (was claimed, claimed by w1)"
+
+
+def test_a_cancelled_job_can_be_retried_and_keeps_its_attempts(store: Store) -> None:
+    job_id = failed_job(store, "6.1", "timeout", next_attempt_at=300.0)
+    store.cancel_jobs([job_id], now=70.0)
+    store.retry_jobs([job_id], now=80.0)
+    again = store.claim_job(UPLOAD, "w1", 30, now=80.0)
+    assert again is not None and (again.id, again.attempts) == (job_id, 2)
+
+
+def test_cancel_of_an_unknown_or_done_job_changes_nothing(store: Store, db_path: Path) -> None:
+    stable_job(store)
+    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    assert job is not None
+    store.complete_job(job.id, "w1", now=61.0)
+    with pytest.raises(JobStateError, match=r"no job 7; job 1 is done \(a done job cannot be"):
+        store.cancel_jobs([7, 1], now=70.0)
+    assert query(db_path, "SELECT state, last_error FROM jobs") == [("done", None)]
+    assert query(db_path, "SELECT count(*) FROM events WHERE kind = 'job_cancelled'") == [(0,)]
+
+
+def test_an_operator_cancelling_from_another_connection_stops_the_agent_claiming_it(
+    db_path: Path,
+) -> None:
+    agent = Store.open(db_path)
+    operator = Store.open(db_path, create=False)  # `dirigo queue cancel` while the agent runs
+    try:
+        stable_job(agent)
+        (cancelled,) = operator.cancel_jobs([1], now=70.0)
+        assert cancelled.last_error == "cancelled by operator"
+        assert agent.claim_job(UPLOAD, "w1", 30, now=1e12) is None
+        assert [j.id for j in agent.failed_jobs()] == [1]
+    finally:
+        operator.close()
+        agent.close()
 
 
 # -- concurrency ------------------------------------------------------------------------------
