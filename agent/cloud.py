@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import email.utils
 import hashlib
 import logging
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -382,8 +384,20 @@ def _int_or_none(text: str | None) -> int | None:
 
 
 def _retry_after(text: str | None) -> float | None:
-    value = _int_or_none(text)
-    return float(value) if value is not None and value >= 0 else None
+    """Return the seconds a `Retry-After` asks for: delay-seconds or an HTTP-date (RFC 9110
+    10.2.3; a date already past is 0); None if absent or neither."""
+    if text is None:
+        return None
+    value = _int_or_none(text.strip())
+    if value is not None:
+        return float(value) if value >= 0 else None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as HTTP-dates always are
+        when = when.replace(tzinfo=UTC)
+    return max(when.timestamp() - time.time(), 0.0)
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -181,8 +181,16 @@ class Uploader:
                 self.store.uploads.record_sending(job.study_id, offset + len(data), self.clock())
                 try:
                     new_offset = self.client.patch(url, offset, data)
-                except OffsetConflict:
+                except OffsetConflict as exc:
                     new_offset = self._server_offset(job, url, bundle)
+                    if new_offset == offset:
+                        # A 409 for the offset the server itself reports: asking again at once
+                        # would spin, unseen; fail the attempt so the backoff and status apply.
+                        raise CloudError(
+                            f"{exc}, yet it reports offset {offset} itself",
+                            retryable=True,
+                            status=exc.status,
+                        ) from None
                 else:
                     if not offset < new_offset <= offset + len(data):
                         self._distrust(job, url, f"answered a PATCH at {offset} with {new_offset}")
