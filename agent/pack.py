@@ -206,8 +206,10 @@ def _tar_into(
     outcomes: Sequence[Outcome | None],
 ) -> None:
     spool_mtime = int(time.time())
+    # Mode "w", not the stream mode "w|": the stream mode copies its write buffer over and
+    # over (measured: packing at half the speed). Nothing seeks: the output only needs tell().
     with tarfile.open(
-        fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_COPY_BLOCK
+        fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_COPY_BLOCK
     ) as tar:  # type: ignore[call-overload]
         document = manifest(info, files, compression, outcomes)
         entry = tarfile.TarInfo(MANIFEST)
@@ -250,6 +252,9 @@ class _HashingWriter:
         self._raw = raw
         self.sha256 = hashlib.sha256()
         self.size = 0
+
+    def tell(self) -> int:
+        return self.size
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self.sha256.update(data)

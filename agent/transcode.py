@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
 SYNTAXES = {"jpeg-ls": JPEG_LS_LOSSLESS, "htj2k": HTJ2K_LOSSLESS}
+MAX_CRASHES = 3
+"""After this many worker crashes in one pack, the rest of its files go as they came."""
 _UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
 
 
@@ -145,6 +147,7 @@ class Transcoder:
         self.method = method
         self.workers = workers or os.cpu_count() or 1
         self._pool: ProcessPoolExecutor | None = None
+        self._crashes = 0
 
     def __enter__(self) -> Transcoder:
         return self
@@ -157,7 +160,7 @@ class Transcoder:
     def run(self, sources: Sequence[Source]) -> Iterator[Outcome]:
         """Yield the outcome for each source, in order. At most twice as many files as there
         are workers are in flight, so memory stays bounded whatever the study's size."""
-        pending: deque[tuple[Source, Future[Outcome]]] = deque()
+        pending: deque[tuple[Source, Future[Outcome] | None]] = deque()
         upcoming = iter(sources)
         while True:
             while len(pending) < 2 * self.workers:
@@ -170,21 +173,28 @@ class Transcoder:
             source, future = pending.popleft()
             yield self._result(source, future)
 
-    def _submit(self, source: Source) -> Future[Outcome]:
+    def _submit(self, source: Source) -> Future[Outcome] | None:
+        if self._crashes >= MAX_CRASHES:
+            return None
         if self._pool is None:
             # forkserver: never fork the agent's threads (pynetdicom, uploads) into a worker
             context: Any = multiprocessing.get_context("forkserver")
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
         return self._pool.submit(transcode_file, source, self.method)
 
-    def _result(self, source: Source, future: Future[Outcome]) -> Outcome:
+    def _result(self, source: Source, future: Future[Outcome] | None) -> Outcome:
+        if future is None:
+            return AsItCame(f"transcoding stopped after {MAX_CRASHES} worker crashes")
         try:
             return future.result()
         except BrokenProcessPool:
             # A codec crashed a worker: this file (and any queued with it) go as they came.
-            logger.error("a transcoding worker crashed on %s; sending it as it came", source.path)
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+                self._pool = None
+                self._crashes += 1
+                logger.error(
+                    "a transcoding worker crashed on %s; sending it as it came", source.path
+                )
             _discard(source.target)
             return AsItCame("the codec crashed")
