@@ -177,8 +177,11 @@ class Daemon:
         if now < self._next_housekeeping or self.store is None:
             return
         self._next_housekeeping = now + 1.0
-        for study_uid, part in self.store.mark_stable(now, self.settings.study.stable_after):
+        stable = self.store.mark_stable(now, self.settings.study.stable_after)
+        for study_uid, part in stable:
             logger.info("study %s part %d is stable", study_uid, part)
+        if stable and self.workers is not None:
+            self.workers.wake()
         self.store.requeue_expired(now)
         if self.workers is not None:
             self.workers.revive()

@@ -319,6 +319,7 @@ class UploadWorkers:
         self.uploader = uploader
         self.count = count
         self._threads: dict[str, threading.Thread] = {}
+        self._wake = threading.Event()
 
     def start(self) -> None:
         for index in range(1, self.count + 1):
@@ -334,9 +335,14 @@ class UploadWorkers:
             self._spawn(name)
         return len(dead)
 
+    def wake(self) -> None:
+        """New work is due (a part just became stable): idle workers look now, not in a second."""
+        self._wake.set()
+
     def stop(self, timeout: float) -> None:
         """Ask every worker to stop after its current chunk; wait up to `timeout` seconds."""
         self.uploader.stop.set()
+        self._wake.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads.values():
             thread.join(max(deadline - time.monotonic(), 0))
@@ -353,4 +359,5 @@ class UploadWorkers:
         stop = self.uploader.stop
         while not stop.is_set():
             if not self.uploader.run_once(owner):
-                stop.wait(self.IDLE_WAIT)
+                self._wake.wait(self.IDLE_WAIT)
+                self._wake.clear()
