@@ -284,23 +284,20 @@ class Store:
 
         sqlite3 errors leave as StoreError, so callers handle one exception type.
         """
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException as exc:
-                self._rollback()
-                if isinstance(exc, sqlite3.Error):
-                    raise StoreError(str(exc)) from exc
-                raise
+        with self._transaction("BEGIN IMMEDIATE") as db:
+            yield db
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """Run the block in one read transaction, so several queries see one snapshot."""
+        with self._transaction("BEGIN") as db:
+            yield db
+
+    @contextmanager
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
-                self._db.execute("BEGIN")
+                self._db.execute(begin)
                 yield self._db
                 self._db.execute("COMMIT")
             except BaseException as exc:
