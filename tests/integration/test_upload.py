@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 import zstandard
 from pydicom import dcmread
@@ -212,3 +213,56 @@ def test_a_part_is_confirmed_once_the_archive_lists_it_and_its_files_then_leave_
         dcmtk.storescu(series, agent.port)
         assert agent.status()["studies"]["open"] == 0
         assert len(tus.uploads()) == 1
+
+
+def test_an_offset_the_agent_never_sent_is_not_trusted_and_the_bundle_goes_up_anew(
+    tmp_path: Path, tmp_data_dir: Path, tus_server: TusFactory
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=12, rows=256, cols=256, seed=16)
+    tus = tus_server()
+    chunk = 128 * 1024
+    agent = upload_agent(
+        tmp_data_dir,
+        tus.url,
+        compression="none",
+        chunk_size=f"{chunk}B",
+        max_bandwidth="500kB",
+        concurrency=1,
+    )
+    with agent:
+        dcmtk.storescu(series, agent.port)
+        wait_until(
+            lambda: (
+                bool(tus.uploads())
+                and 0 < tus.uploads()[0].offset < tus.uploads()[0].size - 2 * chunk
+            ),
+            60,
+            what="the upload under way",
+        )
+        agent.kill9()
+        # Someone else writes to the agent's upload: more than one chunk beyond anything the
+        # agent put on the wire. The server's offset is now not one the agent can have sent.
+        (rogue,) = tus.uploads()
+        url = f"{tus.url}{rogue.id}"
+        response = requests.patch(
+            url,
+            data=b"\0" * (chunk + 1),
+            headers={
+                "Tus-Resumable": "1.0.0",
+                "Upload-Offset": str(rogue.offset),
+                "Content-Type": "application/offset+octet-stream",
+            },
+            timeout=30,
+        )
+        assert response.status_code == 204
+        agent.start()
+        (upload,) = complete_uploads(tus, 1)
+        wait_until(lambda: agent.status()["studies"]["sent"] == 1, 30, what="the part sent")
+        log = agent.log_tail(100_000)
+    assert "but we sent only" in log
+    assert upload.id != rogue.id  # the tainted upload was terminated, a new one completed
+    assert [u.id for u in tus.uploads()] == [upload.id]
+    data = upload.data()
+    assert upload.metadata["sha256"] == hashlib.sha256(data).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        assert len(tar.getmembers()) == len(series) + 1
