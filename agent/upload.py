@@ -172,13 +172,17 @@ class Uploader:
     def _send(self, job: Job, bundle: Bundle) -> None:
         url, offset = self._resume(job, bundle)
         chunk_size = self.settings.upload.chunk_size
+        committed_to = 0  # how far `sent_to` is already committed
         with self.spool.path(bundle.path).open("rb") as f:
             while offset < bundle.size:
                 if self.stop.is_set():
                     raise Interrupted
                 f.seek(offset)
                 data = f.read(chunk_size)
-                self.store.uploads.record_sending(job.study_id, offset + len(data), self.clock())
+                if committed_to < offset + len(data):
+                    self.store.uploads.record_sending(
+                        job.study_id, offset + len(data), self.clock()
+                    )
                 try:
                     new_offset = self.client.patch(url, offset, data)
                 except OffsetConflict as exc:
@@ -194,9 +198,19 @@ class Uploader:
                 else:
                     if not offset < new_offset <= offset + len(data):
                         self._distrust(job, url, f"answered a PATCH at {offset} with {new_offset}")
-                self.store.uploads.record_offset(job.study_id, new_offset, self.clock())
                 offset = new_offset
-                self._renew(job)
+                # One commit per chunk: the offset the server confirmed, the end of the next
+                # chunk (committed before that chunk goes out), and the renewed lease.
+                committed_to = min(offset + chunk_size, bundle.size)
+                held = self.store.uploads.advance(
+                    job.study_id,
+                    offset,
+                    committed_to,
+                    (job.id, job.lease_owner, LEASE_SECONDS),
+                    self.clock(),
+                )
+                if not held:
+                    raise LeaseLost
 
     def _resume(self, job: Job, bundle: Bundle) -> tuple[str, int]:
         """Return the upload URL and the offset to continue from, creating the upload if none

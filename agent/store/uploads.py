@@ -12,7 +12,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from agent.store.records import InstanceState, Level, StudyState, event
+from agent.store.records import InstanceState, JobState, Level, StudyState, event
 
 if TYPE_CHECKING:
     from agent.store import Store
@@ -184,6 +184,33 @@ class Uploads:
                 "UPDATE uploads SET confirmed_offset = ?, updated_at = ? WHERE study_id = ?",
                 (offset, now, study_id),
             )
+
+    def advance(
+        self,
+        study_id: int,
+        offset: int,
+        sending_to: int,
+        lease: tuple[int, str, float],
+        now: float,
+    ) -> bool:
+        """In one transaction: record the offset the server confirmed, commit that bytes up to
+        `sending_to` may go out next, and renew the job's `lease` (job id, owner, seconds).
+        Return False, changing nothing, if the owner no longer holds the job."""
+        job_id, owner, seconds = lease
+        with self._store._write() as db:
+            held = db.execute(
+                "UPDATE jobs SET lease_expires_at = ?, updated_at = ?"
+                " WHERE id = ? AND state = ? AND lease_owner = ?",
+                (now + seconds, now, job_id, JobState.CLAIMED, owner),
+            ).rowcount
+            if held != 1:
+                return False
+            db.execute(
+                "UPDATE uploads SET confirmed_offset = ?, sent_to = max(sent_to, ?),"
+                " updated_at = ? WHERE study_id = ?",
+                (offset, sending_to, now, study_id),
+            )
+        return True
 
     def mark_sent(self, study_id: int, now: float) -> None:
         """The whole bundle is in the cloud: the part and its instances are `sent`."""
