@@ -197,7 +197,7 @@ def test_a_part_is_confirmed_once_the_archive_lists_it_and_its_files_then_leave_
         assert agent.status()["studies"]["confirmed"] == 0
         spool_files = [row[0] for row in agent.rows("SELECT path FROM instances")]
         assert all((tmp_data_dir / path).exists() for path in spool_files)
-        # The state's ingest (issue 4 builds it) stores the bundle's instances in the archive.
+        # Standing in for the state's ingest (not built yet): the instances go into the archive.
         for _, body in bundle_members(upload.data())[1:]:
             archive.session.post(f"{archive.http_url}/instances", data=body).raise_for_status()
         wait_until(
