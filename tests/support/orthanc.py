@@ -29,7 +29,7 @@ import requests
 
 from tests.support import dcmtk
 from tests.support.net import LOOPBACK, PeerExited, free_port, wait_for_port, wait_until
-from tests.support.process import stop_process, tail
+from tests.support.process import stop_process, stopped_on_failure, tail
 
 SETUP_HINT = "run scripts/setup to install orthanc and orthanc-dicomweb"
 _BINARIES = ("/usr/sbin/Orthanc", "/usr/local/sbin/Orthanc", "/usr/local/bin/Orthanc")
@@ -155,17 +155,10 @@ class Orthanc:
             env={**os.environ, "TCP_NODELAY": "1"},
             cwd=self.work_dir,
         )
-        try:
+        with stopped_on_failure("Orthanc", self.stop, self.log_tail):
             wait_until(self._answers_http, self.startup_timeout, 0.1, "Orthanc GET /system")
             wait_for_port(LOOPBACK, self.dicom_port, self.startup_timeout)
             wait_until(self._answers_echo, self.startup_timeout, 0.1, "Orthanc C-ECHO")
-        except TimeoutError as exc:
-            log = self.log_tail()
-            self.stop()
-            raise TimeoutError(f"{exc}; Orthanc's log:\n{log}") from None
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def _answers_http(self) -> bool:

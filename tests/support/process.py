@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 
@@ -40,3 +41,20 @@ def vm_hwm_bytes(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+@contextlib.contextmanager
+def stopped_on_failure(
+    name: str, stop: Callable[[], object], log_tail: Callable[[], str]
+) -> Iterator[None]:
+    """Around a peer's start-up checks: on any failure stop the peer, and add its log to a
+    timeout's message (what it printed is usually why it never got ready)."""
+    try:
+        yield
+    except TimeoutError as exc:
+        log = log_tail()
+        stop()
+        raise TimeoutError(f"{exc}; {name}'s log:\n{log}") from None
+    except BaseException:
+        stop()
+        raise

@@ -32,7 +32,7 @@ from typing import IO, Any
 import requests
 
 from tests.support.net import LOOPBACK, PeerExited, free_port, wait_until
-from tests.support.process import stop_process, tail
+from tests.support.process import stop_process, stopped_on_failure, tail
 
 SETUP_HINT = "run scripts/setup to install Node.js and devcloud/tus's npm packages"
 SERVER_DIR = Path(__file__).resolve().parents[2] / "devcloud" / "tus"
@@ -172,15 +172,8 @@ class TusServer:
             stdin=subprocess.DEVNULL,
             cwd=SERVER_DIR,
         )
-        try:
+        with stopped_on_failure("the tus server", self.stop, self.log_tail):
             wait_until(self._answers_health, self.startup_timeout, 0.05, "tus server GET /healthz")
-        except TimeoutError as exc:
-            log = self.log_tail()
-            self.stop()
-            raise TimeoutError(f"{exc}; the tus server's log:\n{log}") from None
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def _answers_health(self) -> bool:
