@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,10 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import zstandard  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
+from tests.support import bundles  # noqa: E402
 from tests.support.agent import Agent  # noqa: E402
 from tests.support.datasets import (  # noqa: E402
     UNCOMPRESSED,
@@ -160,15 +158,12 @@ def unpack_cloud(cloud: TusServer) -> tuple[dict[str, bytes], list[str]]:
         if not upload.complete or hashlib.sha256(data).hexdigest() != upload.metadata["sha256"]:
             problems.append(f"bundle {upload.id} is incomplete or does not match its sha256")
             continue
-        raw = zstandard.ZstdDecompressor().decompressobj().decompress(data)
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-            members = {m.name: tar.extractfile(m) for m in tar.getmembers()}
-            manifest = json.load(members.pop("manifest.json"))  # type: ignore[arg-type]
-            for entry in manifest["instances"]:
-                uid = entry["sop_instance_uid"]
-                if uid in found:
-                    problems.append(f"{uid} uploaded twice")
-                found[uid] = members[entry["file"]].read()  # type: ignore[union-attr]
+        members = dict(bundles.members(data))
+        for entry in json.loads(members.pop("manifest.json"))["instances"]:
+            uid = entry["sop_instance_uid"]
+            if uid in found:
+                problems.append(f"{uid} uploaded twice")
+            found[uid] = members[entry["file"]]
     return found, problems
 
 

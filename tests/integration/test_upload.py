@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import tarfile
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,9 @@ from typing import Any
 import pytest
 import requests
 import yaml
-import zstandard
 from pydicom import dcmread
 
-from tests.support import datasets, dcmtk
+from tests.support import bundles, datasets, dcmtk
 from tests.support.agent import Agent
 from tests.support.faultproxy import FaultProxy
 from tests.support.net import wait_until
@@ -38,25 +36,6 @@ def upload_agent(
         stable_after=stable_after,
         extra={"cloud": {"upload_url": upload_url}, "upload": settings},
     )
-
-
-def bundle_members(data: bytes) -> list[tuple[str, bytes]]:
-    raw = zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-        found = []
-        for member in tar.getmembers():
-            extracted = tar.extractfile(member)
-            assert extracted is not None
-            found.append((member.name, extracted.read()))
-        return found
-
-
-def dataset_digest(part10: bytes) -> str:
-    """sha256 of what follows the File Meta group, as `datasets.dataset_sha256` computes it."""
-    with tempfile.NamedTemporaryFile(suffix=".dcm") as scratch:
-        scratch.write(part10)
-        scratch.flush()
-        return datasets.dataset_sha256(Path(scratch.name))
 
 
 def complete_uploads(tus: TusServer, count: int, timeout: float = 120.0) -> list[StoredUpload]:
@@ -84,12 +63,12 @@ def test_a_study_from_storescu_arrives_as_one_verified_bundle(
         assert upload.metadata["study_uid"] == study_uid
         assert (upload.metadata["part"], upload.metadata["instances"]) == ("1", "12")
         assert upload.metadata["format"] == "dicom-tar+zstd"
-        members = bundle_members(data)
+        members = bundles.members(data)
         manifest = json.loads(members[0][1])
         assert members[0][0] == "manifest.json"
         assert manifest["study_uid"] == study_uid
         sent = {datasets.dataset_sha256(path) for path in series}
-        received = {dataset_digest(body) for _, body in members[1:]}
+        received = {datasets.dataset_digest(body) for _, body in members[1:]}
         assert received == sent
         assert {entry["sha256"] for entry in manifest["instances"]} == sent
         assert agent.status()["instances"]["sent"] == 12
@@ -109,8 +88,8 @@ def test_a_resent_study_uploads_nothing_new_and_late_instances_go_as_part_two(
         wait_until(lambda: agent.status()["studies"]["sent"] == 2, 30, what="part 2 sent")
         late = next(u for u in uploads if u.metadata["part"] == "2")
         assert late.metadata["instances"] == "2"
-        members = bundle_members(late.data())
-        received = {dataset_digest(body) for _, body in members[1:]}
+        members = bundles.members(late.data())
+        received = {datasets.dataset_digest(body) for _, body in members[1:]}
         assert received == {datasets.dataset_sha256(path) for path in series[6:]}
         assert len(tus.uploads()) == 2
 
@@ -198,7 +177,7 @@ def test_a_part_is_confirmed_once_the_archive_lists_it_and_its_files_then_leave_
         spool_files = [row[0] for row in agent.rows("SELECT path FROM instances")]
         assert all((tmp_data_dir / path).exists() for path in spool_files)
         # Standing in for the state's ingest (not built yet): the instances go into the archive.
-        for _, body in bundle_members(upload.data())[1:]:
+        for _, body in bundles.members(upload.data())[1:]:
             archive.session.post(f"{archive.http_url}/instances", data=body).raise_for_status()
         wait_until(
             lambda: agent.status()["studies"]["confirmed"] == 1, 30, what="the part confirmed"

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
-import io
 import math
 import random
-import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zstandard
 
-from tests.support import datasets, dcmtk
+from tests.support import bundles, datasets, dcmtk
 from tests.support.agent import Agent
 from tests.support.faultproxy import FaultProxy
 from tests.support.httpfaults import Exchange, HttpFaults
@@ -51,7 +47,6 @@ WAIT = 60.0
 """Bound on every wait for the agent or a server; a healthy run needs a few seconds."""
 REQUEST_OVERHEAD = 1 * KiB
 """More than the request line and headers of any request the agent sends to the tus server."""
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 # The agent and its study ----------------------------------------------------------------------
@@ -184,32 +179,11 @@ def stays_flat(value: Callable[[], int], seconds: float) -> int:
 # What reached the cloud -----------------------------------------------------------------------
 
 
-def bundle_members(data: bytes) -> list[tuple[str, bytes]]:
-    """Return (name, bytes) of a bundle's tar members, zstd-compressed or not."""
-    if data.startswith(ZSTD_MAGIC):
-        data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        members = []
-        for member in tar.getmembers():
-            extracted = tar.extractfile(member)
-            assert extracted is not None, member.name
-            members.append((member.name, extracted.read()))
-        return members
-
-
-def dataset_digest(part10: bytes) -> str:
-    """sha256 of what follows the File Meta group, as `datasets.dataset_sha256` computes it."""
-    with tempfile.NamedTemporaryFile(suffix=".dcm") as scratch:
-        scratch.write(part10)
-        scratch.flush()
-        return datasets.dataset_sha256(Path(scratch.name))
-
-
 def assert_instances_in(bundle: bytes, series: list[Path]) -> None:
     """The bundle holds a manifest and then every dataset sent, each exactly once."""
-    members = bundle_members(bundle)
+    members = bundles.members(bundle)
     assert members[0][0] == "manifest.json"
-    received = sorted(dataset_digest(body) for _, body in members[1:])
+    received = sorted(datasets.dataset_digest(body) for _, body in members[1:])
     assert received == sorted(datasets.dataset_sha256(path) for path in series)
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
 import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -127,14 +129,8 @@ def distinct_instances(paths: list[Path]) -> list[Path]:
     return kept
 
 
-def file_meta_length(path: Path) -> int:
-    """Return the byte offset where a Part-10 file's dataset starts (after group 0002).
-
-    The File Meta group is always Explicit VR Little Endian; its elements are
-    walked one by one rather than trusting (0002,0000), which some writers omit.
-    Raise ValueError if the file is not Part-10.
-    """
-    long_vrs = {
+_LONG_VRS = frozenset(
+    {
         b"OB",
         b"OD",
         b"OF",
@@ -149,27 +145,47 @@ def file_meta_length(path: Path) -> int:
         b"UT",
         b"UV",
     }
+)
+
+
+def file_meta_length(path: Path) -> int:
+    """Return the byte offset where a Part-10 file's dataset starts (after group 0002).
+
+    The File Meta group is always Explicit VR Little Endian; its elements are
+    walked one by one rather than trusting (0002,0000), which some writers omit.
+    Raise ValueError if the file is not Part-10.
+    """
     with path.open("rb") as f:
-        head = f.read(132)
-        if len(head) != 132 or head[128:] != b"DICM":
-            raise ValueError(f"{path}: no DICM prefix, not a Part-10 file")
-        offset = 132
-        while True:
-            header = f.read(8)
-            if len(header) < 8:
-                return offset
-            group, _element = struct.unpack("<HH", header[:4])
-            if group != 0x0002:
-                return offset
-            vr = header[4:6]
-            if vr in long_vrs:
-                (length,) = struct.unpack("<I", f.read(4))
-                size = 12 + length
-            else:
-                (length,) = struct.unpack("<H", header[6:8])
-                size = 8 + length
-            offset += size
-            f.seek(offset)
+        return _meta_length(f, str(path))
+
+
+def _meta_length(f: BinaryIO, name: str) -> int:
+    head = f.read(132)
+    if len(head) != 132 or head[128:] != b"DICM":
+        raise ValueError(f"{name}: no DICM prefix, not a Part-10 file")
+    offset = 132
+    while True:
+        header = f.read(8)
+        if len(header) < 8:
+            return offset
+        group, _element = struct.unpack("<HH", header[:4])
+        if group != 0x0002:
+            return offset
+        vr = header[4:6]
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack("<I", f.read(4))
+            size = 12 + length
+        else:
+            (length,) = struct.unpack("<H", header[6:8])
+            size = 8 + length
+        offset += size
+        f.seek(offset)
+
+
+def dataset_digest(part10: bytes) -> str:
+    """Return what `dataset_sha256` returns for a file holding `part10`."""
+    offset = _meta_length(io.BytesIO(part10), "<bytes>")
+    return hashlib.sha256(part10[offset:]).hexdigest()
 
 
 def dataset_sha256(path: Path) -> str:

@@ -6,14 +6,12 @@ import hashlib
 import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import imagecodecs
 import numpy as np
 import pytest
-import zstandard
 from pydicom import dcmread
 from pydicom.encaps import generate_frames
 
@@ -22,7 +20,7 @@ from agent.pack import MANIFEST, Compression, PackError, PartInfo, pack
 from agent.spool import Spool
 from agent.store.uploads import PartFile
 from agent.transcode import HTJ2K_LOSSLESS, JPEG_LS_LOSSLESS
-from tests.support import datasets
+from tests.support import bundles, datasets
 
 INFO = PartInfo(site="hospital-a", study_uid="1.2.3.4", part=2)
 
@@ -55,13 +53,6 @@ def spooled(spool: Spool, sources: list[Path]) -> list[PartFile]:
     return files
 
 
-def members(bundle_path: Path, compressed: bool) -> list[tuple[str, bytes]]:
-    raw = bundle_path.read_bytes()
-    data = zstandard.ZstdDecompressor().decompressobj().decompress(raw) if compressed else raw
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
-
-
 @pytest.mark.parametrize("method", ["zstd", "none"])
 def test_bundle_holds_manifest_first_then_every_file_byte_for_byte(
     spool: Spool, method: str
@@ -73,7 +64,8 @@ def test_bundle_holds_manifest_first_then_every_file_byte_for_byte(
     assert bundle.size == path.stat().st_size
     assert bundle.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert bundle.instances == len(files)
-    found = members(path, compressed=method == "zstd")
+    assert path.read_bytes().startswith(bundles.ZSTD_MAGIC) == (method == "zstd")
+    found = bundles.members(path.read_bytes())
     assert found[0][0] == MANIFEST
     manifest = json.loads(found[0][1])
     assert (manifest["site"], manifest["study_uid"], manifest["part"]) == (
@@ -139,7 +131,7 @@ def test_transcoded_bundles_hold_bit_exact_pixels_and_name_the_original(
     files = spooled(spool, series)
     compression = Compression(method="zstd", threads=1, transcode=method)
     bundle = pack(spool, INFO, files, compression)
-    found = members(spool.path(bundle.path), compressed=True)
+    found = bundles.members(spool.path(bundle.path).read_bytes())
     manifest = json.loads(found[0][1])
     for (_, data), entry, source in zip(found[1:], manifest["instances"], series, strict=True):
         assert entry["transfer_syntax"] == syntax
@@ -162,7 +154,7 @@ def test_what_cannot_be_transcoded_exactly_goes_as_it_came_with_the_reason(spool
     ]
     files = spooled(spool, colour[:1])
     bundle = pack(spool, INFO, files, Compression(threads=1, transcode="jpeg-ls"))
-    found = members(spool.path(bundle.path), compressed=True)
+    found = bundles.members(spool.path(bundle.path).read_bytes())
     (entry,) = json.loads(found[0][1])["instances"]
     assert "grayscale" in entry["not_transcoded"]
     assert entry["sha256"] == files[0].sha256
