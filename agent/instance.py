@@ -16,6 +16,7 @@ import re
 import struct
 import tempfile
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -83,6 +84,34 @@ class InstanceHeader:
     """sha256 of everything after the File Meta group: the dataset as the sender encoded it."""
 
 
+@dataclass(frozen=True)
+class Element:
+    """Where one element sits in a file: its header at `offset`, its value at `value_offset`."""
+
+    tag: int
+    vr: bytes | None
+    """None in Implicit VR datasets."""
+    offset: int
+    value_offset: int
+    length: int
+    """0xFFFFFFFF: undefined (a sequence, or encapsulated pixel data)."""
+
+    @property
+    def end(self) -> int:
+        return self.value_offset + self.length
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a Part-10 file's parts are: its File Meta elements in order, where the dataset
+    starts, and the top-level elements asked for."""
+
+    transfer_syntax: str
+    meta: tuple[Element, ...]
+    dataset_offset: int
+    elements: dict[int, Element]
+
+
 @dataclass
 class _Frame:
     kind: str  # "dataset" | "item" | "sequence" | "fragments"
@@ -117,6 +146,22 @@ def inspect(path: Path, expected_sop_instance_uid: str | None = None) -> Instanc
     return InstanceHeader(transfer_syntax=transfer_syntax, size=size, sha256=sha256, **uids)
 
 
+def layout(f: BinaryIO, size: int, tags: Collection[int]) -> Layout:
+    """Given a Part-10 file (any seekable binary file object, an mmap too), check its structure
+    as `inspect` does and return where its File Meta elements and its top-level `tags` are.
+
+    Raise InvalidInstance if it is malformed; ValueError for a deflated dataset, whose element
+    positions are not positions in the file.
+    """
+    meta, dataset = _meta_elements(f, size)
+    transfer_syntax = _meta_uids(f, meta)[0]
+    if transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
+        raise ValueError("a deflated dataset has no element positions in its file")
+    elements: dict[int, Element] = {}
+    _walk(f, dataset, size, transfer_syntax, (frozenset(tags), elements))
+    return Layout(transfer_syntax, tuple(meta), dataset, elements)
+
+
 def dataset_offset(f: BinaryIO, size: int) -> int:
     """Return where the dataset starts in a Part-10 file (after its File Meta group), the
     start of what `InstanceHeader.sha256` covers. Raise InvalidInstance if the meta is bad."""
@@ -125,11 +170,17 @@ def dataset_offset(f: BinaryIO, size: int) -> int:
 
 def _read_meta(f: BinaryIO, size: int) -> tuple[str, str | None, int]:
     """Return (transfer syntax, media SOP Instance UID, dataset offset) from the File Meta."""
+    meta, dataset = _meta_elements(f, size)
+    return (*_meta_uids(f, meta), dataset)
+
+
+def _meta_elements(f: BinaryIO, size: int) -> tuple[list[Element], int]:
+    """Return the File Meta elements (always Explicit VR Little Endian) and where they end."""
     f.seek(_PREAMBLE)
     if f.read(4) != b"DICM":
         raise InvalidInstance(Problem.MALFORMED, "not a DICOM Part-10 file (no DICM prefix)")
     pos = _PREAMBLE + 4
-    values: dict[int, str] = {}
+    elements: list[Element] = []
     while pos + 8 <= size:
         f.seek(pos)
         head = f.read(8)
@@ -145,13 +196,21 @@ def _read_meta(f: BinaryIO, size: int) -> tuple[str, str | None, int]:
             start = pos + 8
         if length == _UNDEFINED or start + length > size:
             raise InvalidInstance(Problem.MALFORMED, "File Meta element runs past the end of file")
-        tag = group << 16 | element
-        if tag in (_TRANSFER_SYNTAX, _MEDIA_SOP_INSTANCE):
-            values[tag] = _read_uid(f, start, length, tag)
+        elements.append(Element(group << 16 | element, vr, pos, start, length))
         pos = start + length
+    return elements, pos
+
+
+def _meta_uids(f: BinaryIO, meta: list[Element]) -> tuple[str, str | None]:
+    """Return (transfer syntax, media SOP Instance UID) from the File Meta elements."""
+    values = {
+        e.tag: _read_uid(f, e.value_offset, e.length, e.tag)
+        for e in meta
+        if e.tag in (_TRANSFER_SYNTAX, _MEDIA_SOP_INSTANCE)
+    }
     if _TRANSFER_SYNTAX not in values:
         raise InvalidInstance(Problem.MALFORMED, "File Meta has no Transfer Syntax UID")
-    return values[_TRANSFER_SYNTAX], values.get(_MEDIA_SOP_INSTANCE), pos
+    return values[_TRANSFER_SYNTAX], values.get(_MEDIA_SOP_INSTANCE)
 
 
 def _walk_dataset(f: BinaryIO, offset: int, size: int, transfer_syntax: str) -> dict[str, str]:
@@ -181,8 +240,15 @@ def _inflate(src: BinaryIO, offset: int, dst: BinaryIO) -> None:
         raise InvalidInstance(Problem.MALFORMED, f"deflated dataset is corrupt: {exc}") from exc
 
 
-def _walk(f: BinaryIO, offset: int, size: int, transfer_syntax: str) -> dict[str, str]:
-    """Walk every element header from `offset` to `size`; return the top-level UIDs found."""
+def _walk(
+    f: BinaryIO,
+    offset: int,
+    size: int,
+    transfer_syntax: str,
+    collect: tuple[frozenset[int], dict[int, Element]] | None = None,
+) -> dict[str, str]:
+    """Walk every element header from `offset` to `size`; return the top-level UIDs found.
+    With `collect` (tags, found), also record where each top-level element of `tags` is."""
     endian = ">" if transfer_syntax == EXPLICIT_VR_BE else "<"
     u16, u32 = struct.Struct(endian + "H"), struct.Struct(endian + "I")
     stack = [_Frame("dataset", size, size, transfer_syntax == IMPLICIT_VR_LE)]
@@ -212,6 +278,8 @@ def _walk(f: BinaryIO, offset: int, size: int, transfer_syntax: str) -> dict[str
         if tag >> 16 == 0xFFFE:
             raise InvalidInstance(Problem.MALFORMED, f"unexpected delimiter {_tag(tag)} at {pos}")
         vr, length, start = _element_header(f, frame, head, u16, u32, pos)
+        if collect is not None and len(stack) == 1 and tag in collect[0]:
+            collect[1][tag] = Element(tag, vr, pos, start, length)
         if length == _UNDEFINED:
             kind = "fragments" if tag == _PIXEL_DATA and vr in (b"OB", b"OW") else "sequence"
             if kind == "sequence" and not (frame.implicit or vr in (b"SQ", b"UN")):
