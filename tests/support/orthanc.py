@@ -71,8 +71,8 @@ class Orthanc:
     """One Orthanc process with its own ports and storage, stopped for sure on exit.
 
     `modalities` maps a name to [AET, host, port] (Orthanc's `DicomModalities`);
-    `extra_config` is merged over the generated configuration last. Use as a
-    context manager, or call `start()` and `stop()`.
+    `extra_config` is merged over the generated configuration last; the ports are free
+    ones unless given. Use as a context manager, or call `start()` and `stop()`.
     """
 
     def __init__(
@@ -83,10 +83,12 @@ class Orthanc:
         dicomweb: bool = True,
         extra_config: Mapping[str, Any] | None = None,
         startup_timeout: float = 60.0,
+        http_port: int | None = None,
+        dicom_port: int | None = None,
     ) -> None:
         self.aet = aet
-        self.http_port = free_port()
-        self.dicom_port = free_port()
+        self.http_port = http_port or free_port()
+        self.dicom_port = dicom_port or free_port()
         self.http_url = f"http://{LOOPBACK}:{self.http_port}"
         self.startup_timeout = startup_timeout
         self.work_dir = Path(tempfile.mkdtemp(prefix="dirigo-orthanc-"))
@@ -137,6 +139,11 @@ class Orthanc:
             raise RuntimeError("Orthanc is not running")
         return self._proc.pid
 
+    @property
+    def running(self) -> bool:
+        """Return True while the Orthanc process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
     def start(self) -> Orthanc:
         """Start Orthanc and return once its REST API and a C-ECHO answer.
 
@@ -146,7 +153,7 @@ class Orthanc:
         if self._proc is not None:
             raise RuntimeError("Orthanc already started")
         self.config_path.write_text(json.dumps(self.config, indent=2))
-        self._log = self.log_path.open("w+b")
+        self._log = self.log_path.open("a+b")  # kept across a kill() and start()
         self._proc = subprocess.Popen(
             [binary(), str(self.config_path)],
             stdout=self._log,
@@ -177,6 +184,18 @@ class Orthanc:
         """
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """Kill Orthanc at once (SIGKILL), as a crash would; keep its directory, so that
+        `start()` brings the same archive back on the same ports."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait(timeout)
+            self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop Orthanc (SIGTERM, then SIGKILL after `timeout` s) and delete its directory."""

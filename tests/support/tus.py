@@ -91,11 +91,11 @@ class StoredUpload:
 class TusServer:
     """One tus server process on a free loopback port, storing uploads in `directory`.
 
-    The port and directory stay the same across `restart()` and a `start()`
-    after `kill()`, so a client holding an upload URL can resume against the
-    new process. Its output goes to `log_path` (by default beside the
-    directory, `<directory>.log`), appended across restarts. Use as a context
-    manager, or call `start()` and `stop()`.
+    The port (a free one unless given) and directory stay the same across
+    `restart()` and a `start()` after `kill()`, so a client holding an upload
+    URL can resume against the new process. Its output goes to `log_path` (by
+    default beside the directory, `<directory>.log`), appended across restarts.
+    Use as a context manager, or call `start()` and `stop()`.
     """
 
     def __init__(
@@ -106,11 +106,12 @@ class TusServer:
         max_size: int | None = None,
         log_path: Path | None = None,
         startup_timeout: float = 30.0,
+        port: int | None = None,
     ) -> None:
         self._node = check_installed()
         self._directory = Path(directory)
         self._route = "/" + path.strip("/")
-        self._port = free_port()
+        self._port = port or free_port()
         self.max_size = max_size
         self.log_path = log_path or self._directory.with_name(f"{self._directory.name}.log")
         self.startup_timeout = startup_timeout
