@@ -5,6 +5,15 @@ Our own small tus client on requests rather than tuspy: tuspy keeps offsets in m
 in aiohttp, while Dirigo must commit every offset to SQLite and validate the server's offset on
 resume (it never trusts an offset it did not send). The client speaks core, creation,
 termination and, when the server advertises it, checksum (sha256 per PATCH).
+
+Every request goes through requests except the PATCH, which carries nearly all the bytes: it is
+sent from the bundle file itself (`agent.connections`: `sendfile` on plain TCP, one reused buffer
+over TLS) on a kept-alive connection per worker thread, with the session's headers, token, trust
+and client certificate. requests cannot send a file without copying it through Python, and that
+copy kept uploads well below the server's own ceiling (docs/performance.md). When requests would
+reach the cloud through a proxy (the session's or the environment's, as requests reads them),
+the PATCH goes through requests after all, its body streamed from the file, so a site behind a
+proxy works as before. Either way its answer is classified by the same function, `check_answer`.
 """
 
 from __future__ import annotations
@@ -13,25 +22,38 @@ import base64
 import contextlib
 import email.utils
 import hashlib
+import http.client
+import io
 import logging
+import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
+from typing import cast
 from urllib.parse import urljoin
 
 import requests
 
 from agent.config import CloudSettings, redact_url
+from agent.connections import (
+    BUFFER_SIZE,
+    Connections,
+    FileEnded,
+    Pace,
+    RangeBody,
+    Tls,
+    check_range,
+    read_range,
+)
 
 logger = logging.getLogger(__name__)
 
 TUS_VERSION = "1.0.0"
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 460, 500, 502, 503, 504})
 _GONE_STATUS = frozenset({404, 410})
-_READ_BLOCK = 256 * 1024
 
 
 class CloudError(Exception):
@@ -149,27 +171,12 @@ class Throttle:
             time.sleep(wait)
 
 
-class _Body:
-    """A PATCH body: `data` handed to requests in blocks, each paid for at the throttle."""
-
-    def __init__(self, data: bytes, throttle: Throttle) -> None:
-        self._view = memoryview(data)
-        self._position = 0
-        self._throttle = throttle
-
-    def __len__(self) -> int:
-        return len(self._view) - self._position
-
-    def read(self, size: int = -1) -> bytes:
-        size = _READ_BLOCK if size is None or size < 0 else min(size, _READ_BLOCK)
-        block = self._view[self._position : self._position + size]
-        self._position += len(block)
-        self._throttle.take(len(block))
-        return bytes(block)
-
-
 class TusClient:
-    """One tus endpoint. Thread-safe: each call is one request on the shared session."""
+    """One tus endpoint. Thread-safe: each call is one request, on the shared session or, for a
+    PATCH, on the calling thread's own kept-alive connection.
+
+    `direct=False` sends every PATCH through requests, as when a proxy applies (for tests).
+    """
 
     def __init__(
         self,
@@ -177,11 +184,15 @@ class TusClient:
         endpoint: str,
         timeout: float,
         throttle: Throttle | None = None,
+        *,
+        direct: bool = True,
     ) -> None:
         self.session = session
         self.endpoint = endpoint
         self.timeout = timeout
         self.throttle = throttle or Throttle(None)
+        self.direct = direct
+        self._connections = Connections(timeout)
         self._capabilities: Capabilities | None = None
 
     def capabilities(self) -> Capabilities:
@@ -238,22 +249,34 @@ class TusClient:
             )
         return offset, _int_or_none(response.headers.get("Upload-Length"))
 
-    def patch(self, url: str, offset: int, data: bytes) -> int:
-        """Send `data` at `offset`; return the server's new offset.
+    def patch(self, url: str, offset: int, f: io.BufferedIOBase, length: int) -> int:
+        """Send bytes [offset, offset + length) of the file `f` at `offset`; return the server's
+        new offset.
 
         Carries `Upload-Checksum: sha256 …` when the server supports it, so a chunk damaged in
-        transit is refused (460) and sent again rather than stored.
+        transit is refused (460) and sent again rather than stored; the range is read once
+        for the hash before it is sent. Raise FileEnded (an OSError: a local fault) if `f` is
+        shorter than the range.
         """
+        check_range(f, offset, length)
         headers = {
             "Upload-Offset": str(offset),
             "Content-Type": "application/offset+octet-stream",
         }
         if self.capabilities().sha256_checksums:
-            digest = base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
-            headers["Upload-Checksum"] = f"sha256 {digest}"
-        body: bytes | _Body = data if not self.throttle.rate else _Body(data, self.throttle)
-        response = self._request("PATCH", url, "send a chunk", headers=headers, data=body)
-        new_offset = _int_or_none(response.headers.get("Upload-Offset"))
+            headers["Upload-Checksum"] = f"sha256 {_range_sha256(f, offset, length)}"
+        pace = self.throttle.take if self.throttle.rate else None
+        # Two ways: our own connection sends the range straight from the file (sendfile),
+        # which requests cannot; through a proxy, requests does the talking (CONNECT, proxy
+        # credentials), reading the range through one buffer as it sends.
+        tls = self._direct_tls(url)
+        answer: Mapping[str, str]
+        if tls is None:
+            body = RangeBody(f, offset, length, pace)
+            answer = self._request("PATCH", url, "send a chunk", headers=headers, data=body).headers
+        else:
+            answer = self._patch_direct(url, headers, (f, offset, length), pace, tls)
+        new_offset = _int_or_none(answer.get("Upload-Offset"))
         if new_offset is None:
             raise CloudError("the tus server answered PATCH without Upload-Offset", retryable=True)
         return new_offset
@@ -265,23 +288,82 @@ class TusClient:
         with contextlib.suppress(UploadGone):  # already gone is what we wanted
             self._request("DELETE", url, "terminate an upload")
 
+    def close(self) -> None:
+        """Close the calling thread's PATCH connections (another thread's go when it ends)."""
+        self._connections.close()
+
+    def _direct_tls(self, url: str) -> Tls | None:
+        """Return the trust settings requests would use for `url`, or None if it would go
+        through a proxy (set in the session or, with trust_env, in the environment)."""
+        if not self.direct:
+            return None
+        session = self.session
+        # What requests itself does per request: environment proxies (minus NO_PROXY) over
+        # the session's, and REQUESTS_CA_BUNDLE where the session trusts the default bundle.
+        settings = session.merge_environment_settings(url, {}, None, session.verify, session.cert)
+        if requests.utils.select_proxy(url, settings["proxies"]):
+            return None
+        verify = settings["verify"]
+        return Tls(verify if isinstance(verify, str) else bool(verify), settings["cert"])
+
+    def _patch_direct(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        body: tuple[io.BufferedIOBase, int, int],
+        pace: Pace | None,
+        tls: Tls,
+    ) -> Mapping[str, str]:
+        action = "send a chunk"
+        try:
+            # requests prepares the headers as for any request: the session's (User-Agent,
+            # token), credentials in the URL or .netrc, cookies.
+            prepared = self.session.prepare_request(
+                requests.Request("PATCH", url, headers={**headers, "Tus-Resumable": TUS_VERSION})
+            )
+            prepared.headers["Content-Length"] = str(body[2])
+            assert prepared.url is not None
+            answer = self._connections.send(
+                "PATCH", prepared.url, prepared.headers, body, pace, tls
+            )
+        except FileEnded:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            raise _unanswered(action, url, exc) from None
+        check_answer(
+            "PATCH", url, action, answer.status, answer.reason, answer.headers, lambda: answer.text
+        )
+        _no_conflict(answer.status, action)
+        return answer.headers
+
     def _request(
         self,
         method: str,
         url: str,
         action: str,
         headers: Mapping[str, str] | None = None,
-        data: bytes | _Body | None = None,
+        data: RangeBody | None = None,
     ) -> requests.Response:
         all_headers = dict(headers or {})
         if method != "OPTIONS":
             all_headers["Tus-Resumable"] = TUS_VERSION
         response = send(self.session, method, url, action, self.timeout, all_headers, data)
-        if response.status_code == 409:
-            raise OffsetConflict(
-                f"cannot {action}: the server's offset differs (409)", retryable=True, status=409
-            )
+        _no_conflict(response.status_code, action)
         return response
+
+
+def _no_conflict(status: int, action: str) -> None:
+    if status == 409:
+        raise OffsetConflict(
+            f"cannot {action}: the server's offset differs (409)", retryable=True, status=409
+        )
+
+
+def _range_sha256(f: io.BufferedIOBase, offset: int, length: int) -> str:
+    digest = hashlib.sha256()
+    for block in read_range(f, offset, length, BUFFER_SIZE):
+        digest.update(block)
+    return base64.b64encode(digest.digest()).decode("ascii")
 
 
 def send(
@@ -291,21 +373,18 @@ def send(
     action: str,
     timeout: float,
     headers: Mapping[str, str] | None = None,
-    data: bytes | _Body | None = None,
+    data: RangeBody | None = None,
     params: Mapping[str, str] | None = None,
 ) -> requests.Response:
-    """Make one request; return the response if its status is 2xx (or 409, for tus).
-
-    Raise CloudError, classified: connection failures, timeouts, 5xx, 408, 429 and 460 are
-    retryable; 404/410 raise UploadGone; other 4xx (401, 403, 413, …) are not retryable.
-    """
-    where = redact_url(url)
+    """Make one request with requests; return the response if its status is 2xx (or 409, for
+    tus). Raise CloudError, classified as `check_answer` and `_unanswered` say."""
     try:
         response = session.request(
             method,
             url,
             headers=headers,
-            data=data,
+            # urllib3 sends each block (a memoryview of a reused buffer) as it is, uncopied
+            data=cast("Iterable[bytes] | None", data),
             params=params,
             timeout=timeout,
             allow_redirects=method in ("GET", "HEAD", "OPTIONS"),
@@ -314,26 +393,58 @@ def send(
             verify=session.verify,
             cert=session.cert,
         )
-    except requests.exceptions.SSLError as exc:
-        raise CloudError(
-            f"cannot {action}: TLS failed with {where}: {exc}", retryable=True
-        ) from None
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else "connection failed"
-        raise CloudError(f"cannot {action}: {kind} ({where})", retryable=True) from None
     except requests.exceptions.RequestException as exc:
-        raise CloudError(f"cannot {action}: {exc} ({where})", retryable=True) from None
+        raise _unanswered(action, url, exc) from None
     status = response.status_code
+    check_answer(
+        method, url, action, status, response.reason, response.headers, lambda: response.text
+    )
+    return response
+
+
+def check_answer(
+    method: str,
+    url: str,
+    action: str,
+    status: int,
+    reason: str | None,
+    headers: Mapping[str, str],
+    text: Callable[[], str],
+) -> None:
+    """Return if `status` answers `method` well: 2xx, or 409 (tus callers read it as an offset
+    conflict). Otherwise raise CloudError, classified: 5xx, 408, 425, 429 and 460 are
+    retryable (with the server's `Retry-After`, if any); 404/410 raise UploadGone; other 4xx
+    (401, 403, 413, …) are not retryable. `text()` gives the answer's body, quoted in the
+    message (not for HEAD); it is only asked for on failure.
+    """
     if 200 <= status < 300 or status == 409:
-        return response
-    detail = _short(response.text) if method != "HEAD" else ""
-    message = f"cannot {action}: HTTP {status} {response.reason or ''}".rstrip()
-    message += f" from {where}" + (f": {detail}" if detail else "")
+        return
+    detail = _short(text()) if method != "HEAD" else ""
+    message = f"cannot {action}: HTTP {status} {reason or ''}".rstrip()
+    message += f" from {redact_url(url)}" + (f": {detail}" if detail else "")
     if status in _GONE_STATUS:
         raise UploadGone(message, retryable=True, status=status)
-    retry_after = _retry_after(response.headers.get("Retry-After"))
+    retry_after = _retry_after(headers.get("Retry-After"))
     retryable = status in _RETRYABLE_STATUS or status >= 500
     raise CloudError(message, retryable=retryable, status=status, retry_after=retry_after)
+
+
+def _unanswered(action: str, url: str, exc: Exception) -> CloudError:
+    """Return the CloudError for a request that got no answer, from requests or from the
+    standard library (our own PATCH connections). Always retryable: the link, the server or
+    its certificate may be fixed by then."""
+    where = redact_url(url)
+    if isinstance(exc, requests.exceptions.SSLError | ssl.SSLError):
+        problem = f"TLS failed with {where}: {exc}"
+    elif isinstance(exc, requests.exceptions.Timeout | TimeoutError):
+        problem = f"timed out ({where})"
+    elif isinstance(exc, requests.exceptions.RequestException) and not isinstance(
+        exc, requests.exceptions.ConnectionError
+    ):
+        problem = f"{exc} ({where})"
+    else:  # a refused or broken connection, no or a garbled answer
+        problem = f"connection failed ({where})"
+    return CloudError(f"cannot {action}: {problem}", retryable=True)
 
 
 def qido_instances(

@@ -177,14 +177,11 @@ class Uploader:
             while offset < bundle.size:
                 if self.stop.is_set():
                     raise Interrupted
-                f.seek(offset)
-                data = f.read(chunk_size)
-                if committed_to < offset + len(data):
-                    self.store.uploads.record_sending(
-                        job.study_id, offset + len(data), self.clock()
-                    )
+                length = min(chunk_size, bundle.size - offset)
+                if committed_to < offset + length:
+                    self.store.uploads.record_sending(job.study_id, offset + length, self.clock())
                 try:
-                    new_offset = self.client.patch(url, offset, data)
+                    new_offset = self.client.patch(url, offset, f, length)
                 except OffsetConflict as exc:
                     new_offset = self._server_offset(job, url, bundle)
                     if new_offset == offset:
@@ -196,7 +193,7 @@ class Uploader:
                             status=exc.status,
                         ) from None
                 else:
-                    if not offset < new_offset <= offset + len(data):
+                    if not offset < new_offset <= offset + length:
                         self._distrust(job, url, f"answered a PATCH at {offset} with {new_offset}")
                 offset = new_offset
                 # One commit per chunk: the offset the server confirmed, the end of the next

@@ -142,8 +142,9 @@ def process_cpu_seconds(pid: int) -> float:
 
 def tus_dirigo(url: str, path: Path, chunk_size: int, sha256: str) -> dict[str, Any]:
     """Upload `path` with Dirigo's TusClient, chunk by chunk as agent/upload.py sends a bundle:
-    read a chunk at the confirmed offset, PATCH it, continue from the offset the server names.
-    The store's bookkeeping between chunks is left out (the end-to-end run includes it)."""
+    PATCH the byte range of the file from the confirmed offset, continue from the offset the
+    server names. The store's bookkeeping between chunks is left out (the end-to-end run
+    includes it)."""
     from agent.cloud import TusClient, build_session
     from agent.config import CloudSettings
 
@@ -160,15 +161,16 @@ def tus_dirigo(url: str, path: Path, chunk_size: int, sha256: str) -> dict[str, 
         offset, chunks = 0, 0
         with path.open("rb") as f:
             while offset < size:
-                f.seek(offset)
-                data = f.read(chunk_size)
-                new_offset = client.patch(upload_url, offset, data)
-                if not offset < new_offset <= offset + len(data):
+                length = min(chunk_size, size - offset)
+                new_offset = client.patch(upload_url, offset, f, length)
+                if not offset < new_offset <= offset + length:
                     raise RuntimeError(f"PATCH at {offset} answered with offset {new_offset}")
                 offset, chunks = new_offset, chunks + 1
         return {"url": upload_url, "chunks": chunks, "create_seconds": create_seconds}
 
-    return measured(send)
+    result = measured(send)
+    client.close()
+    return result
 
 
 def tus_tuspy(url: str, path: Path, chunk_size: int) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """The cloud client over HTTPS: a private CA, mutual TLS and a bearer token, against the real tus
-server behind a TLS front; and every way the cloud settings' files can be wrong."""
+server behind a TLS front, for requests' requests and the client's own PATCH connections alike;
+and every way the cloud settings' files can be wrong."""
 
 from __future__ import annotations
 
+import random
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -60,16 +62,38 @@ def client_for(front: TlsFront, **settings: object) -> TusClient:
     return TusClient(build_session(cloud), cloud.upload_url, timeout=10)
 
 
+def send_file(client: TusClient, path: Path, chunk: int) -> str:
+    """Create an upload of `path` and PATCH it in ranges of `chunk` bytes; return its URL."""
+    size = path.stat().st_size
+    url = client.create(size, {"filename": path.name})
+    with path.open("rb") as f:
+        for offset in range(0, size, chunk):
+            length = min(chunk, size - offset)
+            assert client.patch(url, offset, f, length) == offset + length
+    return url
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    """A file of 3 MiB and a few bytes: several of the 1 MiB blocks a PATCH goes in over TLS."""
+    path = tmp_path / "bundle.bin"
+    path.write_bytes(random.Random(3).randbytes(3 * 1024 * 1024 + 99))
+    return path
+
+
 def test_uploads_over_https_trusting_a_private_ca_and_sending_the_token(
-    ca: trustme.CA, files: dict[str, Path], tus: TusServer
+    ca: trustme.CA, files: dict[str, Path], tus: TusServer, bundle: Path
 ) -> None:
     with TlsFront(server_context(ca, require_client_cert=False), tus.port) as front:
         client = client_for(front, ca_file=files["ca_file"], token_file=files["token_file"])
-        url = client.create(6, {"filename": "x"})
-        assert client.patch(url, 0, b"abcdef") == 6
-        assert client.offset(url) == (6, 6)
-        assert f"Authorization: Bearer {TOKEN}".encode() in front.received
-    assert tus.uploads()[0].data() == b"abcdef"
+        url = send_file(client, bundle, 2 * 1024 * 1024)
+        size = bundle.stat().st_size
+        assert client.offset(url) == (size, size)
+        client.close()
+        # Every PATCH carried the token too: they do not go through requests.
+        assert front.received.count(b"PATCH ") == 2
+        assert front.received.count(f"Authorization: Bearer {TOKEN}".encode()) == 5
+    assert tus.uploads()[0].data() == bundle.read_bytes()
 
 
 def test_an_untrusted_server_certificate_is_a_clear_retryable_error(
@@ -83,7 +107,7 @@ def test_an_untrusted_server_certificate_is_a_clear_retryable_error(
 
 
 def test_mutual_tls_needs_the_client_certificate(
-    ca: trustme.CA, files: dict[str, Path], tus: TusServer
+    ca: trustme.CA, files: dict[str, Path], tus: TusServer, bundle: Path
 ) -> None:
     with TlsFront(server_context(ca, require_client_cert=True), tus.port) as front:
         with_cert = client_for(
@@ -93,10 +117,32 @@ def test_mutual_tls_needs_the_client_certificate(
             client_key=files["client_key"],
         )
         assert "creation" in with_cert.capabilities().extensions
+        url = send_file(with_cert, bundle, 1024 * 1024)
+        with_cert.close()
         without = client_for(front, ca_file=files["ca_file"])
         with pytest.raises(CloudError):
             without.capabilities()
         assert front.handshake_failures >= 1
+    assert [u.data() for u in tus.uploads()] == [bundle.read_bytes()]
+    assert url.endswith(tus.uploads()[0].id)
+
+
+def test_a_patch_trusts_only_the_configured_ca(
+    ca: trustme.CA, files: dict[str, Path], tus: TusServer, bundle: Path
+) -> None:
+    with TlsFront(server_context(ca, require_client_cert=False), tus.port) as front:
+        trusting = client_for(front, ca_file=files["ca_file"])
+        url = trusting.create(10, {"filename": "x"})
+        trusting.close()
+        other = trustme.CA()
+        other_ca = files["ca_file"].with_name("other-ca.pem")
+        other.cert_pem.write_to_path(str(other_ca))
+        distrusting = client_for(front, ca_file=other_ca)
+        distrusting._capabilities = trusting.capabilities()  # no OPTIONS: the PATCH itself
+        with bundle.open("rb") as f, pytest.raises(CloudError, match="TLS failed") as caught:
+            distrusting.patch(url, 0, f, 10)
+        assert caught.value.retryable
+    assert tus.uploads()[0].offset == 0
 
 
 @pytest.mark.parametrize("name", ["ca_file", "client_cert", "token_file"])
