@@ -18,13 +18,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agent import __version__
-from agent.cloud import CloudConfigError
-from agent.config import ConfigError, Settings, load_config
-from agent.daemon import DATABASE, Daemon, StartupError
+from agent.cloud import CloudConfigError, CloudError
+from agent.config import ConfigError, Peer, Settings, load_config
+from agent.daemon import CACHE, DATABASE, Daemon, StartupError
 from agent.dicom import peer_by_title, quiet_identifiers
+from agent.dicomweb import DicomWeb
 from agent.health import job_document, render, render_jobs, snapshot
 from agent.importer import Imported, Importer, Source, Tally, collect
 from agent.receive import Receiver
+from agent.serve.cache import InstanceCache
+from agent.serve.query import QueryError, Scope, study_scope
+from agent.serve.retrieve import Counts, Item, Retriever, push
 from agent.spool import SWEEP_LOCK, Spool
 from agent.store import JobState, Store, StoreError
 
@@ -114,6 +118,15 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         help="a file, or a folder searched recursively",
+    )
+    retrieve = command(
+        "retrieve", _retrieve, "pull a study from the cloud archive and push it to a PACS"
+    )
+    retrieve.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
+    retrieve.add_argument(
+        "--to",
+        metavar="PEER_AE",
+        help="AE title of a peer in dicom.peers (default: the first with host and port)",
     )
     _queue_parser(commands, common)
     return parser
@@ -215,7 +228,7 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
         raise CommandError(f"cannot import {exc.filename}: {exc.strerror}") from exc
     if not sources and not unreadable:
         raise CommandError("no files to import (only DICOMDIR or empty folders)")
-    _check_owner(settings.data_dir)
+    _check_owner(settings.data_dir, "send")
     tally = Tally()
     for item in unreadable:
         _report(tally, item)
@@ -278,9 +291,10 @@ def _report(tally: Tally, imported: Imported) -> None:
         tqdm.write(f"{imported.result} {imported.path}: {imported.reason}", file=sys.stderr)
 
 
-def _check_owner(data_dir: Path) -> None:
+def _check_owner(data_dir: Path, command: str) -> None:
     """Refuse to import as another user than the one owning data_dir (the agent's): the agent
-    could not read files another user leaves in its spool, nor a database journal root made."""
+    could not read files another user leaves in its spool or cache, nor a database journal root
+    made."""
     try:
         owner = data_dir.stat().st_uid
     except FileNotFoundError:
@@ -291,8 +305,8 @@ def _check_owner(data_dir: Path) -> None:
         except KeyError:
             name = f"uid {owner}"
         raise CommandError(
-            f"run `dirigo send` as the user that owns {data_dir} ({name}), as the agent runs:"
-            " it could not read files another user leaves in its spool"
+            f"run `dirigo {command}` as the user that owns {data_dir} ({name}), as the agent"
+            " runs: it could not read files another user leaves in data_dir"
         )
 
 
@@ -324,6 +338,90 @@ def _echo(settings: Settings, args: argparse.Namespace) -> int:
         raise CommandError(f"C-ECHO to {peer.ae_title} failed: {code}")
     print(f"C-ECHO to {peer.ae_title} at {peer.host}:{peer.port}: Success ({elapsed:.0f} ms)")
     return EXIT_OK
+
+
+def _retrieve(settings: Settings, args: argparse.Namespace) -> int:
+    """Pull a study from the cloud and push it to a peer: the same path as a C-MOVE."""
+    peer = _push_destination(settings, args.to)
+    try:
+        scope = study_scope(args.study)
+    except QueryError as exc:
+        raise CommandError(str(exc)) from None
+    if settings.cloud.dicomweb_url is None:
+        raise CommandError("retrieve needs cloud.dicomweb_url in the configuration")
+    if not settings.data_dir.is_dir():
+        raise CommandError(
+            f"data_dir {settings.data_dir} does not exist (has `dirigo run` started with this"
+            " configuration?)"
+        )
+    _check_owner(settings.data_dir, "retrieve")
+    cache_dir = settings.data_dir / CACHE
+    try:
+        cache = InstanceCache(cache_dir, settings.serve.cache_size).open()
+    except OSError as exc:
+        raise CommandError(f"cannot prepare the cache {cache_dir}: {exc}") from exc
+    dicomweb = DicomWeb.open(settings.cloud)
+    assert dicomweb is not None  # dicomweb_url is set
+    retriever = Retriever(dicomweb, cache, settings.serve.page_size)
+    try:
+        return _push_study(settings, retriever, scope, args.study, peer)
+    finally:
+        dicomweb.close()
+
+
+def _push_study(
+    settings: Settings, retriever: Retriever, scope: Scope, study_uid: str, peer: Peer
+) -> int:
+    from pynetdicom import AE
+
+    try:
+        refs = retriever.instances(scope)
+    except CloudError as exc:
+        raise CommandError(f"cannot list the study in the cloud archive: {exc}") from exc
+    if not refs:
+        raise CommandError(f"the cloud archive has no instances of study {study_uid}")
+    ae = AE(ae_title=settings.dicom.ae_title)
+    ae.acse_timeout = settings.dicom.acse_timeout
+    ae.dimse_timeout = settings.dicom.dimse_timeout
+    ae.network_timeout = settings.dicom.network_timeout
+    ae.maximum_pdu_size = settings.dicom.max_pdu
+    assert peer.host is not None and peer.port is not None
+    counts = Counts()
+    bar = tqdm(total=len(refs), unit="instance", file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def progress(item: Item) -> None:
+        bar.update(1)
+
+    try:
+        with bar, logging_redirect_tqdm():
+            pushed = push(
+                ae, peer.host, peer.port, peer.ae_title, retriever, refs, progress, counts
+            )
+    except ConnectionError as exc:
+        raise CommandError(str(exc)) from exc
+    for failure in pushed.failures:
+        print(f"not sent: {failure}", file=sys.stderr)
+    print(
+        f"{pushed.completed + pushed.warnings} of {len(refs)} instances sent to {peer.ae_title}"
+        f" ({counts.summary()})"
+    )
+    return EXIT_OK if not pushed.failures else EXIT_FAILURE
+
+
+def _push_destination(settings: Settings, title: str | None) -> Peer:
+    """Return the peer to push to: `title`, or the first peer with a host and port."""
+    reachable = [p for p in settings.dicom.peers if p.host is not None and p.port is not None]
+    if title is None:
+        if not reachable:
+            raise CommandError("no peer in dicom.peers has a host and port to push to")
+        return reachable[0]
+    peer = peer_by_title(reachable, title)
+    if peer is None:
+        known = ", ".join(p.ae_title for p in reachable) or "none"
+        raise CommandError(
+            f"no peer {title!r} with a host and port in dicom.peers (configured: {known})"
+        )
+    return peer
 
 
 def _check_config(settings: Settings, args: argparse.Namespace) -> int:

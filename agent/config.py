@@ -436,6 +436,10 @@ Workers = Annotated[int, _rule(_bounded_int(1, 64, "number of uploads"))]
 CompressionLevel = Annotated[int, _rule(_bounded_int(1, 19, "zstd level"))]
 CompressionThreads = Annotated[int, _rule(_bounded_int(0, 64, "number of threads"))]
 Retention = Annotated[float, _rule(_duration(0, inclusive=True)), PlainSerializer(_format_duration)]
+CacheSize = Annotated[
+    int, _rule(_size_between(0, 2**50, "cache size")), PlainSerializer(_format_size)
+]
+PageSize = Annotated[int, _rule(_bounded_int(1, 10000, "page size"))]
 Section = BeforeValidator(_empty_as_default)
 
 
@@ -537,6 +541,15 @@ class UploadSettings(BaseModel):
     retry_max: Timeout = 900.0
 
 
+class ServeSettings(BaseModel):
+    """Query/Retrieve for the local PACS: the cloud's archive answered as a DICOM node."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cache_size: CacheSize = 10 * 2**30
+    page_size: PageSize = 100
+
+
 class Settings(BaseModel):
     """The whole validated configuration. Dumping it (`redacted`, `model_dump`) gives the YAML
     form: durations as ``90s``, sizes as ``1MiB``, percentages as ``90%``, URLs redacted."""
@@ -551,6 +564,7 @@ class Settings(BaseModel):
     spool: Annotated[SpoolSettings, Section] = Field(default_factory=SpoolSettings)
     cloud: Annotated[CloudSettings, Section]
     upload: Annotated[UploadSettings, Section] = Field(default_factory=UploadSettings)
+    serve: Annotated[ServeSettings, Section] = Field(default_factory=ServeSettings)
 
     def redacted(self) -> dict[str, object]:
         """Return the effective configuration as plain YAML-able data with secrets replaced by

@@ -26,7 +26,11 @@ from pynetdicom.events import EventHandlerType
 from agent.cloud import Throttle, TusClient, build_session
 from agent.config import Settings
 from agent.dicom import PeerPolicy, association_handlers, build_ae
+from agent.dicomweb import DicomWeb
 from agent.receive import Arrival, Receiver
+from agent.serve.cache import InstanceCache
+from agent.serve.handlers import QueryRetrieve
+from agent.serve.retrieve import Retriever
 from agent.spool import AGENT_LOCK, SWEEP_LOCK, Locked, Spool
 from agent.store import Store, StoreError
 from agent.transcode import missing_codec
@@ -35,6 +39,8 @@ from agent.upload import Uploader, UploadWorkers, purge
 logger = logging.getLogger(__name__)
 
 DATABASE = "dirigo.db"
+CACHE = "cache"
+"""The directory in data_dir of instances fetched from the cloud for Query/Retrieve."""
 SHUTDOWN_GRACE = 30.0
 """Seconds in-flight associations get after a stop signal (the unit's TimeoutStopSec is longer)."""
 TICK = 0.25
@@ -55,6 +61,7 @@ class Daemon:
         self.receiver: Receiver | None = None
         self.server: Any = None
         self.workers: UploadWorkers | None = None
+        self.query_retrieve: QueryRetrieve | None = None
         self._agent_lock: contextlib.ExitStack | None = None
         self._stopping = False
         self._next_housekeeping = 0.0
@@ -99,7 +106,8 @@ class Daemon:
         requeued = self.store.requeue_expired(time.time(), every_claim=True)
         if requeued:
             logger.warning("returned %d interrupted job(s) to the queue", requeued)
-        self.server = self._start_server(self.store)
+        self.query_retrieve = QueryRetrieve(self.settings, self._retriever())
+        self.server = self._start_server(self.store, self.query_retrieve)
         self.workers = self._start_uploads(self.store, session)
         host, port = self.server.server_address[:2]
         logger.info(
@@ -122,7 +130,21 @@ class Daemon:
             raise StartupError(f"another dirigo agent is running with data_dir {where}") from None
         self._agent_lock = held
 
-    def _start_server(self, store: Store) -> Any:
+    def _retriever(self) -> Retriever | None:
+        """Return what Query/Retrieve fetches with, or None without cloud.dicomweb_url (then
+        every Q/R request is answered with a failure that says so)."""
+        dicomweb = DicomWeb.open(self.settings.cloud)
+        if dicomweb is None:
+            logger.info("cloud.dicomweb_url is not set: Query/Retrieve requests will be refused")
+            return None
+        cache_dir = self.settings.data_dir / CACHE
+        try:
+            cache = InstanceCache(cache_dir, self.settings.serve.cache_size).open()
+        except OSError as exc:
+            raise StartupError(f"cannot prepare the cache {cache_dir}: {exc}") from exc
+        return Retriever(dicomweb, cache, self.settings.serve.page_size)
+
+    def _start_server(self, store: Store, query_retrieve: QueryRetrieve) -> Any:
         dicom = self.settings.dicom
         try:
             policy = PeerPolicy(dicom.peers, dicom.accept_unknown_peers)
@@ -150,6 +172,7 @@ class Daemon:
             *association_handlers(policy),
             (evt.EVT_CONN_OPEN, on_open),
             (evt.EVT_C_STORE, on_store),
+            *query_retrieve.handlers(),
         ]
         ae = build_ae(dicom)
         try:
@@ -230,6 +253,9 @@ class Daemon:
         if self.receiver is not None:
             self.receiver.close()
             self.receiver = None
+        if self.query_retrieve is not None:
+            self.query_retrieve.close()
+            self.query_retrieve = None
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -16,7 +16,15 @@ from enum import IntEnum
 from pydicom import config as pydicom_config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.events import EventHandlerType
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 
 from agent.config import DicomSettings, Peer
 
@@ -25,6 +33,15 @@ logger = logging.getLogger(__name__)
 
 DUL_POLL_INTERVAL = 0.0001
 """Seconds pynetdicom's DUL reactor sleeps when idle (its default is 0.001)."""
+QUERY_RETRIEVE_SOP_CLASSES = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+"""The Query/Retrieve services Dirigo offers (agent.serve answers them)."""
 
 
 class Status(IntEnum):
@@ -115,7 +132,8 @@ def quiet_identifiers() -> None:
 
 
 def build_ae(settings: DicomSettings) -> AE:
-    """Return an AE accepting every storage SOP class in every transfer syntax, and Verification.
+    """Return an AE accepting every storage SOP class in every transfer syntax, Verification,
+    and Query/Retrieve (FIND, MOVE, GET) in the Patient Root and Study Root models.
 
     Incoming datasets are written straight to a file as they arrive (pynetdicom's chunked receive),
     so memory does not grow with instance size. Private and future storage SOP classes are accepted
@@ -138,8 +156,15 @@ def build_ae(settings: DicomSettings) -> AE:
     ae.network_timeout = settings.network_timeout
     for context in AllStoragePresentationContexts:
         if context.abstract_syntax is not None:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            # Both roles: a C-GET's requestor proposes to be the storage SCP on its own
+            # association (SCP/SCU role selection); a plain sender proposes nothing and
+            # keeps the default roles.
+            ae.add_supported_context(
+                context.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+            )
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for sop_class in QUERY_RETRIEVE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
     return ae
 
 

@@ -187,12 +187,93 @@ def findscu(
     extra_args: Sequence[str] = (),
     host: str = LOOPBACK,
     timeout: float = 60.0,
+    model: str = "-S",
+    out_dir: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Send a Study Root C-FIND with `keys` (findscu `-k` values such as 'PatientID=X')."""
-    args = ["-v", "-S", "-k", f"QueryRetrieveLevel={level}", *extra_args]
+    """Send a C-FIND with `keys` (findscu `-k` values such as 'PatientID=X'); Study Root unless
+    `model` is `-P` (Patient Root). With `out_dir`, each answer is written there as
+    `rsp0001.dcm` … (see `answers`). Runs with `-d`, so `final_status` can read the status."""
+    args = ["-d", model, "-k", f"QueryRetrieveLevel={level}", *extra_args]
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        args += ["-X", "-od", str(out_dir)]
     for key in keys:
         args += ["-k", key]
     return run("findscu", [*args, *_association_args(calling_ae, called_ae, host, port)], timeout)
+
+
+def answers(out_dir: Path) -> list[Path]:
+    """Return the C-FIND answers findscu wrote into `out_dir`, in the order they came."""
+    return sorted(out_dir.glob("rsp*.dcm"))
+
+
+def movescu(
+    port: int,
+    keys: Sequence[str],
+    destination: str,
+    calling_ae: str = "PACS",
+    called_ae: str = "DIRIGO",
+    level: str = "STUDY",
+    extra_args: Sequence[str] = (),
+    host: str = LOOPBACK,
+    timeout: float = 600.0,
+    model: str = "-S",
+) -> subprocess.CompletedProcess[str]:
+    """Send a C-MOVE of `keys` to the AE title `destination` (which the SCP must know). Runs
+    with `-d`, so `final_status` and `sub_operations` can read the responses."""
+    args = ["-d", model, "-aem", destination, "-k", f"QueryRetrieveLevel={level}", *extra_args]
+    for key in keys:
+        args += ["-k", key]
+    return run("movescu", [*args, *_association_args(calling_ae, called_ae, host, port)], timeout)
+
+
+def getscu(
+    port: int,
+    keys: Sequence[str],
+    out_dir: Path,
+    calling_ae: str = "PACS",
+    called_ae: str = "DIRIGO",
+    level: str = "STUDY",
+    extra_args: Sequence[str] = (),
+    host: str = LOOPBACK,
+    timeout: float = 600.0,
+    model: str = "-S",
+) -> subprocess.CompletedProcess[str]:
+    """Send a C-GET of `keys`; the instances arrive on the same association and are written
+    into `out_dir`. getscu proposes uncompressed syntaxes only unless `extra_args` say
+    otherwise (e.g. `+xt` to prefer JPEG-LS). Runs with `-d` (see `final_status`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = ["-d", model, "-od", str(out_dir), "-k", f"QueryRetrieveLevel={level}", *extra_args]
+    for key in keys:
+        args += ["-k", key]
+    return run("getscu", [*args, *_association_args(calling_ae, called_ae, host, port)], timeout)
+
+
+_DIMSE_STATUS = re.compile(r"DIMSE Status\s*:\s*0x(?P<code>[0-9a-fA-F]{4})")
+_SUB_OPERATIONS = re.compile(
+    r"(?P<kind>Remaining|Completed|Failed|Warning) Suboperations\s*:\s*(?P<count>[0-9]+)"
+)
+
+
+def statuses(result: subprocess.CompletedProcess[str]) -> list[int]:
+    """Return the DIMSE status of each response a `-d` findscu/movescu/getscu run received."""
+    output = result.stdout + "\n" + result.stderr
+    return [int(m["code"], 16) for m in _DIMSE_STATUS.finditer(output)]
+
+
+def final_status(result: subprocess.CompletedProcess[str]) -> int | None:
+    """Return the status of the last response received (None if there was none)."""
+    found = statuses(result)
+    return found[-1] if found else None
+
+
+def sub_operations(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    """Return the last sub-operation counts a `-d` movescu/getscu run printed, e.g.
+    {'Completed': 5, 'Failed': 0, 'Warning': 0} for a final response."""
+    counts: dict[str, int] = {}
+    for m in _SUB_OPERATIONS.finditer(result.stdout + "\n" + result.stderr):
+        counts[m["kind"]] = int(m["count"])
+    return counts
 
 
 _SENDING = re.compile(r"^I: Sending file: (?P<path>.+)$")

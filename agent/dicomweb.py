@@ -1,0 +1,229 @@
+"""DICOMweb mechanism on the cloud session: QIDO-RS searches page by page, and WADO-RS retrieval of
+one instance streamed into a file.
+
+Every request goes through `agent.cloud.send`, which classifies failures (`CloudError.retryable`);
+a body cut short while it streams is a retryable CloudError too. The session streams answers
+(`stream = True`), so an instance is copied to its file block by block and never held in memory
+whole: the multipart/related answer of WADO-RS is parsed as it arrives.
+
+Query values are percent-encoded by this module, not by requests, so that the characters QIDO-RS
+gives a meaning to (`*`, `?` and `,`) go literally, as RFC 3986 allows in a query: some archives
+(Orthanc 1.10 among them) compare values without decoding them, and would never match `%2A`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from email.message import Message
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+import requests
+
+from agent.cloud import CloudError, build_session, send
+from agent.config import CloudSettings, redact_url
+
+logger = logging.getLogger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+"""Ask for each instance as the archive holds it: no transcoding on the way out."""
+BLOCK = 1024 * 1024
+"""Bytes read from the answer at a time."""
+_QUERY_SAFE = "*?,:/@!$'()"
+"""Characters left literal in a query value: QIDO's wildcards and list separator, and others
+RFC 3986 allows there. `&`, `=`, `+`, `#`, `%`, spaces and non-ASCII are percent-encoded."""
+_HEADER_LIMIT = 64 * 1024
+"""The most bytes of preamble and part headers read before the body starts."""
+
+Params = Sequence[tuple[str, str]]
+
+
+def query_string(params: Params) -> str:
+    """Return `params` as a URL query: `name=value` pairs joined by `&`, percent-encoded
+    except for the characters QIDO-RS gives a meaning to."""
+    return "&".join(
+        f"{quote(name, safe='')}={quote(value, safe=_QUERY_SAFE)}" for name, value in params
+    )
+
+
+@dataclass(frozen=True)
+class DicomWeb:
+    """One DICOMweb service (QIDO-RS and WADO-RS) at `base_url`. Thread-safe: each call is one
+    request on the shared session."""
+
+    session: requests.Session
+    base_url: str
+    timeout: float
+
+    @classmethod
+    def open(cls, settings: CloudSettings) -> DicomWeb | None:
+        """Return the cloud's DICOMweb service with the configured trust, certificate and token,
+        or None when `cloud.dicomweb_url` is not set. Raise CloudConfigError if a file the
+        settings name cannot be read."""
+        if settings.dicomweb_url is None:
+            return None
+        session = build_session(settings)
+        session.stream = True  # answers are read as they arrive, never whole
+        return cls(session, settings.dicomweb_url.rstrip("/"), settings.timeout)
+
+    def close(self) -> None:
+        self.session.close()
+
+    # --- QIDO-RS ---------------------------------------------------------------------------
+
+    def search(
+        self, resource: str, params: Params, offset: int, limit: int
+    ) -> list[dict[str, Any]]:
+        """Return one page of QIDO-RS results for `resource` (`studies`, `series` or
+        `instances`, optionally below a study): at most `limit` answers from `offset` on.
+        Raise CloudError if the request fails or the answer is not a JSON list."""
+        paging = (
+            [("limit", str(limit)), ("offset", str(offset))] if offset else [("limit", str(limit))]
+        )
+        url = f"{self.base_url}/{resource}?{query_string([*params, *paging])}"
+        try:
+            response = send(
+                self.session, "GET", url, f"search {resource}", self.timeout, {"Accept": DICOM_JSON}
+            )
+        except CloudError as exc:
+            raise _without_query(exc, url) from None
+        with contextlib.closing(response):
+            try:
+                content = response.content
+            except requests.exceptions.RequestException as exc:
+                raise CloudError(
+                    f"cannot search {resource}: answer cut short ({type(exc).__name__})",
+                    retryable=True,
+                ) from None
+        if response.status_code == 204 or not content.strip():
+            return []
+        try:
+            answers = json.loads(content)
+        except ValueError:
+            raise CloudError(
+                f"QIDO-RS answered {resource} with something not JSON", retryable=True
+            ) from None
+        if not isinstance(answers, list) or not all(isinstance(a, dict) for a in answers):
+            raise CloudError(
+                f"QIDO-RS answered {resource} with JSON that is not a list of datasets",
+                retryable=False,
+            )
+        return answers
+
+    def pages(
+        self, resource: str, params: Params, page_size: int
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield the QIDO-RS results for `resource` page by page (`limit`/`offset`), until a page
+        comes back short. Raise CloudError as `search` does, at the page that failed."""
+        offset = 0
+        while True:
+            page = self.search(resource, params, offset, page_size)
+            if page:
+                yield page
+            if len(page) < page_size:
+                return
+            offset += len(page)
+
+    # --- WADO-RS ---------------------------------------------------------------------------
+
+    def retrieve_instance(self, study: str, series: str, instance: str, out: BinaryIO) -> int:
+        """Write the Part-10 file of one instance, as the archive holds it, into `out`; return
+        its size. Raise CloudError if the request fails or the answer is cut short or not an
+        instance (UploadGone, a CloudError, if the archive does not know it), OSError if
+        writing fails."""
+        uids = "/{}/series/{}/instances/{}".format(
+            *(quote(u, safe="") for u in (study, series, instance))
+        )
+        url = f"{self.base_url}/studies{uids}"
+        action = f"retrieve instance {instance}"
+        response = send(self.session, "GET", url, action, self.timeout, {"Accept": WADO_ACCEPT})
+        size = 0
+        with contextlib.closing(response):
+            try:
+                for block in _instance_body(response, action):
+                    out.write(block)
+                    size += len(block)
+            except requests.exceptions.RequestException as exc:
+                where = redact_url(url)
+                raise CloudError(
+                    f"cannot {action}: answer cut short ({where}: {type(exc).__name__})",
+                    retryable=True,
+                ) from None
+        if size == 0:
+            raise CloudError(f"cannot {action}: the archive sent an empty instance", retryable=True)
+        return size
+
+
+def _without_query(exc: CloudError, url: str) -> CloudError:
+    """Return `exc` with its message cut down to the search's path and status: the query of a
+    C-FIND carries patient names and IDs, and the server's detail may echo them."""
+    base, _, query = url.partition("?")
+    shown = redact_url(base)
+    text = str(exc).replace(redact_url(url), shown)
+    if query:  # a library's own message may quote the request's path and query
+        text = text.replace("?" + query, "")
+    if exc.status is not None:
+        text = text.split(f" from {shown}", 1)[0] + f" from {shown}"
+    return type(exc)(text, retryable=exc.retryable, status=exc.status, retry_after=exc.retry_after)
+
+
+def _instance_body(response: requests.Response, action: str) -> Iterator[bytes]:
+    """Yield the bytes of the one instance in a WADO-RS answer: the first part of a
+    multipart/related answer, or a bare application/dicom body."""
+    kind = Message()
+    kind["Content-Type"] = response.headers.get("Content-Type", "")
+    blocks = response.iter_content(BLOCK)
+    if kind.get_content_type() == "application/dicom":
+        return blocks
+    if kind.get_content_type() != "multipart/related":
+        answered = kind.get_content_type()
+        raise CloudError(f"cannot {action}: the archive answered {answered}", retryable=False)
+    boundary = kind.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        raise CloudError(f"cannot {action}: multipart answer without boundary", retryable=False)
+    return first_part(blocks, boundary.encode("ascii", "replace"), action)
+
+
+def first_part(blocks: Iterator[bytes], boundary: bytes, action: str) -> Iterator[bytes]:
+    """Yield the body of the first part of a multipart body arriving as `blocks`, block by block,
+    holding no more than a block and a delimiter in memory. Raise CloudError if the body ends
+    before the part does, or has no part."""
+    delimiter = b"\r\n--" + boundary
+    buffer = bytearray(b"\r\n")  # the first delimiter may open the body without a line break
+    source = iter(blocks)
+
+    def more() -> None:
+        block = next(source, None)
+        if block is None:
+            raise CloudError(f"cannot {action}: the multipart answer was cut short", retryable=True)
+        buffer.extend(block)
+
+    while (start := buffer.find(delimiter)) < 0:
+        if len(buffer) > _HEADER_LIMIT:
+            raise CloudError(
+                f"cannot {action}: no multipart boundary in the answer", retryable=False
+            )
+        more()
+    del buffer[: start + len(delimiter)]
+    while len(buffer) < 2:
+        more()
+    if buffer.startswith(b"--"):
+        raise CloudError(f"cannot {action}: the multipart answer has no part", retryable=False)
+    while (end := buffer.find(b"\r\n\r\n")) < 0:
+        if len(buffer) > _HEADER_LIMIT:
+            raise CloudError(f"cannot {action}: multipart part headers too long", retryable=False)
+        more()
+    del buffer[: end + 4]
+    keep = len(delimiter) - 1  # a delimiter may straddle two blocks
+    while (end := buffer.find(delimiter)) < 0:
+        if len(buffer) > keep:
+            yield bytes(buffer[: len(buffer) - keep])
+            del buffer[: len(buffer) - keep]
+        more()
+    if end:
+        yield bytes(buffer[:end])

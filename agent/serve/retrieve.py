@@ -1,0 +1,280 @@
+"""Retrieval from the cloud: list a C-MOVE/C-GET's instances by QIDO-RS, fetch each one not
+already cached by WADO-RS, and prepare it in a syntax its destination accepted.
+
+C-MOVE, C-GET and `dirigo retrieve` share this path; they differ only in who sends the C-STOREs
+(pynetdicom for the first two, `push` for the command). Each instance is fetched into the cache
+before it is read: an interrupted retrieval that is asked again resumes where it stopped, and
+memory holds the instance being sent, never a study.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from agent.cloud import CloudError, UploadGone
+from agent.dicom import DUL_POLL_INTERVAL, set_nodelay
+from agent.dicomweb import DicomWeb
+from agent.serve.cache import InstanceCache, NotDicom
+from agent.serve.query import InstanceRef, Scope, instance_ref, instance_search
+from agent.serve.syntax import Accepted, Action, accepted_by, decompress, plan, proposals
+
+logger = logging.getLogger(__name__)
+
+PREFETCH = 4
+"""Instances fetched ahead of the one being sent, each by its own thread: fetching (a WADO-RS
+request and an fsync) then overlaps sending instead of adding to it."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """An instance to send: `dataset` in a syntax the destination accepted."""
+
+    ref: InstanceRef
+    dataset: Dataset
+    action: Action
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An instance that cannot be sent, and why (one line, no patient data)."""
+
+    ref: InstanceRef
+    reason: str
+
+
+Item = Ready | Failed
+
+
+@dataclass
+class Counts:
+    """What a retrieval did so far."""
+
+    fetched: int = 0
+    cached: int = 0
+    decompressed: int = 0
+    failed: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def summary(self) -> str:
+        took = time.monotonic() - self.started
+        return (
+            f"{self.fetched} fetched, {self.cached} from the cache,"
+            f" {self.decompressed} decompressed, {self.failed} failed in {took:.1f} s"
+        )
+
+
+class Retriever:
+    """Lists, fetches and prepares instances from one DICOMweb archive through one cache."""
+
+    def __init__(self, dicomweb: DicomWeb, cache: InstanceCache, page_size: int) -> None:
+        self.dicomweb = dicomweb
+        self.cache = cache
+        self.page_size = page_size
+
+    def instances(self, scope: Scope) -> list[InstanceRef]:
+        """Return the instances `scope` names, each once, in the archive's order. Raise
+        CloudError if the archive cannot be asked."""
+        found: dict[str, InstanceRef] = {}
+        params = instance_search(scope)
+        for page in self.dicomweb.pages("instances", params, self.page_size):
+            for result in page:
+                ref = instance_ref(result)
+                if ref is None:
+                    logger.warning("skipped an instance the archive listed without valid UIDs")
+                elif ref.sop_instance not in found:
+                    found[ref.sop_instance] = ref
+        return list(found.values())
+
+    def known_syntaxes(self, refs: Sequence[InstanceRef]) -> dict[str, list[str | None]]:
+        """Return, per SOP class, the syntax of each instance as far as it is known before
+        fetching it: from its cached file, else from the archive's listing, else None."""
+        known: dict[str, list[str | None]] = {}
+        for ref in refs:
+            syntax = ref.transfer_syntax
+            path = self.cache.path(ref.sop_instance)
+            if path.exists():
+                # a file another process is replacing or removing: go by the listing
+                with contextlib.suppress(OSError, InvalidDicomError, AttributeError):
+                    syntax = str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID)
+            known.setdefault(ref.sop_class, []).append(syntax)
+        return known
+
+    def items(
+        self, refs: Sequence[InstanceRef], accepted: Callable[[], Accepted], counts: Counts
+    ) -> Generator[Item, None, None]:
+        """Yield each instance of `refs`, fetched and ready to send, or failed, in order.
+        `accepted` says what the destination took (asked once, when the first instance is
+        due: pynetdicom associates with a C-MOVE's destination only then).
+
+        Up to PREFETCH instances are fetched ahead, each by its own thread, while the current
+        one is sent. Closing the generator early (a cancel, an abort) waits for the fetches in
+        flight, which end within cloud.timeout, and keeps what they fetched in the cache.
+        """
+        destination: Accepted | None = None
+        upcoming = iter(refs)
+        ahead: deque[tuple[InstanceRef, Future[_Fetched]]] = deque()
+        with ThreadPoolExecutor(PREFETCH, thread_name_prefix="wado") as pool:
+            try:
+                for ref in itertools.islice(upcoming, PREFETCH):
+                    ahead.append((ref, pool.submit(self._fetched, ref)))
+                while ahead:
+                    ref, fetch = ahead.popleft()
+                    for following in itertools.islice(upcoming, 1):
+                        ahead.append((following, pool.submit(self._fetched, following)))
+                    if destination is None:
+                        destination = accepted()
+                    item = self._item(ref, fetch, destination, counts)
+                    if isinstance(item, Failed):
+                        counts.failed += 1
+                    elif item.action is Action.DECOMPRESS:
+                        counts.decompressed += 1
+                    yield item
+            finally:
+                for ref, fetch in ahead:
+                    if not fetch.cancel() and fetch.exception() is None:
+                        self.cache.release(ref.sop_instance)
+
+    def _item(
+        self, ref: InstanceRef, fetch: Future[_Fetched], accepted: Accepted, counts: Counts
+    ) -> Item:
+        """Return one instance ready to send to a destination that accepted `accepted`, or why
+        it cannot be. Never raises for a failure of the cloud, the cache or the data."""
+        try:
+            dataset = self._read(ref, fetch, counts)
+        except UploadGone:
+            return Failed(ref, "the archive no longer has it")
+        except (CloudError, NotDicom) as exc:
+            return Failed(ref, str(exc))
+        except OSError as exc:
+            return Failed(ref, f"cannot keep it in the cache: {exc.strerror or exc}")
+        except (InvalidDicomError, ValueError, EOFError) as exc:
+            return Failed(ref, f"the archive's copy is not readable DICOM: {exc}")
+        if str(dataset.get("SOPInstanceUID", "")).strip() != ref.sop_instance:
+            return Failed(ref, "the archive's copy is another instance")
+        syntax = dataset.file_meta.get("TransferSyntaxUID")
+        sop_class = str(dataset.get("SOPClassUID", ""))
+        if syntax is None or not sop_class:
+            return Failed(ref, "the archive's copy has no transfer syntax or SOP class")
+        delivery = plan(sop_class, str(syntax), accepted)
+        if delivery.action is Action.REFUSE:
+            return Failed(ref, delivery.reason)
+        if delivery.action is Action.DECOMPRESS:
+            try:
+                decompress(dataset)
+            except Exception as exc:  # a codec's failure: this instance, not the retrieval
+                return Failed(ref, f"cannot decompress {syntax.name}: {exc}")
+        return Ready(ref, dataset, delivery.action)
+
+    def _read(self, ref: InstanceRef, fetch: Future[_Fetched], counts: Counts) -> Dataset:
+        """Return the instance's dataset from the file `fetch` put in the cache. Raise what
+        fetching raised."""
+        fetched = fetch.result()
+        for attempt in range(2):  # another process may evict it between lookup and read
+            if fetched.from_cache:
+                counts.cached += 1
+            else:
+                counts.fetched += 1
+            try:
+                return pydicom.dcmread(fetched.path)
+            except FileNotFoundError:
+                if attempt == 0:
+                    fetched = self._fetched(ref)  # taken before the hold is released below
+            finally:
+                self.cache.release(ref.sop_instance)
+        raise OSError(f"the cached copy of {ref.sop_instance} keeps disappearing")
+
+    def _fetched(self, ref: InstanceRef) -> _Fetched:
+        """Return the instance's file in the cache, fetched first if it is not there; it is
+        held (kept from eviction) until released."""
+        path = self.cache.get(ref.sop_instance)
+        if path is not None:
+            return _Fetched(path, from_cache=True)
+
+        def write(out: BinaryIO) -> None:
+            self.dicomweb.retrieve_instance(ref.study, ref.series, ref.sop_instance, out)
+
+        return _Fetched(self.cache.put(ref.sop_instance, write), from_cache=False)
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    path: Path
+    from_cache: bool
+
+
+@dataclass
+class Pushed:
+    """The outcome of `push`."""
+
+    completed: int = 0
+    warnings: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def push(
+    ae: AE,
+    host: str,
+    port: int,
+    ae_title: str,
+    retriever: Retriever,
+    refs: Sequence[InstanceRef],
+    progress: Callable[[Item], None],
+    counts: Counts,
+) -> Pushed:
+    """Send `refs` to a storage SCP by C-STORE, the way a C-MOVE does: same proposals, same
+    preparation. `progress` is called after each instance. Raise ConnectionError if the
+    destination cannot be associated with."""
+    contexts = proposals(retriever.known_syntaxes(refs))
+    assoc: Association = ae.associate(host, port, contexts=contexts, ae_title=ae_title)
+    if not assoc.is_established:
+        outcome = "rejected the association" if assoc.is_rejected else "could not be reached"
+        raise ConnectionError(f"{ae_title} at {host}:{port} {outcome}")
+    result = Pushed()
+    try:
+        if assoc.dul.socket is not None:
+            set_nodelay(assoc.dul.socket.socket)
+        assoc.dul._run_loop_delay = DUL_POLL_INTERVAL  # as the agent's own associations
+        for item in retriever.items(refs, lambda: accepted_by(assoc.accepted_contexts), counts):
+            if isinstance(item, Ready):
+                _send(assoc, item, result)
+            else:
+                result.failures.append(f"{item.ref.sop_instance}: {item.reason}")
+            progress(item)
+            if not assoc.is_established:
+                raise ConnectionError(f"{ae_title} ended the association")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return result
+
+
+def _send(assoc: Association, item: Ready, result: Pushed) -> None:
+    uid = item.ref.sop_instance
+    try:
+        status = assoc.send_c_store(item.dataset)
+    except (ValueError, AttributeError, RuntimeError) as exc:
+        result.failures.append(f"{uid}: {exc}")
+        return
+    code = int(getattr(status, "Status", -1)) if status else -1
+    if code == 0:
+        result.completed += 1
+    elif code in (0xB000, 0xB006, 0xB007):
+        result.warnings += 1
+    else:
+        answer = f"status 0x{code:04X}" if code >= 0 else "no answer"
+        result.failures.append(f"{uid}: the destination answered {answer}")

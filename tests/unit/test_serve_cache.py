@@ -1,0 +1,126 @@
+"""The instance cache (agent.serve.cache): atomic placement, least-recently-used eviction."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from agent.serve.cache import InstanceCache, NotDicom
+
+UID1, UID2, UID3 = "1.2.3.1", "1.2.3.2", "1.2.3.3"
+
+
+def part10(size: int) -> bytes:
+    """Bytes that pass for a Part-10 file: a preamble, 'DICM', then padding to `size`."""
+    return (b"\0" * 128 + b"DICM").ljust(size, b"\0")
+
+
+def writer(data: bytes) -> Callable[[BinaryIO], None]:
+    def write(out: BinaryIO) -> None:
+        out.write(data)
+
+    return write
+
+
+def put(cache: InstanceCache, uid: str, size: int = 1000) -> Path:
+    path = cache.put(uid, writer(part10(size)))
+    cache.release(uid)
+    return path
+
+
+def age(cache: InstanceCache, uid: str, seconds_ago: float) -> None:
+    """Make an instance look last used `seconds_ago` (its mtime), as after a restart."""
+    path = cache.path(uid)
+    stamp = path.stat().st_mtime - seconds_ago
+    os.utime(path, (stamp, stamp))
+
+
+def test_a_stored_instance_is_found_under_its_uid(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path / "cache", 10_000).open()
+    path = put(cache, UID1)
+    assert path.read_bytes() == part10(1000)
+    assert cache.get(UID1) == path
+    cache.release(UID1)
+    assert cache.get(UID2) is None
+    assert cache.size == 1000
+
+
+def test_only_whole_files_are_ever_under_a_final_name(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path / "cache", 10_000).open()
+
+    def broken(out: BinaryIO) -> None:
+        out.write(part10(500))
+        raise ConnectionError("cut off")
+
+    with pytest.raises(ConnectionError):
+        cache.put(UID1, broken)
+    assert UID1 not in cache and not cache.path(UID1).exists()
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+
+
+def test_what_is_not_part10_is_not_kept(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path / "cache", 10_000).open()
+    with pytest.raises(NotDicom):
+        cache.put(UID1, writer(b"<html>error</html>"))
+    assert not cache.path(UID1).exists()
+
+
+def test_a_crash_leaves_only_temporaries_which_the_next_open_removes(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    cache = InstanceCache(root, 10_000).open()
+    put(cache, UID1)
+    (root / "tmp" / f"{UID2}.abcd.partial").write_bytes(part10(300))  # killed mid-write
+    reopened = InstanceCache(root, 10_000).open()
+    assert UID1 in reopened and UID2 not in reopened
+    assert list((root / "tmp").iterdir()) == []
+    assert reopened.size == 1000
+
+
+def test_the_least_recently_used_go_first_when_over_the_limit(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path / "cache", 2500).open()
+    put(cache, UID1)
+    put(cache, UID2)
+    assert cache.get(UID1) is not None  # UID1 is now the most recent
+    cache.release(UID1)
+    put(cache, UID3)
+    assert UID1 in cache and UID3 in cache and UID2 not in cache
+    assert not cache.path(UID2).exists()
+    assert cache.size <= 2500
+
+
+def test_recency_survives_a_restart(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    cache = InstanceCache(root, 10_000).open()
+    put(cache, UID1)
+    put(cache, UID2)
+    age(cache, UID2, 3600)
+    age(cache, UID1, 60)
+    smaller = InstanceCache(root, 1500).open()  # trimmed at open
+    assert UID1 in smaller and UID2 not in smaller
+
+
+def test_an_instance_in_use_is_not_evicted_even_with_a_zero_limit(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path / "cache", 0).open()
+    path = cache.put(UID1, writer(part10(1000)))
+    assert path.exists()  # held until released
+    cache.release(UID1)
+    assert not path.exists() and cache.size == 0
+
+
+def test_a_file_removed_behind_its_back_is_a_miss(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path / "cache", 10_000).open()
+    path = put(cache, UID1)
+    path.unlink()  # another process evicted it
+    assert cache.get(UID1) is None
+    assert cache.size == 0
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", "1.2/3", "", "1." * 40])
+def test_only_uids_become_file_names(tmp_path: Path, bad: str) -> None:
+    cache = InstanceCache(tmp_path / "cache", 10_000).open()
+    with pytest.raises(ValueError, match="not a UID"):
+        cache.path(bad)
