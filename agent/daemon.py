@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing.util
 import os
 import signal
 import socket
@@ -93,7 +94,11 @@ class Daemon:
             raise StartupError(f"cannot prepare data_dir {self.settings.data_dir}: {exc}") from exc
         self._hold_agent_lock()
         # pynetdicom streams each incoming dataset into a NamedTemporaryFile; putting those in the
-        # spool's own filesystem makes the final placement a rename, not a copy.
+        # spool's own filesystem makes the final placement a rename, not a copy. multiprocessing
+        # (the transcoding forkserver) keeps its socket in a directory of its own, made first
+        # in the system's temporary directory: under data_dir its path can pass the 108 bytes
+        # a Unix socket allows, and the start-up sweep of incoming/ is no place for it.
+        multiprocessing.util.get_temp_dir()
         tempfile.tempdir = str(self.spool.incoming)
         session = build_session(self.settings.cloud)  # CloudConfigError: before anything starts
         if self.settings.upload.transcode != "none" and (problem := missing_codec()):

@@ -59,8 +59,10 @@ _BITS_ALLOCATED = 0x00280100
 _BITS_STORED = 0x00280101
 _PIXEL_REPRESENTATION = 0x00280103
 _PIXEL_DATA = 0x7FE00010
-_PRELOAD = ["agent.transcode", "numpy", "imagecodecs"]
-"""What the forkserver imports before forking workers (a missing one is skipped)."""
+_PRELOAD = ["__main__", "agent.transcode", "numpy", "imagecodecs"]
+"""What the forkserver imports before forking workers (a missing one is skipped). With
+`__main__` among them (multiprocessing's own default), workers inherit the main module instead of
+each importing it again: for the `dirigo` command, the whole agent."""
 _IMAGE_TAGS = frozenset(
     {
         _SAMPLES_PER_PIXEL,

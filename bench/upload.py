@@ -111,6 +111,7 @@ PACK_CHOICES = (
     *(Choice("zstd", level) for level in (1, 3, 9, 19)),
     Choice("zstd", 3, "jpeg-ls"),
     Choice("zstd", 3, "htj2k"),
+    Choice("zstd", 1, "htj2k"),
 )
 MEMORY_CHOICE = Choice("zstd", 3)
 CEILING_LEVELS = (1, 3)  # libzstd alone, in memory: the reference for the pack rows

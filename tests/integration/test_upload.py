@@ -245,3 +245,36 @@ def test_an_offset_the_agent_never_sent_is_not_trusted_and_the_bundle_goes_up_an
     assert upload.metadata["sha256"] == hashlib.sha256(data).hexdigest()
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         assert len(tar.getmembers()) == len(series) + 1
+
+
+def test_the_running_agent_transcodes_to_htj2k_with_bit_exact_pixels(
+    tmp_path: Path, tmp_data_dir: Path, tus_server: TusFactory
+) -> None:
+    """The transcoding workers start from `dirigo run` itself (a forkserver preloading the
+    agent), not only from a test process."""
+    import imagecodecs
+    import numpy as np
+    from pydicom.encaps import generate_frames
+
+    series = datasets.ct_series(tmp_path / "ct", slices=3, rows=64, cols=64, seed=15)
+    tus = tus_server()
+    with upload_agent(tmp_data_dir, tus.url, transcode="htj2k") as agent:
+        dcmtk.storescu(series, agent.port)
+        try:
+            (upload,) = complete_uploads(tus, 1, timeout=30)
+        except TimeoutError:
+            print(agent.log_tail(20000))
+            raise
+        members = bundles.members(upload.data())
+        manifest = json.loads(members[0][1])
+        originals = {str(dcmread(p).SOPInstanceUID): dcmread(p) for p in series}
+        for (_, body), entry in zip(members[1:], manifest["instances"], strict=True):
+            assert entry["transfer_syntax"] == "1.2.840.10008.1.2.4.201"
+            assert entry["original"]["sha256"] == datasets.dataset_sha256(
+                next(p for p in series if dcmread(p).SOPInstanceUID == entry["sop_instance_uid"])
+            )
+            rewritten = dcmread(io.BytesIO(body))
+            (frame,) = generate_frames(rewritten.PixelData, number_of_frames=1)
+            original = originals[entry["sop_instance_uid"]]
+            assert np.array_equal(imagecodecs.htj2k_decode(frame), original.pixel_array)
+        assert "crashed" not in agent.log_tail(100_000)
