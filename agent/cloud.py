@@ -329,7 +329,7 @@ class TusClient:
         except FileEnded:
             raise
         except (OSError, http.client.HTTPException) as exc:
-            raise _unanswered(action, url, exc) from None
+            raise unanswered(action, url, exc) from None
         check_answer(
             "PATCH", url, action, answer.status, answer.reason, answer.headers, lambda: answer.text
         )
@@ -377,7 +377,7 @@ def send(
     params: Mapping[str, str] | None = None,
 ) -> requests.Response:
     """Make one request with requests; return the response if its status is 2xx (or 409, for
-    tus). Raise CloudError, classified as `check_answer` and `_unanswered` say."""
+    tus). Raise CloudError, classified as `check_answer` and `unanswered` say."""
     try:
         response = session.request(
             method,
@@ -394,7 +394,7 @@ def send(
             cert=session.cert,
         )
     except requests.exceptions.RequestException as exc:
-        raise _unanswered(action, url, exc) from None
+        raise unanswered(action, url, exc) from None
     status = response.status_code
     check_answer(
         method, url, action, status, response.reason, response.headers, lambda: response.text
@@ -429,7 +429,7 @@ def check_answer(
     raise CloudError(message, retryable=retryable, status=status, retry_after=retry_after)
 
 
-def _unanswered(action: str, url: str, exc: Exception) -> CloudError:
+def unanswered(action: str, url: str, exc: Exception) -> CloudError:
     """Return the CloudError for a request that got no answer, from requests or from the
     standard library (our own PATCH connections). Always retryable: the link, the server or
     its certificate may be fixed by then."""

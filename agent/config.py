@@ -25,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     PlainSerializer,
     ValidationError,
     ValidationInfo,
@@ -380,6 +381,15 @@ def _redact_optional_url(url: str | None) -> str | None:
     return None if url is None else redact_url(url)
 
 
+def _url_or_unset(value: object) -> str:
+    # "" stands for "not given": a str either way, so code that needs it does not check None
+    return "" if value is None else _url(value)
+
+
+def _redact_unset_url(url: str) -> str | None:
+    return redact_url(url) if url else None
+
+
 def _rule(check: Callable[[object], T], *, optional: bool = False) -> BeforeValidator:
     """Wrap a value rule so that an empty YAML value (`port:`) reads as a sentence too."""
 
@@ -426,8 +436,12 @@ Url = Annotated[str, _rule(_url), PlainSerializer(redact_url)]
 OptionalUrl = Annotated[
     str | None, _rule(_url, optional=True), PlainSerializer(_redact_optional_url)
 ]
+UnsetUrl = Annotated[str, BeforeValidator(_url_or_unset), PlainSerializer(_redact_unset_url)]
 ChunkSize = Annotated[
     int, _rule(_size_between(64 * 1024, 1024 * MiB, "chunk size")), PlainSerializer(_format_size)
+]
+StowBatch = Annotated[
+    int, _rule(_size_between(64 * 1024, 1024 * MiB, "batch size")), PlainSerializer(_format_size)
 ]
 Bandwidth = Annotated[
     int, _rule(_size_between(0, 10**12, "bandwidth")), PlainSerializer(_format_size)
@@ -510,7 +524,8 @@ class CloudSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    upload_url: Url
+    upload_url: UnsetUrl = ""
+    """Required with `upload.protocol: tus` (checked by `Settings`); "" when not given."""
     dicomweb_url: OptionalUrl = None
     ca_file: OptionalFile = None
     client_cert: OptionalFile = None
@@ -530,7 +545,9 @@ class UploadSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    protocol: Annotated[str, _rule(_choice("tus", "stow-rs"))] = "tus"
     chunk_size: ChunkSize = 8 * MiB
+    stow_batch: StowBatch = 16 * MiB
     concurrency: Workers = 2
     max_bandwidth: Bandwidth = 0
     compression: Annotated[str, _rule(_choice("zstd", "none"))] = "zstd"
@@ -566,6 +583,21 @@ class Settings(BaseModel):
     upload: Annotated[UploadSettings, Section] = Field(default_factory=UploadSettings)
     serve: Annotated[ServeSettings, Section] = Field(default_factory=ServeSettings)
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _protocol_needs(cls, value: Any, handler: ModelWrapValidatorHandler[Settings]) -> Settings:
+        """Report what the upload protocol needs (tus: `cloud.upload_url`; stow-rs:
+        `cloud.dicomweb_url`) together with every other problem."""
+        details = _protocol_problems(value)
+        try:
+            settings = handler(value)
+        except ValidationError as exc:
+            details = [_init_details(error) for error in exc.errors()] + details
+            raise ValidationError.from_exception_data(cls.__name__, details) from None
+        if details:
+            raise ValidationError.from_exception_data(cls.__name__, details)
+        return settings
+
     def redacted(self) -> dict[str, object]:
         """Return the effective configuration as plain YAML-able data with secrets replaced by
         ``***``. Without secrets it parses back (`parse_config`) to an equal Settings."""
@@ -589,6 +621,24 @@ def _duplicate_titles(value: object) -> list[InitErrorDetails]:
             details.append(_value_error((index, "ae_title"), raw, error))
         seen.add(title)
     return details
+
+
+def _protocol_problems(value: object) -> list[InitErrorDetails]:
+    """Return what the raw data's `upload.protocol` needs and its `cloud` section lacks."""
+    data = value if isinstance(value, dict) else {}
+    cloud, upload = data.get("cloud"), data.get("upload") or {}
+    if not isinstance(cloud, dict) or not isinstance(upload, dict):
+        return []  # no cloud section (reported as required) or not mappings (reported too)
+    try:
+        protocol = _choice("tus", "stow-rs")(upload.get("protocol", "tus"))
+    except ValueError:
+        return []  # reported by the field itself
+    if protocol == "tus" and cloud.get("upload_url") is None:
+        return [InitErrorDetails(type="missing", loc=("cloud", "upload_url"), input=cloud)]
+    if protocol == "stow-rs" and cloud.get("dicomweb_url") is None:
+        error = ValueError("'stow-rs' needs 'cloud.dicomweb_url', the archive's DICOMweb base")
+        return [_value_error(("upload", "protocol"), upload.get("protocol"), error)]
+    return []
 
 
 def _value_error(loc: tuple[int | str, ...], value: object, error: ValueError) -> InitErrorDetails:

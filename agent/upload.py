@@ -12,6 +12,11 @@ classifies failures; `store` keeps every offset durably. One job per study part 
 A crash anywhere resumes from the server's offset. An offset the server reports that we never
 sent (beyond what we put on the wire, or past the bundle's end) is not trusted: that upload is
 terminated and the bundle goes up again under a new URL.
+
+With `upload.protocol: stow-rs` there is no bundle and no tus: the instances not yet
+acknowledged go up as received, in STOW-RS batches (`agent.stow`), each acknowledgement
+committed with the renewed lease, so a crash resumes with the instances still missing. An
+instance the archive refuses for good fails the part, its reason in the job's last error.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import requests
 
+from agent import stow
 from agent.cloud import CloudError, OffsetConflict, TusClient, UploadGone, qido_instances
 from agent.config import Settings
 from agent.pack import Compression, PackError, PartInfo, pack
@@ -32,6 +38,7 @@ from agent.retry import Backoff
 from agent.spool import Spool
 from agent.store import UPLOAD, Job, Store, StoreError, StudyState
 from agent.store.uploads import Bundle, PartFile, Purgeable, UploadRecord
+from agent.stow import SpoolFileError
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +112,8 @@ class Uploader:
         except PackError as exc:
             # A spool file is gone or changed on disk: no retry can fix that; an operator must.
             self._failed(job, f"cannot pack: {exc}", retryable=False)
+        except SpoolFileError as exc:
+            self._failed(job, f"cannot send: {exc}", retryable=False)
         except OSError as exc:
             self._failed(job, f"local I/O failed: {exc}", retryable=True)
         except StoreError as exc:
@@ -126,7 +135,9 @@ class Uploader:
         if record.state not in (StudyState.SENT, StudyState.CONFIRMED):
             self.store.uploads.begin_attempt(job.study_id, self.clock())
             files = self.store.uploads.part_files(job.study_id)
-            if files:
+            if files and self.settings.upload.protocol == "stow-rs":
+                self._stow(job, len(files))
+            elif files:
                 bundle = self._bundle(job, record, files)
                 self._renew(job)  # packing a large study may take a while
                 self._send(job, bundle)
@@ -268,6 +279,48 @@ class Uploader:
             self.client.terminate(url)
         except CloudError as exc:
             logger.warning("could not terminate an abandoned upload: %s", exc)
+
+    # -- or STOW-RS ------------------------------------------------------------------------
+
+    def _stow(self, job: Job, total: int) -> None:
+        """Send the part's instances the archive has not acknowledged yet, batch by batch."""
+        pending = self.store.uploads.stow_pending(job.study_id)
+        if len(pending) < total:
+            logger.info(
+                "study %s part %d: resuming with %d of %d instance(s) not yet stored",
+                job.study_uid,
+                job.part,
+                len(pending),
+                total,
+            )
+        dicomweb_url = self.settings.cloud.dicomweb_url
+        assert dicomweb_url is not None  # the configuration requires it for stow-rs
+        for batch in stow.batches(pending, self.settings.upload.stow_batch):
+            if self.stop.is_set():
+                raise Interrupted
+            files = [stow.check_file(self.spool.path(f.path), f) for f in batch]
+            answer = stow.store_instances(
+                self.session,
+                dicomweb_url,
+                files,
+                self.settings.cloud.timeout,
+                self.client.throttle,
+            )
+            stored, error = answer.verdict({f.sop_instance_uid for f in batch})
+            lease = (job.id, job.lease_owner, LEASE_SECONDS)
+            if not self.store.uploads.record_stored(job.study_id, stored, lease, self.clock()):
+                raise LeaseLost
+            for uid, warning in answer.warnings.items():
+                logger.warning("instance %s stored with warning %s", uid, stow.describe(warning))
+            if error is not None:
+                raise error
+            logger.info(
+                "study %s part %d: %d instance(s), %d bytes stored over STOW-RS",
+                job.study_uid,
+                job.part,
+                len(batch),
+                sum(f.size for f in batch),
+            )
 
     # -- confirm --------------------------------------------------------------------------
 

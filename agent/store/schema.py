@@ -115,6 +115,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX uploads_by_confirmed ON uploads (purged_at, confirmed_at)",
         ),
     ),
+    Migration(
+        3,
+        "stow-rs per instance",
+        (
+            # With `upload.protocol: stow-rs` each instance goes up on its own (in batches):
+            # when the archive acknowledged it as stored, so that a resumed part sends only
+            # the instances not acknowledged yet.
+            "ALTER TABLE instances ADD COLUMN stow_stored_at REAL NULL",
+        ),
+    ),
 )
 
 SCHEMA_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (

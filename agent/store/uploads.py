@@ -9,6 +9,7 @@ offset the uploader relies on after a restart is committed here before it is rel
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -92,6 +93,45 @@ class Uploads:
                 (study_id,),
             ).fetchall()
         return [PartFile(*row) for row in rows]
+
+    def stow_pending(self, study_id: int) -> list[PartFile]:
+        """Return the current instances of a part the archive has not acknowledged over
+        STOW-RS yet, in arrival order."""
+        with self._store._read() as db:
+            rows = db.execute(
+                "SELECT sop_instance_uid, sop_class_uid, transfer_syntax, path, size, sha256"
+                " FROM instances WHERE study_id = ? AND superseded = 0"
+                " AND stow_stored_at IS NULL ORDER BY id",
+                (study_id,),
+            ).fetchall()
+        return [PartFile(*row) for row in rows]
+
+    def record_stored(
+        self,
+        study_id: int,
+        sop_instance_uids: Collection[str],
+        lease: tuple[int, str, float],
+        now: float,
+    ) -> bool:
+        """In one transaction: record that the archive acknowledged these instances of the part
+        over STOW-RS, and renew the job's `lease` (job id, owner, seconds). Return False,
+        changing nothing, if the owner no longer holds the job."""
+        job_id, owner, seconds = lease
+        with self._store._write() as db:
+            held = db.execute(
+                "UPDATE jobs SET lease_expires_at = ?, updated_at = ?"
+                " WHERE id = ? AND state = ? AND lease_owner = ?",
+                (now + seconds, now, job_id, JobState.CLAIMED, owner),
+            ).rowcount
+            if held != 1:
+                return False
+            db.executemany(
+                "UPDATE instances SET stow_stored_at = ? WHERE study_id = ? AND superseded = 0"
+                " AND sop_instance_uid = ? AND stow_stored_at IS NULL",
+                [(now, study_id, uid) for uid in sop_instance_uids],
+            )
+            db.execute("UPDATE uploads SET updated_at = ? WHERE study_id = ?", (now, study_id))
+        return True
 
     def get(self, study_id: int) -> UploadRecord:
         """Return the part's upload record (an empty one if nothing was packed or sent yet)."""

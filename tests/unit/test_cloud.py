@@ -18,10 +18,10 @@ from agent.cloud import (
     Throttle,
     TusClient,
     UploadGone,
-    _unanswered,
     build_session,
     check_answer,
     encode_metadata,
+    unanswered,
 )
 from agent.config import CloudSettings
 from agent.connections import (
@@ -147,7 +147,7 @@ def test_a_bad_answer_to_head_has_no_body_to_quote() -> None:
 def test_a_request_without_an_answer_is_retryable_and_says_what_happened(
     error: Exception, says: str
 ) -> None:
-    failure = _unanswered("send a chunk", "http://x.example/f", error)
+    failure = unanswered("send a chunk", "http://x.example/f", error)
     assert failure.retryable and failure.status is None
     assert str(failure).startswith(f"cannot send a chunk: {says}")
 

@@ -913,3 +913,30 @@ def test_cloud_files_are_taken_from_the_config_file_directory(tmp_path: Path) ->
         encoding="utf-8",
     )
     assert load_config(path).cloud.token_file == tmp_path / "token"
+
+
+# --- the upload protocol -------------------------------------------------------------------------
+
+
+def test_stow_rs_needs_no_upload_url_but_a_dicomweb_url() -> None:
+    settings = parse_config(
+        minimal(cloud={"dicomweb_url": "https://x.example/dicom-web"}, upload__protocol="stow-rs")
+    )
+    assert (settings.upload.protocol, settings.cloud.upload_url) == ("stow-rs", "")
+    assert settings.upload.stow_batch == 16 * 2**20
+    assert parse_config(yaml.safe_load(yaml.safe_dump(settings.redacted()))) == settings
+    message = only_problem(minimal(upload__protocol="stow-rs"))
+    assert message.startswith("At 'upload.protocol': 'stow-rs' needs 'cloud.dicomweb_url'")
+
+
+def test_tus_without_upload_url_is_reported_with_the_other_problems() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(minimal(cloud={"dicomweb_url": "https://x/"}, dicom__port=0))
+    assert "At 'cloud.upload_url': required" in caught.value.problems
+    assert any(p.startswith("At 'dicom.port'") for p in caught.value.problems)
+
+
+def test_an_unknown_upload_protocol_is_named() -> None:
+    assert only_problem(minimal(upload__protocol="ftp")) == (
+        "At 'upload.protocol': 'ftp' is not one of tus, stow-rs"
+    )

@@ -1,0 +1,323 @@
+"""STOW-RS mechanism: a study part's Part-10 files, as received, in one streamed multipart
+request per batch, and what the archive's answer says about each instance.
+
+For archives that speak only DICOMweb (`upload.protocol: stow-rs`). The body is never held in
+memory: `MultipartBody` is an iterable of known length (so requests sends it with a
+Content-Length), reading each spool file through one reused buffer, re-hashing its dataset as
+it goes and paying the shared bandwidth budget block by block. A spool file whose dataset no
+longer has the sha256 recorded at reception stops the request before that file's last block
+leaves: the archive never receives it whole, and the part fails with `SpoolFileError`.
+
+The answer (PS3.18 10.5.3, `application/dicom+json`) lists the instances stored in the
+ReferencedSOPSequence (0008,1199), with a WarningReason (0008,1196) if the archive changed
+something, and those it refused in the FailedSOPSequence (0008,1198) with a FailureReason
+(0008,1197). Orthanc (1.10, DICOMweb plugin) answers 200 and lists an instance sent again as
+stored again; it answers 400 when a part is not DICOM (listing the good ones) and 409 when none
+could be stored. Which failures are worth retrying is decided here, as `cloud` does for HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import requests
+
+from agent.cloud import CloudError, Throttle, check_answer, unanswered
+from agent.connections import BUFFER_SIZE, PACED_BLOCK
+from agent.instance import InvalidInstance, dataset_offset
+from agent.store.uploads import PartFile
+
+ACTION = "store instances (STOW-RS)"
+DICOM = "application/dicom"
+
+REFERENCED_SOP_SEQUENCE = "00081199"
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_INSTANCE_UID = "00081155"
+FAILURE_REASON = "00081197"
+WARNING_REASON = "00081196"
+
+PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111
+"""Refused as a duplicate: the archive already holds the instance, which is what we want."""
+_REASONS = {
+    0x0110: "processing failure",
+    0x0111: "duplicate SOP instance",
+    0x0112: "no such SOP instance",
+    0x0117: "invalid SOP instance",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorized",
+    0x0210: "duplicate invocation",
+    0x0211: "unrecognized operation",
+    0x0212: "mistyped argument",
+    0x0213: "resource limitation",
+    0xA700: "out of resources",
+    0xA900: "data set does not match SOP class",
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class",
+    0xC000: "cannot understand",
+    0xC122: "referenced transfer syntax not supported",
+}
+
+
+class SpoolFileError(Exception):
+    """A spool file is missing, changed or unreadable: it was not sent, and no retry helps.
+
+    Not an OSError on purpose: raised from inside the request body, it must reach the caller
+    as it is, not be taken by urllib3 or requests for a broken connection."""
+
+
+def describe(code: int) -> str:
+    """Return a DICOM status as `0x0110 (processing failure)`."""
+    name = _REASONS.get(code) or ("out of resources" if code & 0xFF00 == 0xA700 else None)
+    return f"0x{code:04X}" + (f" ({name})" if name else "")
+
+
+def transient(code: int) -> bool:
+    """Return True if an instance refused with `code` may be stored if sent again later: the
+    archive was out of resources. Anything else is about the instance and will not change."""
+    return code == 0x0213 or code & 0xFF00 == 0xA700
+
+
+@dataclass(frozen=True)
+class StowAnswer:
+    """What the archive said about a request: the SOP Instance UIDs it stored (with the
+    warning, if it gave one), those it refused (with the failure reason), and the HTTP status."""
+
+    status: int
+    stored: frozenset[str]
+    failed: Mapping[str, int]
+    warnings: Mapping[str, int]
+
+    def verdict(self, sent: Collection[str]) -> tuple[set[str], CloudError | None]:
+        """Return which of the `sent` instances the archive holds now (stored, or refused as
+        duplicates), and the error for the rest, if any: retryable when every one was refused
+        for a transient reason, or went unmentioned in a successful answer."""
+        held = {uid for uid in sent if uid in self.stored}
+        held |= {uid for uid in sent if self.failed.get(uid) == DUPLICATE_SOP_INSTANCE}
+        refused = {
+            uid: code for uid, code in self.failed.items() if uid in sent and uid not in held
+        }
+        unmentioned = sorted(set(sent) - held - refused.keys())
+        if not refused and not unmentioned:
+            return held, None
+        problems = [f"{uid}: {describe(code)}" for uid, code in sorted(refused.items())]
+        problems += [f"{uid}: not in its answer" for uid in unmentioned]
+        shown = "; ".join(problems[:3]) + (
+            f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        )
+        message = (
+            f"the archive did not store {len(problems)} of {len(sent)} instance(s)"
+            f" (HTTP {self.status}): {shown}"
+        )
+        retryable = all(transient(code) for code in refused.values()) and (
+            not unmentioned or 200 <= self.status < 300
+        )
+        return held, CloudError(message, retryable=retryable, status=self.status)
+
+
+def parse_answer(status: int, body: bytes) -> StowAnswer:
+    """Given a STOW-RS answer (a DICOM JSON dataset), return what it says per instance.
+    Raise ValueError if it is not one."""
+    data = json.loads(body)
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]  # some archives wrap the one dataset in a list
+    if not isinstance(data, dict):
+        raise ValueError("not a DICOM JSON dataset")
+    if REFERENCED_SOP_SEQUENCE not in data and FAILED_SOP_SEQUENCE not in data:
+        raise ValueError("neither a Referenced nor a Failed SOP Sequence")
+    stored: set[str] = set()
+    warnings: dict[str, int] = {}
+    for item in _items(data, REFERENCED_SOP_SEQUENCE):
+        uid = _first(item, REFERENCED_SOP_INSTANCE_UID)
+        if isinstance(uid, str):
+            stored.add(uid.strip())
+            warning = _first(item, WARNING_REASON)
+            if isinstance(warning, int):
+                warnings[uid.strip()] = warning
+    failed: dict[str, int] = {}
+    for item in _items(data, FAILED_SOP_SEQUENCE):
+        uid = _first(item, REFERENCED_SOP_INSTANCE_UID)
+        if isinstance(uid, str):
+            reason = _first(item, FAILURE_REASON)
+            failed[uid.strip()] = reason if isinstance(reason, int) else PROCESSING_FAILURE
+    return StowAnswer(status, frozenset(stored), failed, warnings)
+
+
+def _items(dataset: dict[str, object], tag: str) -> list[dict[str, object]]:
+    element = dataset.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return [v for v in values if isinstance(v, dict)] if isinstance(values, list) else []
+
+
+def _first(dataset: dict[str, object], tag: str) -> object:
+    element = dataset.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values[0] if isinstance(values, list) and values else None
+
+
+def batches(files: Sequence[PartFile], limit: int) -> Iterator[list[PartFile]]:
+    """Yield `files` in order, in consecutive batches of at most `limit` bytes of files; a
+    file larger than `limit` goes alone."""
+    batch: list[PartFile] = []
+    size = 0
+    for part_file in files:
+        if batch and size + part_file.size > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(part_file)
+        size += part_file.size
+    if batch:
+        yield batch
+
+
+@dataclass(frozen=True)
+class SpoolFile:
+    """A spool file checked before sending: its path, record, and where its dataset starts."""
+
+    path: Path
+    record: PartFile
+    dataset_offset: int
+
+
+def check_file(path: Path, part_file: PartFile) -> SpoolFile:
+    """Return the spool file ready to send if it is there, of the size received, and a Part-10
+    file. Raise SpoolFileError otherwise."""
+    uid = part_file.sop_instance_uid
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != part_file.size:
+                raise SpoolFileError(
+                    f"{uid}: spool file {path} is {size} bytes, {part_file.size} were received"
+                )
+            return SpoolFile(path, part_file, dataset_offset(f, size))
+    except FileNotFoundError:
+        raise SpoolFileError(f"{uid}: spool file {path} is missing") from None
+    except InvalidInstance as exc:
+        raise SpoolFileError(f"{uid}: spool file {path}: {exc}") from None
+    except OSError as exc:
+        raise SpoolFileError(f"{uid}: cannot read spool file {path}: {exc}") from None
+
+
+class MultipartBody:
+    """Spool files as a `multipart/related; type="application/dicom"` body of known length,
+    each read through one reused buffer as it is sent and paid for at `throttle`."""
+
+    def __init__(self, files: Sequence[SpoolFile], throttle: Throttle | None = None) -> None:
+        self.files = files
+        self.throttle = throttle
+        self.boundary = f"dirigo-{uuid.uuid4().hex}"
+        self._head = f"--{self.boundary}\r\nContent-Type: {DICOM}\r\n\r\n".encode("ascii")
+        self._tail = f"--{self.boundary}--\r\n".encode("ascii")
+
+    @property
+    def content_type(self) -> str:
+        return f'multipart/related; type="{DICOM}"; boundary={self.boundary}'
+
+    def __len__(self) -> int:
+        parts = sum(len(self._head) + f.record.size + 2 for f in self.files)
+        return parts + len(self._tail)
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        paced = self.throttle is not None and bool(self.throttle.rate)
+        buffer = bytearray(PACED_BLOCK if paced else BUFFER_SIZE)
+        for spool_file in self.files:
+            yield self._head
+            yield from self._file(spool_file, buffer)
+            yield b"\r\n"
+        yield self._tail
+
+    def _file(self, spool_file: SpoolFile, buffer: bytearray) -> Iterator[memoryview]:
+        """Yield the file's bytes; check its dataset's sha256 before its last block goes."""
+        record, offset = spool_file.record, spool_file.dataset_offset
+        digest = hashlib.sha256()
+        view = memoryview(buffer)
+        position = 0
+        try:
+            with spool_file.path.open("rb") as f:
+                while position < record.size:
+                    count = _read(f, view[: record.size - position])
+                    if count == 0:
+                        raise SpoolFileError(
+                            f"{record.sop_instance_uid}: spool file {spool_file.path} ended at"
+                            f" {position} of {record.size} bytes"
+                        )
+                    if position + count > offset:
+                        digest.update(view[max(offset - position, 0) : count])
+                    position += count
+                    if position == record.size and digest.hexdigest() != record.sha256:
+                        raise SpoolFileError(
+                            f"{record.sop_instance_uid}: spool file {spool_file.path} changed"
+                            " since it was received (its dataset's sha256 differs); not sent"
+                        )
+                    if self.throttle is not None:
+                        self.throttle.take(count)
+                    yield view[:count]
+        except OSError as exc:
+            raise SpoolFileError(
+                f"{record.sop_instance_uid}: cannot read spool file {spool_file.path}: {exc}"
+            ) from None
+
+
+def _read(f: io.BufferedReader, view: memoryview) -> int:
+    return f.readinto(view) or 0
+
+
+def store_instances(
+    session: requests.Session,
+    dicomweb_url: str,
+    files: Sequence[SpoolFile],
+    timeout: float,
+    throttle: Throttle | None = None,
+) -> StowAnswer:
+    """POST `files` to `{dicomweb_url}/studies` in one STOW-RS request; return the archive's
+    answer per instance. Raise CloudError (classified as `agent.cloud` does) if the request got
+    no usable answer, and SpoolFileError if a file cannot be sent as received."""
+    url = dicomweb_url.rstrip("/") + "/studies"
+    body = MultipartBody(files, throttle)
+    headers = {"Content-Type": body.content_type, "Accept": "application/dicom+json"}
+    try:
+        response = session.request(
+            "POST",
+            url,
+            headers=headers,
+            # urllib3 sends each block (a memoryview of the reused buffer) as it is, uncopied
+            data=cast("Iterable[bytes]", body),
+            timeout=timeout,
+            allow_redirects=False,
+            # as agent.cloud.send: cloud.ca_file must win over the environment's bundle
+            verify=session.verify,
+            cert=session.cert,
+        )
+    except requests.exceptions.RequestException as exc:
+        raise unanswered(ACTION, url, exc) from None
+    status = response.status_code
+    # 400 and 409 may carry the per-instance reasons (PS3.18 10.5.3); anything else that is
+    # not 2xx is classified as every other request to the cloud.
+    if 200 <= status < 300 or status in (400, 409):
+        try:
+            return parse_answer(status, response.content)
+        except ValueError:
+            if 200 <= status < 300:
+                raise CloudError(
+                    f"cannot {ACTION}: HTTP {status} without a STOW-RS answer it could read",
+                    retryable=True,
+                    status=status,
+                ) from None
+    check_answer(
+        "POST", url, ACTION, status, response.reason, response.headers, lambda: response.text
+    )
+    raise CloudError(  # a 409 (which check_answer lets through, for tus) without an answer
+        f"cannot {ACTION}: HTTP {status} {response.reason}: {response.text[:200]}",
+        retryable=False,
+        status=status,
+    )
