@@ -12,9 +12,11 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -122,6 +124,38 @@ def set_nodelay(sock: socket.socket | None) -> None:
     """
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+REQUEUE_LIMIT = 2000
+"""How often one stolen response is put back (about 2 s of the reactor's 1 ms loop) before it
+is dropped as truly unexpected."""
+
+
+def keep_responses(assoc: Association) -> None:
+    """Guard an association we send C-STOREs on against a race in pynetdicom 3's reactor.
+
+    Before sending, `send_c_store` pauses the association's reactor thread and waits until it
+    says it is paused; but the flag can still read "paused" from the previous send while the
+    reactor is already waking up. Under load the reactor then takes the C-STORE response off
+    the queue itself, logs "Received unexpected C-STORE service message" and drops it; the
+    sender waits for the DIMSE timeout and aborts, and every later sub-operation fails
+    (measured: a 500-instance C-MOVE lost its last ~30 instances after a 60 s stall). Here a
+    response the reactor takes is put back on the queue for the sender that is waiting for it.
+    """
+    serve = assoc._serve_request
+    requeued: dict[int, int] = {}
+
+    def serve_or_put_back(msg: Any, context_id: int) -> None:
+        if msg.is_valid_response:
+            times = requeued.get(id(msg), 0)
+            if times < REQUEUE_LIMIT:
+                requeued[id(msg)] = times + 1
+                assoc.dimse.msg_queue.put((context_id, msg))
+                return
+            requeued.pop(id(msg), None)
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_put_back  # type: ignore[method-assign]
 
 
 def quiet_identifiers() -> None:

@@ -255,6 +255,29 @@ def test_move_of_a_study_delivers_every_instance_unchanged(
         )
 
 
+def test_a_500_instance_move_counts_every_sub_operation_down_to_zero(
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, storescp: StoreSCPFactory
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=500, rows=32, cols=32, seed=24)
+    archive = orthanc(aet="ARCHIVE")
+    load(archive, series)
+    destination = storescp(ae="DEST")
+    with serve_agent(tmp_data_dir, archive.dicomweb_url, destination) as agent:
+        result = move(agent, "DEST", "STUDY", f"StudyInstanceUID={uid(series[0])}")
+        log = agent.log_tail(20_000)
+
+    assert dcmtk.final_status(result) == SUCCESS, result.stdout[-3000:] + log
+    assert dcmtk.statuses(result).count(PENDING) == 500
+    output = result.stdout + "\n" + result.stderr
+    remaining = [
+        int(m["count"]) for m in dcmtk._SUB_OPERATIONS.finditer(output) if m["kind"] == "Remaining"
+    ]
+    assert remaining[:500] == list(range(499, -1, -1))
+    final = dcmtk.sub_operations(result)
+    assert (final["Completed"], final["Failed"], final["Warning"]) == (500, 0, 0)
+    assert set(received(destination.out_dir)) == {uid(p, "SOPInstanceUID") for p in series}
+
+
 def test_move_of_a_patient_in_the_patient_root_model_brings_only_that_patient(
     tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, storescp: StoreSCPFactory
 ) -> None:
