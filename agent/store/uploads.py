@@ -116,14 +116,8 @@ class Uploads:
         """In one transaction: record that the archive acknowledged these instances of the part
         over STOW-RS, and renew the job's `lease` (job id, owner, seconds). Return False,
         changing nothing, if the owner no longer holds the job."""
-        job_id, owner, seconds = lease
         with self._store._write() as db:
-            held = db.execute(
-                "UPDATE jobs SET lease_expires_at = ?, updated_at = ?"
-                " WHERE id = ? AND state = ? AND lease_owner = ?",
-                (now + seconds, now, job_id, JobState.CLAIMED, owner),
-            ).rowcount
-            if held != 1:
+            if not _renew(db, lease, now):
                 return False
             db.executemany(
                 "UPDATE instances SET stow_stored_at = ? WHERE study_id = ? AND superseded = 0"
@@ -236,14 +230,8 @@ class Uploads:
         """In one transaction: record the offset the server confirmed, commit that bytes up to
         `sending_to` may go out next, and renew the job's `lease` (job id, owner, seconds).
         Return False, changing nothing, if the owner no longer holds the job."""
-        job_id, owner, seconds = lease
         with self._store._write() as db:
-            held = db.execute(
-                "UPDATE jobs SET lease_expires_at = ?, updated_at = ?"
-                " WHERE id = ? AND state = ? AND lease_owner = ?",
-                (now + seconds, now, job_id, JobState.CLAIMED, owner),
-            ).rowcount
-            if held != 1:
+            if not _renew(db, lease, now):
                 return False
             db.execute(
                 "UPDATE uploads SET confirmed_offset = ?, sent_to = max(sent_to, ?),"
@@ -347,3 +335,15 @@ class Uploads:
         row = db.execute("SELECT study_uid, part FROM studies WHERE id = ?", (study_id,)).fetchone()
         study_uid, part = row if row is not None else (None, 0)
         event(db, now, level, kind, f"part {part}: {text}", study_uid, None)
+
+
+def _renew(db: sqlite3.Connection, lease: tuple[int, str, float], now: float) -> bool:
+    """Renew a claimed job's lease (job id, owner, seconds) inside a write transaction; return
+    False if that owner no longer holds the job."""
+    job_id, owner, seconds = lease
+    held = db.execute(
+        "UPDATE jobs SET lease_expires_at = ?, updated_at = ?"
+        " WHERE id = ? AND state = ? AND lease_owner = ?",
+        (now + seconds, now, job_id, JobState.CLAIMED, owner),
+    ).rowcount
+    return bool(held == 1)
