@@ -447,42 +447,6 @@ def unanswered(action: str, url: str, exc: Exception) -> CloudError:
     return CloudError(f"cannot {action}: {problem}", retryable=True)
 
 
-def qido_instances(
-    session: requests.Session, dicomweb_url: str, study_uid: str, timeout: float
-) -> set[str]:
-    """Return the SOP Instance UIDs the archive lists for a study (QIDO-RS)."""
-    url = dicomweb_url.rstrip("/") + f"/studies/{study_uid}/instances"
-    response = send(
-        session,
-        "GET",
-        url,
-        "list the study's instances",
-        timeout,
-        headers={"Accept": "application/dicom+json"},
-        params={"includefield": "00080018"},
-    )
-    if response.status_code == 204 or not response.content:
-        return set()
-    try:
-        answers = response.json()
-    except ValueError:
-        raise CloudError(
-            "QIDO-RS answered with something that is not JSON", retryable=True
-        ) from None
-    found: set[str] = set()
-    for answer in answers if isinstance(answers, list) else []:
-        values = answer.get("00080018", {}).get("Value", []) if isinstance(answer, dict) else []
-        found.update(str(v).strip() for v in values)
-    return found
-
-
-def _reason(exc: requests.exceptions.RequestException) -> str:
-    """Return the innermost cause of a requests failure, without urllib3's retry wrapping."""
-    cause: object = exc.args[0] if exc.args else exc
-    cause = getattr(cause, "reason", cause)
-    return str(cause)
-
-
 def _split(header: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in header.split(",") if part.strip())
 

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import tarfile
 import time
 from collections.abc import Sequence
@@ -27,8 +26,7 @@ from typing import BinaryIO, cast
 import zstandard
 
 from agent import __version__
-from agent.instance import InvalidInstance, dataset_offset
-from agent.spool import Spool
+from agent.spool import Spool, SpoolFileError, open_received
 from agent.store.uploads import Bundle, PartFile
 from agent.transcode import AsItCame, Outcome, Source, Transcoded, Transcoder
 
@@ -232,7 +230,10 @@ def _add_instance(
     tar: tarfile.TarFile, spool: Spool, part_file: PartFile, name: str, mtime: int
 ) -> None:
     path = spool.path(part_file.path)
-    f, offset = _open_checked(path, part_file)
+    try:
+        f, offset = open_received(path, part_file.sop_instance_uid, part_file.size)
+    except SpoolFileError as exc:
+        raise PackError(str(exc)) from None
     with f:
         entry = tarfile.TarInfo(name)
         entry.size, entry.mtime, entry.mode = part_file.size, mtime, 0o644
@@ -281,24 +282,3 @@ class _VerifyingReader:
         if self._position > self._offset:
             self.sha256.update(data[max(self._offset - start, 0) :])
         return data
-
-
-def _open_checked(path: Path, part_file: PartFile) -> tuple[BinaryIO, int]:
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        raise PackError(f"{part_file.sop_instance_uid}: spool file {path} is missing") from None
-    size = os.fstat(f.fileno()).st_size
-    if size != part_file.size:
-        f.close()
-        raise PackError(
-            f"{part_file.sop_instance_uid}: spool file {path} is {size} bytes,"
-            f" {part_file.size} were received"
-        )
-    try:
-        offset = dataset_offset(f, size)
-    except InvalidInstance as exc:
-        f.close()
-        raise PackError(f"{part_file.sop_instance_uid}: spool file {path}: {exc}") from None
-    f.seek(0)
-    return f, offset

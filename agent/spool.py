@@ -28,6 +28,9 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+from agent.instance import InvalidInstance, dataset_offset
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,38 @@ class DiskUsage:
         because the agent runs as an unprivileged user and cannot write into them."""
         usable = self.used + self.free
         return 100.0 * self.used / usable if usable else 100.0
+
+
+class SpoolFileError(Exception):
+    """A spool file is missing, changed or unreadable: no retry helps, an operator must look.
+
+    Not an OSError on purpose: raised from inside a request body, it must reach the caller as
+    it is, not be taken by urllib3 or requests for a broken connection."""
+
+
+def open_received(path: Path, sop_instance_uid: str, size: int) -> tuple[BinaryIO, int]:
+    """Open a spool file for reading and return it with where its dataset starts, after
+    checking it is there, still of the `size` received, and a Part-10 file. Raise
+    SpoolFileError otherwise (other OSErrors as they come)."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise SpoolFileError(f"{sop_instance_uid}: spool file {path} is missing") from None
+    try:
+        found = os.fstat(f.fileno()).st_size
+        if found != size:
+            raise SpoolFileError(
+                f"{sop_instance_uid}: spool file {path} is {found} bytes, {size} were received"
+            )
+        offset = dataset_offset(f, found)
+        f.seek(0)
+    except InvalidInstance as exc:
+        f.close()
+        raise SpoolFileError(f"{sop_instance_uid}: spool file {path}: {exc}") from None
+    except BaseException:
+        f.close()
+        raise
+    return f, offset
 
 
 class Locked(Exception):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import requests
 
 from agent.cloud import CloudError, Throttle, check_answer, unanswered
 from agent.connections import BUFFER_SIZE, PACED_BLOCK
-from agent.instance import InvalidInstance, dataset_offset
+from agent.spool import SpoolFileError, open_received
 from agent.store.uploads import PartFile
 
 ACTION = "store instances (STOW-RS)"
@@ -66,13 +65,6 @@ _REASONS = {
     0xC000: "cannot understand",
     0xC122: "referenced transfer syntax not supported",
 }
-
-
-class SpoolFileError(Exception):
-    """A spool file is missing, changed or unreadable: it was not sent, and no retry helps.
-
-    Not an OSError on purpose: raised from inside the request body, it must reach the caller
-    as it is, not be taken by urllib3 or requests for a broken connection."""
 
 
 def describe(code: int) -> str:
@@ -191,21 +183,14 @@ class SpoolFile:
 def check_file(path: Path, part_file: PartFile) -> SpoolFile:
     """Return the spool file ready to send if it is there, of the size received, and a Part-10
     file. Raise SpoolFileError otherwise."""
-    uid = part_file.sop_instance_uid
     try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != part_file.size:
-                raise SpoolFileError(
-                    f"{uid}: spool file {path} is {size} bytes, {part_file.size} were received"
-                )
-            return SpoolFile(path, part_file, dataset_offset(f, size))
-    except FileNotFoundError:
-        raise SpoolFileError(f"{uid}: spool file {path} is missing") from None
-    except InvalidInstance as exc:
-        raise SpoolFileError(f"{uid}: spool file {path}: {exc}") from None
+        f, offset = open_received(path, part_file.sop_instance_uid, part_file.size)
     except OSError as exc:
-        raise SpoolFileError(f"{uid}: cannot read spool file {path}: {exc}") from None
+        raise SpoolFileError(
+            f"{part_file.sop_instance_uid}: cannot read spool file {path}: {exc}"
+        ) from None
+    f.close()
+    return SpoolFile(path, part_file, offset)
 
 
 class MultipartBody:

@@ -31,14 +31,14 @@ from pathlib import Path
 import requests
 
 from agent import stow
-from agent.cloud import CloudError, OffsetConflict, TusClient, UploadGone, qido_instances
+from agent.cloud import CloudError, OffsetConflict, TusClient, UploadGone
 from agent.config import Settings
+from agent.dicomweb import DicomWeb
 from agent.pack import Compression, PackError, PartInfo, pack
 from agent.retry import Backoff
-from agent.spool import Spool
+from agent.spool import Spool, SpoolFileError
 from agent.store import UPLOAD, Job, Store, StoreError, StudyState
 from agent.store.uploads import Bundle, PartFile, Purgeable, UploadRecord
-from agent.stow import SpoolFileError
 
 logger = logging.getLogger(__name__)
 
@@ -329,9 +329,17 @@ class Uploader:
         wanted = {f.sop_instance_uid for f in self.store.uploads.part_files(job.study_id)}
         dicomweb_url = self.settings.cloud.dicomweb_url
         assert dicomweb_url is not None
-        listed = qido_instances(
-            self.session, dicomweb_url, job.study_uid, self.settings.cloud.timeout
-        )
+        archive = DicomWeb(self.session, dicomweb_url.rstrip("/"), self.settings.cloud.timeout)
+        listed = {
+            str(uid).strip()
+            for page in archive.pages(
+                f"studies/{job.study_uid}/instances",
+                [("includefield", "00080018")],
+                self.settings.serve.page_size,
+            )
+            for answer in page
+            for uid in answer.get("00080018", {}).get("Value", [])
+        }
         missing = wanted - listed
         if missing:
             raise CloudError(

@@ -11,11 +11,11 @@ import pytest
 from pydicom import dcmread
 
 from agent.cloud import Throttle
+from agent.spool import SpoolFileError
 from agent.store.uploads import PartFile
 from agent.stow import (
     MultipartBody,
     SpoolFile,
-    SpoolFileError,
     StowAnswer,
     batches,
     check_file,
