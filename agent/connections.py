@@ -245,10 +245,7 @@ def _send_body(
     assert sock is not None  # endheaders() connected it
     try:
         if isinstance(sock, ssl.SSLSocket) or not _has_fileno(f):
-            block = PACED_BLOCK if pace else BUFFER_SIZE
-            for view in read_range(f, offset, length, block):
-                if pace:
-                    pace(len(view))
+            for view in RangeBody(f, offset, length, pace):
                 sock.sendall(view)
                 sent[0] += len(view)
         else:

@@ -231,7 +231,6 @@ def _encode(view: memoryview, found: Layout, image: _Image, target: str, method:
         if back.shape != frame.shape or not np.array_equal(back, frame):
             return AsItCame("decoding the new encoding does not give the same pixels")
         encoded.append(bytes(data))
-    del frames  # no view into the mapped file may outlive it
     before: bytes | memoryview = view[found.dataset_offset : image.pixels.offset]
     after: bytes | memoryview = view[image.pixels.end :]
     if found.transfer_syntax == IMPLICIT_VR_LE:
