@@ -1,0 +1,246 @@
+"""The settings: which key has which type and default, and the checks that span several keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, InitErrorDetails
+
+from agent.config.rules import (
+    AETitle,
+    Associations,
+    Bandwidth,
+    BindAddress,
+    CacheSize,
+    ChunkSize,
+    CompressionLevel,
+    CompressionThreads,
+    DataDir,
+    Flag,
+    Host,
+    Level,
+    MiB,
+    OptionalFile,
+    OptionalPort,
+    OptionalUrl,
+    PageSize,
+    PduSize,
+    Percent,
+    Port,
+    QuietTime,
+    Retention,
+    Section,
+    SiteId,
+    StowBatch,
+    Timeout,
+    UnsetUrl,
+    Workers,
+    check_ae_title,
+    choice,
+    empty_as_no_items,
+    rule,
+)
+
+
+class Peer(BaseModel):
+    """A DICOM node we talk to: a calling AE we admit, and optionally where to send to it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ae_title: AETitle
+    host: Host = None
+    port: OptionalPort = None
+
+
+class DicomSettings(BaseModel):
+    """The DICOM listener: who we are, where we listen, whom we admit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ae_title: AETitle = "DIRIGO"
+    bind: BindAddress = "0.0.0.0"
+    port: Port = 11112
+    max_associations: Associations = 10
+    max_pdu: PduSize = MiB
+    acse_timeout: Timeout = 30.0
+    dimse_timeout: Timeout = 60.0
+    network_timeout: Timeout = 120.0
+    peers: Annotated[tuple[Peer, ...], BeforeValidator(empty_as_no_items)] = ()
+    accept_unknown_peers: Flag = False
+
+    @field_validator("peers", mode="wrap")
+    @classmethod
+    def _unique_titles(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """Validate the peers and report every repeated AE title at its own index, together
+        with the peers' other problems (pydantic would stop at the first)."""
+        details = _duplicate_titles(value)
+        try:
+            peers = handler(value)
+        except ValidationError as exc:
+            details = [_init_details(error) for error in exc.errors()] + details
+            raise ValidationError.from_exception_data(cls.__name__, details) from None
+        if details:
+            raise ValidationError.from_exception_data(cls.__name__, details)
+        return peers
+
+
+class StudySettings(BaseModel):
+    """When a study counts as complete."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stable_after: QuietTime = 60.0
+
+
+class SpoolSettings(BaseModel):
+    """Limits on the spool in `data_dir`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    high_water: Percent = 90.0
+    keep_sent_for: Retention = 7 * 86400.0
+
+
+class CloudSettings(BaseModel):
+    """Where the state exchange is, and how to prove who we are to it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    upload_url: UnsetUrl = ""
+    """Required with `upload.protocol: tus` (checked by `Settings`); "" when not given."""
+    dicomweb_url: OptionalUrl = None
+    ca_file: OptionalFile = None
+    client_cert: OptionalFile = None
+    client_key: OptionalFile = None
+    token_file: OptionalFile = None
+    timeout: Timeout = 60.0
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> CloudSettings:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("'client_key' is set without 'client_cert'")
+        return self
+
+
+class UploadSettings(BaseModel):
+    """How complete studies are packed and sent to the cloud."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    protocol: Annotated[str, rule(choice("tus", "stow-rs"))] = "tus"
+    chunk_size: ChunkSize = 8 * MiB
+    stow_batch: StowBatch = 16 * MiB
+    concurrency: Workers = 2
+    max_bandwidth: Bandwidth = 0
+    compression: Annotated[str, rule(choice("zstd", "none"))] = "zstd"
+    compression_level: CompressionLevel = 3
+    compression_threads: CompressionThreads = 0
+    transcode: Annotated[str, rule(choice("none", "jpeg-ls", "htj2k"))] = "none"
+    retry_first: Timeout = 10.0
+    retry_max: Timeout = 900.0
+
+
+class ServeSettings(BaseModel):
+    """Query/Retrieve for the local PACS: the cloud's archive answered as a DICOM node."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cache_size: CacheSize = 10 * 2**30
+    page_size: PageSize = 100
+
+
+class Settings(BaseModel):
+    """The whole validated configuration. Dumping it (`redacted`, `model_dump`) gives the YAML
+    form: durations as ``90s``, sizes as ``1MiB``, percentages as ``90%``, URLs redacted."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    site: SiteId
+    data_dir: DataDir = Path("/var/lib/dirigo")
+    log_level: Level = "info"
+    dicom: Annotated[DicomSettings, Section] = Field(default_factory=DicomSettings)
+    study: Annotated[StudySettings, Section] = Field(default_factory=StudySettings)
+    spool: Annotated[SpoolSettings, Section] = Field(default_factory=SpoolSettings)
+    cloud: Annotated[CloudSettings, Section]
+    upload: Annotated[UploadSettings, Section] = Field(default_factory=UploadSettings)
+    serve: Annotated[ServeSettings, Section] = Field(default_factory=ServeSettings)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _protocol_needs(cls, value: Any, handler: ModelWrapValidatorHandler[Settings]) -> Settings:
+        """Report what the upload protocol needs (tus: `cloud.upload_url`; stow-rs:
+        `cloud.dicomweb_url`) together with every other problem."""
+        details = _protocol_problems(value)
+        try:
+            settings = handler(value)
+        except ValidationError as exc:
+            details = [_init_details(error) for error in exc.errors()] + details
+            raise ValidationError.from_exception_data(cls.__name__, details) from None
+        if details:
+            raise ValidationError.from_exception_data(cls.__name__, details)
+        return settings
+
+    def redacted(self) -> dict[str, object]:
+        """Return the effective configuration as plain YAML-able data with secrets replaced by
+        ``***``. Without secrets it parses back (`parse_config`) to an equal Settings."""
+        return self.model_dump(mode="json")
+
+
+def _duplicate_titles(value: object) -> list[InitErrorDetails]:
+    if not isinstance(value, list | tuple):
+        return []
+    seen: set[str] = set()
+    details: list[InitErrorDetails] = []
+    for index, entry in enumerate(value):
+        raw = entry.ae_title if isinstance(entry, Peer) else None
+        raw = entry.get("ae_title") if isinstance(entry, dict) else raw
+        try:
+            title = check_ae_title(raw)
+        except ValueError:
+            continue  # reported by the peer's own validation
+        if title in seen:
+            error = ValueError(f"duplicate AE title {title!r}")
+            details.append(_value_error((index, "ae_title"), raw, error))
+        seen.add(title)
+    return details
+
+
+def _protocol_problems(value: object) -> list[InitErrorDetails]:
+    """Return what the raw data's `upload.protocol` needs and its `cloud` section lacks."""
+    data = value if isinstance(value, dict) else {}
+    cloud, upload = data.get("cloud"), data.get("upload") or {}
+    if not isinstance(cloud, dict) or not isinstance(upload, dict):
+        return []  # no cloud section (reported as required) or not mappings (reported too)
+    try:
+        protocol = choice("tus", "stow-rs")(upload.get("protocol", "tus"))
+    except ValueError:
+        return []  # reported by the field itself
+    if protocol == "tus" and cloud.get("upload_url") is None:
+        return [InitErrorDetails(type="missing", loc=("cloud", "upload_url"), input=cloud)]
+    if protocol == "stow-rs" and cloud.get("dicomweb_url") is None:
+        error = ValueError("'stow-rs' needs 'cloud.dicomweb_url', the archive's DICOMweb base")
+        return [_value_error(("upload", "protocol"), upload.get("protocol"), error)]
+    return []
+
+
+def _value_error(loc: tuple[int | str, ...], value: object, error: ValueError) -> InitErrorDetails:
+    return InitErrorDetails(type="value_error", loc=loc, input=value, ctx={"error": error})
+
+
+def _init_details(error: ErrorDetails) -> InitErrorDetails:
+    details = InitErrorDetails(type=error["type"], loc=error["loc"], input=error["input"])
+    if "ctx" in error:
+        details["ctx"] = error["ctx"]
+    return details

@@ -1,0 +1,319 @@
+"""Value rules, each returning the clean value or raising ValueError with a human sentence, and
+the annotated types of the settings built from them (parse, check, format back for dumping)."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar, get_args
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from pydantic import BeforeValidator, PlainSerializer, ValidationInfo
+
+from agent.config.units import (
+    NUMBER,
+    as_bytes,
+    as_seconds,
+    format_duration,
+    format_percent,
+    format_size,
+    show,
+)
+
+T = TypeVar("T")
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+MiB = 1024 * 1024
+MAX_DURATION = 365 * 86400.0  # beyond a year a timeout is a typo, and datetime arithmetic overflows
+MAX_PDU = 2**32 - 1  # the PDU length field is 32 bits
+MIN_PDU = 4096
+# a query parameter whose name has one of these words carries a secret (e.g. X-Amz-Signature)
+SECRET_WORDS = frozenset(
+    {"token", "secret", "password", "passwd", "signature", "sig", "key", "apikey", "auth"}
+)
+
+
+def _text(value: object, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    hint = ""
+    if isinstance(value, bool):
+        hint = " (YAML reads yes/no/on/off as true/false; put the value in quotes)"
+    elif not isinstance(value, dict | list):
+        hint = " (put it in quotes)"
+    raise ValueError(f"{show(value)} is not {what}{hint}")
+
+
+def _bounded_int(low: int, high: int, what: str) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        number = value.strip() if isinstance(value, str) else value
+        if isinstance(number, str) and re.fullmatch("[0-9]{1,10}", number):
+            number = int(number)
+        if isinstance(number, int) and not isinstance(number, bool) and low <= number <= high:
+            return number
+        raise ValueError(f"{show(value)} is not a valid {what} ({low}-{high})")
+
+    return check
+
+
+def check_ae_title(value: object) -> str:
+    text = _text(value, "an AE title")
+    title = text.strip(" ")  # DICOM pads AE titles with spaces; they are not part of the title
+    if not title:
+        raise ValueError("an AE title must not be empty or only spaces")
+    if any(not " " <= char <= "~" or char == "\\" for char in title):
+        raise ValueError(f"{show(text)} is not a valid AE title (printable ASCII, no backslash)")
+    if len(title) > 16:
+        raise ValueError(f"{show(text)} is too long for an AE title ({len(title)} > 16 characters)")
+    return title
+
+
+_SITE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def _site(value: object) -> str:
+    text = _text(value, "a site id")
+    if _SITE.fullmatch(text):
+        return text
+    fixed = text.strip().lower()
+    hint = f"; did you mean {fixed!r}?" if _SITE.fullmatch(fixed) else ""
+    rule = "1-64 lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"
+    raise ValueError(f"{show(text)} is not a valid site id ({rule}{hint})")
+
+
+def _bind(value: object) -> str:
+    text = _text(value, "an IP address")
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError(
+            f"{show(text)} is not an IP address (e.g. 0.0.0.0 for every IPv4 interface, "
+            "127.0.0.1, or :: for every interface)"
+        ) from None
+
+
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def _host(value: object) -> str:
+    text = _text(value, "a host name or IP address").strip()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if len(text) <= 253 and _HOSTNAME.fullmatch(text):
+        return text
+    hint = " (give the port in 'port')" if re.search(r":[0-9]+$", text) else ""
+    raise ValueError(f"{show(text)} is not a host name or IP address{hint}")
+
+
+def _url(value: object) -> str:
+    text = _text(value, "a URL").strip()
+    problem = f"{show(text)} is not an http:// or https:// URL with a host"
+    if any(char.isspace() or not char.isprintable() for char in text):
+        raise ValueError(problem)
+    try:
+        parts = urlsplit(text)
+        ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an unclosed '[' of an IPv6 host
+        ok = False
+    if not ok:
+        raise ValueError(problem)
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when asked for it
+    except ValueError:
+        raise ValueError(f"{show(text)} has an invalid port (1-65535)") from None
+    return text
+
+
+def _percent(value: object) -> float:
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool) and 1 <= value <= 100:
+        number = float(value)  # compared first: NaN fails, and a huge int never meets float()
+    elif isinstance(value, str) and (match := re.fullmatch(NUMBER + r"\s*%?", value.strip())):
+        number = float(match[1])
+    if number is not None and 1 <= number <= 100:
+        return number
+    raise ValueError(f"{show(value)} is not a valid percentage (1% to 100%)")
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    hint = " (write it without quotes)" if value in ("true", "false") else ""
+    raise ValueError(f"{show(value)} is not true or false{hint}")
+
+
+def _log_level(value: object) -> LogLevel:
+    text = _text(value, "a log level")
+    for level in LOG_LEVELS:
+        if text.strip().lower() == level:
+            return level
+    close = difflib.get_close_matches(text.strip().lower(), LOG_LEVELS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"{show(text)} is not a log level (debug, info, warning or error{hint})")
+
+
+def _duration(minimum: float, *, inclusive: bool) -> Callable[[object], float]:
+    def check(value: object) -> float:
+        seconds = as_seconds(value)
+        if seconds < minimum or (seconds == minimum and not inclusive):
+            bound = "at least" if inclusive else "more than"
+            raise ValueError(f"{show(value)} is too short ({bound} {format_duration(minimum)})")
+        if seconds > MAX_DURATION:
+            raise ValueError(f"{show(value)} is too long (at most 365d)")
+        return seconds
+
+    return check
+
+
+def _pdu_size(value: object) -> int:
+    size = as_bytes(value)
+    if size == 0 or MIN_PDU <= size <= MAX_PDU:
+        return size
+    raise ValueError(
+        f"{show(value)} is not a valid PDU size (0 for unlimited, or {MIN_PDU} to {MAX_PDU} bytes)"
+    )
+
+
+def choice(*choices: str) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        text = _text(value, "one of " + ", ".join(choices)).strip().lower()
+        if text in choices:
+            return text
+        raise ValueError(f"{show(value)} is not one of {', '.join(choices)}")
+
+    return check
+
+
+def _size_between(low: int, high: int, what: str) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        size = as_bytes(value)
+        if low <= size <= high:
+            return size
+        bounds = f"{format_size(low) or 0} to {format_size(high)}"
+        raise ValueError(f"{show(value)} is not a valid {what} ({bounds})")
+
+    return check
+
+
+def _absolute_path(value: object, info: ValidationInfo) -> Path:
+    """Return the absolute path; a relative one is taken from the config file's directory,
+    which `load_config` passes in the validation context."""
+    text = str(value) if isinstance(value, Path) else _text(value, "a path")
+    if not text.strip() or "\0" in text:
+        raise ValueError(f"{show(text)} is not a path")
+    if text.startswith("~"):
+        raise ValueError(f"{show(text)}: '~' is not expanded here; give an absolute path")
+    path = Path(text)
+    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+    if not path.is_absolute():
+        if not isinstance(base, Path):
+            raise ValueError(f"{show(text)} is relative; give an absolute path")
+        path = base / path
+    return Path(os.path.normpath(path))
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with any password (or lone userinfo token) and secret-looking query values
+    replaced by ``***``; the result is still a valid URL. A URL without secrets is unchanged."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    netloc = (f"{user}:***@" if colon else "***@") + hostport if at else parts.netloc
+    query = "&".join(_redact_query_field(field) for field in parts.query.split("&"))
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # urlunsplit would drop an empty '?' or '#'
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _redact_query_field(field: str) -> str:
+    name, equals, _ = field.partition("=")
+    words = re.split(r"[^a-z]+", unquote(name).lower())
+    secret = any(word in SECRET_WORDS for word in words)
+    return f"{name}=***" if equals and secret else field
+
+
+def _redact_optional_url(url: str | None) -> str | None:
+    return None if url is None else redact_url(url)
+
+
+def _url_or_unset(value: object) -> str:
+    # "" stands for "not given": a str either way, so code that needs it does not check None
+    return "" if value is None else _url(value)
+
+
+def _redact_unset_url(url: str) -> str | None:
+    return redact_url(url) if url else None
+
+
+def rule(check: Callable[[object], T], *, optional: bool = False) -> BeforeValidator:
+    """Wrap a value rule so that an empty YAML value (`port:`) reads as a sentence too."""
+
+    def validate(value: object) -> T | None:
+        if value is None:
+            if optional:
+                return None
+            raise ValueError("no value given")
+        return check(value)
+
+    return BeforeValidator(validate)
+
+
+def _optional_path(value: object, info: ValidationInfo) -> Path | None:
+    return None if value is None else _absolute_path(value, info)
+
+
+def _empty_as_default(value: object) -> object:
+    # `dicom:` with every line below it commented out is YAML null: treat it as "all defaults"
+    return {} if value is None else value
+
+
+def empty_as_no_items(value: object) -> object:
+    return () if value is None else value
+
+
+# The types of the settings: each parses the YAML forms, checks, and formats back for dumping.
+SiteId = Annotated[str, rule(_site)]
+DataDir = Annotated[Path, BeforeValidator(_absolute_path)]
+OptionalFile = Annotated[Path | None, BeforeValidator(_optional_path)]
+Level = Annotated[LogLevel, rule(_log_level)]
+AETitle = Annotated[str, rule(check_ae_title)]
+BindAddress = Annotated[str, rule(_bind)]
+Host = Annotated[str | None, rule(_host, optional=True)]
+Port = Annotated[int, rule(_bounded_int(1, 65535, "port"))]
+OptionalPort = Annotated[int | None, rule(_bounded_int(1, 65535, "port"), optional=True)]
+Associations = Annotated[int, rule(_bounded_int(1, 1000, "number of associations"))]
+PduSize = Annotated[int, rule(_pdu_size), PlainSerializer(format_size)]
+Timeout = Annotated[float, rule(_duration(0, inclusive=False)), PlainSerializer(format_duration)]
+QuietTime = Annotated[float, rule(_duration(1, inclusive=True)), PlainSerializer(format_duration)]
+Percent = Annotated[float, rule(_percent), PlainSerializer(format_percent)]
+Flag = Annotated[bool, rule(_boolean)]
+Url = Annotated[str, rule(_url), PlainSerializer(redact_url)]
+OptionalUrl = Annotated[
+    str | None, rule(_url, optional=True), PlainSerializer(_redact_optional_url)
+]
+UnsetUrl = Annotated[str, BeforeValidator(_url_or_unset), PlainSerializer(_redact_unset_url)]
+ChunkSize = Annotated[
+    int, rule(_size_between(64 * 1024, 1024 * MiB, "chunk size")), PlainSerializer(format_size)
+]
+StowBatch = Annotated[
+    int, rule(_size_between(64 * 1024, 1024 * MiB, "batch size")), PlainSerializer(format_size)
+]
+Bandwidth = Annotated[
+    int, rule(_size_between(0, 10**12, "bandwidth")), PlainSerializer(format_size)
+]
+Workers = Annotated[int, rule(_bounded_int(1, 64, "number of uploads"))]
+CompressionLevel = Annotated[int, rule(_bounded_int(1, 19, "zstd level"))]
+CompressionThreads = Annotated[int, rule(_bounded_int(0, 64, "number of threads"))]
+Retention = Annotated[float, rule(_duration(0, inclusive=True)), PlainSerializer(format_duration)]
+CacheSize = Annotated[
+    int, rule(_size_between(0, 2**50, "cache size")), PlainSerializer(format_size)
+]
+PageSize = Annotated[int, rule(_bounded_int(1, 10000, "page size"))]
+Section = BeforeValidator(_empty_as_default)
