@@ -189,6 +189,8 @@ def _meta_elements(f: BinaryIO, size: int) -> tuple[list[Element], int]:
             break
         vr = head[4:6]
         if vr in _LONG_VRS:
+            if pos + 12 > size:
+                raise InvalidInstance(Problem.MALFORMED, f"File Meta is truncated at byte {pos}")
             (length,) = struct.unpack("<I", f.read(4))
             start = pos + 12
         else:

@@ -430,3 +430,22 @@ def test_send_refuses_a_missing_path_or_a_data_dir_without_database(tmp_path: Pa
     no_database = dirigo("send", "--config", str(config), str(file))
     assert no_database.returncode == 1 and "no database" in no_database.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_send_of_a_file_cut_inside_its_file_meta_quarantines_it(
+    tmp_path: Path, tmp_data_dir: Path
+) -> None:
+    data = datasets.ct_series(tmp_path / "ct", slices=1, rows=16, cols=16)[0].read_bytes()
+    # Cut inside the 4-byte length of (0002,0001), whose VR (OB) is a long one.
+    version = data.index(b"\x02\x00\x01\x00OB")
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: version + 10])
+    with Agent(tmp_data_dir):
+        pass
+    agent = Agent(tmp_data_dir)
+    result = run(agent, "send", str(cut))
+    assert result.returncode == 1
+    assert "1 quarantined (File Meta is truncated" in result.stdout, result.stdout
+    assert "0 failed" in result.stdout and "Traceback" not in result.stderr
+    assert agent.rows("SELECT calling_ae FROM quarantine") == [("IMPORT",)]
+    assert len(list((tmp_data_dir / "quarantine").glob("*.dcm"))) == 1

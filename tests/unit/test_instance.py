@@ -237,3 +237,17 @@ def test_any_corruption_is_either_accepted_or_named_never_a_crash(
     path.write_bytes(bytes(raw[:cut]))
     with contextlib.suppress(InvalidInstance):
         inspect(path)
+
+
+@pytest.mark.parametrize(
+    "syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+)
+def test_a_file_cut_at_any_byte_passes_or_is_named_never_a_crash(
+    tmp_path: Path, syntax: str
+) -> None:
+    data = write(tmp_path / "a.dcm", make_dataset(), syntax).read_bytes()
+    path = tmp_path / "cut.dcm"
+    for cut in range(len(data) + 1):
+        path.write_bytes(data[:cut])
+        with contextlib.suppress(InvalidInstance):
+            inspect(path)
