@@ -200,14 +200,14 @@ def _queue_list(settings: Settings, args: argparse.Namespace) -> int:
     else:
         states = list(JobState) if args.state == "all" else [JobState(args.state)]
     with _opened_store(settings) as store:
-        jobs = [job_document(job) for job in store.list_jobs(states)]
+        jobs = [job_document(job) for job in store.jobs.in_states(states)]
     print(json.dumps({"jobs": jobs}, indent=2) if args.json else render_jobs(jobs))
     return EXIT_OK
 
 
 def _queue_retry(settings: Settings, args: argparse.Namespace) -> int:
     with _opened_store(settings) as store:
-        jobs = store.retry_jobs(args.ids, time.time())
+        jobs = store.jobs.retry(args.ids, time.time())
     for job in jobs:
         print(f"job {job.id}: ready, due now ({job.attempts} attempt(s) so far)")
     return EXIT_OK
@@ -215,7 +215,7 @@ def _queue_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 def _queue_cancel(settings: Settings, args: argparse.Namespace) -> int:
     with _opened_store(settings) as store:
-        jobs = store.cancel_jobs(args.ids, time.time())
+        jobs = store.jobs.cancel(args.ids, time.time())
     for job in jobs:
         print(f"job {job.id}: cancelled; `dirigo queue retry {job.id}` would queue it again")
     return EXIT_OK

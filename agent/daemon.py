@@ -108,7 +108,7 @@ class Daemon:
             self.spool.sweep(self.store.spool_paths())
         self.spool.sweep_bundles(self.store.uploads.bundle_paths())
         # One agent owns data_dir, so every job still claimed belongs to a run that is over.
-        requeued = self.store.requeue_expired(time.time(), every_claim=True)
+        requeued = self.store.jobs.requeue_expired(time.time(), every_claim=True)
         if requeued:
             logger.warning("returned %d interrupted job(s) to the queue", requeued)
         self.query_retrieve = QueryRetrieve(self.settings, self._retriever())
@@ -210,7 +210,7 @@ class Daemon:
             logger.info("study %s part %d is stable", study_uid, part)
         if stable and self.workers is not None:
             self.workers.wake()
-        self.store.requeue_expired(now)
+        self.store.jobs.requeue_expired(now)
         if self.workers is not None:
             self.workers.revive()
         purge(self.settings, self.store, self.spool, now)

@@ -28,7 +28,7 @@ def snapshot(settings: Settings, store: Store, spool: Spool) -> dict[str, Any]:
     disk = spool.disk_usage()
     # A part stays `uploading` between attempts; only a claimed job is being sent right now.
     sending = {
-        (j.study_uid, j.part) for j in store.list_jobs([JobState.CLAIMED]) if j.kind == UPLOAD
+        (j.study_uid, j.part) for j in store.jobs.in_states([JobState.CLAIMED]) if j.kind == UPLOAD
     }
     uploads = [u for u in store.uploads.in_progress() if (u.study_uid, u.part) in sending]
     return {
@@ -68,7 +68,7 @@ def snapshot(settings: Settings, store: Store, spool: Spool) -> dict[str, Any]:
                 "last_error": job.last_error,
                 "next_attempt_at": iso_time(job.next_attempt_at),
             }
-            for job in store.failed_jobs()
+            for job in store.jobs.failed()
         ],
     }
 

@@ -37,7 +37,7 @@ from agent.dicomweb import DicomWeb
 from agent.pack import Compression, PackError, PartInfo, pack
 from agent.retry import Backoff
 from agent.spool import Spool, SpoolFileError
-from agent.store import UPLOAD, Job, Store, StoreError, StudyState
+from agent.store import UPLOAD, Job, LeaseLost, Store, StoreError, StudyState
 from agent.store.uploads import Bundle, PartFile, Purgeable, UploadRecord
 
 logger = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ LEASE_SECONDS = 120.0
 
 class Interrupted(Exception):
     """The agent is stopping; the job goes back to the queue as it is."""
-
-
-class LeaseLost(Exception):
-    """The job is no longer ours (an operator cancelled it): stop without touching it."""
 
 
 class NotOurOffset(CloudError):
@@ -91,12 +87,12 @@ class Uploader:
 
     def run_once(self, owner: str) -> bool:
         """Claim the next due part and take it as far as it goes; False if none was due."""
-        job = self.store.claim_job(UPLOAD, owner, LEASE_SECONDS, self.clock())
+        job = self.store.jobs.claim(UPLOAD, owner, LEASE_SECONDS, self.clock())
         if job is None:
             return False
         try:
             self._process(job)
-            self.store.complete_job(job.id, owner, self.clock())
+            self.store.jobs.complete(job.lease, self.clock())
         except LeaseLost:
             logger.warning(
                 "study %s part %d: job %d is no longer ours (cancelled?); stopped",
@@ -105,7 +101,7 @@ class Uploader:
                 job.id,
             )
         except Interrupted:
-            self.store.release_job(job.id, owner, self.clock())
+            self.store.jobs.release(job.lease, self.clock())
             logger.info("study %s part %d: upload paused for shutdown", job.study_uid, job.part)
         except CloudError as exc:
             self._failed(job, str(exc), exc.retryable, exc.retry_after)
@@ -126,7 +122,7 @@ class Uploader:
         when = f"retry in {next_at - now:.0f}s" if next_at is not None else "not retrying"
         logger.warning("study %s part %d: %s (%s)", job.study_uid, job.part, error, when)
         try:
-            self.store.fail_job(job.id, job.lease_owner, error, next_at, now)
+            self.store.jobs.fail(job.lease, error, next_at, now)
         except StoreError as exc:
             logger.error("study %s part %d: %s", job.study_uid, job.part, exc)
 
@@ -147,8 +143,8 @@ class Uploader:
             self._confirm(job)
 
     def _renew(self, job: Job) -> None:
-        if not self.store.renew_lease(job.id, job.lease_owner, LEASE_SECONDS, self.clock()):
-            raise LeaseLost
+        if not self.store.jobs.renew(job.lease, self.clock()):
+            raise LeaseLost(f"job {job.id} is not held by {job.lease.owner}")
 
     # -- pack -----------------------------------------------------------------------------
 
@@ -210,15 +206,9 @@ class Uploader:
                 # One commit per chunk: the offset the server confirmed, the end of the next
                 # chunk (committed before that chunk goes out), and the renewed lease.
                 committed_to = min(offset + chunk_size, bundle.size)
-                held = self.store.uploads.advance(
-                    job.study_id,
-                    offset,
-                    committed_to,
-                    (job.id, job.lease_owner, LEASE_SECONDS),
-                    self.clock(),
+                self.store.uploads.advance(
+                    job.study_id, offset, committed_to, job.lease, self.clock()
                 )
-                if not held:
-                    raise LeaseLost
 
     def _resume(self, job: Job, bundle: Bundle) -> tuple[str, int]:
         """Return the upload URL and the offset to continue from, creating the upload if none
@@ -307,9 +297,7 @@ class Uploader:
                 self.client.throttle,
             )
             stored, error = answer.verdict({f.sop_instance_uid for f in batch})
-            lease = (job.id, job.lease_owner, LEASE_SECONDS)
-            if not self.store.uploads.record_stored(job.study_id, stored, lease, self.clock()):
-                raise LeaseLost
+            self.store.uploads.record_stored(job.study_id, stored, job.lease, self.clock())
             for uid, warning in answer.warnings.items():
                 logger.warning("instance %s stored with warning %s", uid, stow.describe(warning))
             if error is not None:

@@ -1,27 +1,23 @@
 """The agent's durable state in SQLite: studies, instances, quarantine, events and jobs.
 
-This module holds all of the project's SQL. One connection serves the whole process: pynetdicom
-runs every association in its own thread, so the connection is shared behind a lock, and every
-write is one short `BEGIN IMMEDIATE` transaction (taking the write lock up front, so a
-transaction never fails half-way with SQLITE_BUSY after it has read). The database runs in WAL
-mode with `synchronous=FULL`, so a committed row survives power loss: the receiver answers a
-C-STORE with Success only after `record_instance` has returned.
-
-Work is claimed, not popped (litequeue's pattern): `claim_job` leases a job to an owner, and a
-lease that expires without `complete_job` or `fail_job` is returned to `ready` by
-`requeue_expired`.
+This package holds all of the project's SQL: this module the connection, its transactions,
+instances and studies; `jobs` the job queue (`Store.jobs`); `uploads` the way of each study part
+to the cloud (`Store.uploads`). One connection serves the whole process: pynetdicom runs every
+association in its own thread, so the connection is shared behind a lock, and every write is one
+short `BEGIN IMMEDIATE` transaction (taking the write lock up front, so a transaction never fails
+half-way with SQLITE_BUSY after it has read). The database runs in WAL mode with
+`synchronous=FULL`, so a committed row survives power loss: the receiver answers a C-STORE with
+Success only after `record_instance` has returned.
 
 Every time is passed in as `now` (epoch seconds), so callers and tests control the clock.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from agent.store.errors import JobStateError, LeaseLost, StoreError
+from agent.store.jobs import UPLOAD, Job, JobRecord, Jobs, Lease, enqueue
 from agent.store.records import InstanceState, JobState, Level, Outcome, StudyState, event
 from agent.store.schema import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE, Migration
 from agent.store.uploads import Uploads
@@ -42,7 +40,10 @@ __all__ = [
     "JobRecord",
     "JobState",
     "JobStateError",
+    "Jobs",
     "KnownInstance",
+    "Lease",
+    "LeaseLost",
     "Level",
     "Migration",
     "NewInstance",
@@ -57,19 +58,6 @@ __all__ = [
 
 BUSY_TIMEOUT_MS = 10_000
 _SYNCHRONOUS_FULL = 2
-
-
-class StoreError(Exception):
-    """The database cannot be opened, migrated or written; or a job is not held by its caller."""
-
-
-class JobStateError(StoreError):
-    """An operator asked for a job that does not exist, or for a change its state forbids."""
-
-
-UPLOAD = "upload"
-CANCELLED = "cancelled by operator"
-"""The last error of a job an operator cancelled."""
 
 
 @dataclass(frozen=True)
@@ -112,38 +100,6 @@ class KnownInstance:
 
 
 @dataclass(frozen=True)
-class Job:
-    """A job leased to `lease_owner` until `lease_expires_at`."""
-
-    id: int
-    kind: str
-    study_id: int
-    study_uid: str
-    part: int
-    attempts: int
-    lease_owner: str
-    lease_expires_at: float
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """A job as an operator sees it, whatever its state. Times are epoch seconds; a failed job
-    with no `next_attempt_at` has failed for good (until an operator retries it)."""
-
-    id: int
-    kind: str
-    state: JobState
-    study_uid: str
-    part: int
-    attempts: int
-    next_attempt_at: float | None
-    last_error: str | None
-    lease_owner: str | None
-    lease_expires_at: float | None
-    updated_at: float
-
-
-@dataclass(frozen=True)
 class StatusSnapshot:
     """Counts for every state (0 included), the newest error event and the schema version."""
 
@@ -181,6 +137,7 @@ class Store:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._db = connection
         self._lock = threading.Lock()
+        self.jobs = Jobs(self)
         self.uploads = Uploads(self)
 
     # -- opening --------------------------------------------------------------------------
@@ -239,7 +196,7 @@ class Store:
 
     def _migrate(self, migrations: Sequence[Migration]) -> None:
         known = max((m.version for m in migrations), default=0)
-        with self._write() as db:
+        with self.write() as db:
             db.execute(SCHEMA_MIGRATIONS_TABLE)
         current = self._schema_version()
         if current > known:
@@ -258,7 +215,7 @@ class Store:
         daemon starts), so the version is checked again under the write lock.
         """
         try:
-            with self._write() as db:
+            with self.write() as db:
                 if _version(db) >= migration.version:
                     return
                 for statement in migration.statements:
@@ -273,22 +230,24 @@ class Store:
             ) from exc
 
     def _schema_version(self) -> int:
-        with self._read() as db:
+        with self.read() as db:
             return _version(db)
 
     # -- transactions ---------------------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def write(self) -> Iterator[sqlite3.Connection]:
         """Run the block in one IMMEDIATE transaction under the lock; commit, or roll back on error.
 
-        sqlite3 errors leave as StoreError, so callers handle one exception type.
+        The store's own modules (`jobs`, `uploads`) write through this handle; nothing outside
+        the package holds SQL. sqlite3 errors leave as StoreError, so callers handle one
+        exception type.
         """
         with self._transaction("BEGIN IMMEDIATE") as db:
             yield db
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def read(self) -> Iterator[sqlite3.Connection]:
         """Run the block in one read transaction, so several queries see one snapshot."""
         with self._transaction("BEGIN") as db:
             yield db
@@ -319,7 +278,7 @@ class Store:
 
     def find_instance(self, sop_instance_uid: str) -> KnownInstance | None:
         """Return the current (not superseded) record of `sop_instance_uid`, or None."""
-        with self._read() as db:
+        with self.read() as db:
             row = db.execute(
                 "SELECT sop_instance_uid, sha256, path FROM instances"
                 " WHERE sop_instance_uid = ? AND superseded = 0",
@@ -336,7 +295,7 @@ class Store:
         is still in an open part (the caller deletes the old file), or supersedes it if its part
         has closed (its file stays: the uploader owns it).
         """
-        with self._write() as db:
+        with self.write() as db:
             current = _current(db, new.sop_instance_uid)
             if current is not None and current.sha256 == new.sha256:
                 return RecordResult(Outcome.DUPLICATE, current.study_uid, current.part, new.path)
@@ -366,7 +325,7 @@ class Store:
         self, reason: str, path: str, calling_ae: str, sop_instance_uid: str | None, now: float
     ) -> None:
         """Record rejected input kept at `path` (relative to data_dir), and an error event."""
-        with self._write() as db:
+        with self.write() as db:
             db.execute(
                 "INSERT INTO quarantine (at, reason, path, calling_ae, sop_instance_uid)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -384,7 +343,7 @@ class Store:
 
     def spool_paths(self) -> set[str]:
         """Return every spool path an instance row references, superseded ones included."""
-        with self._read() as db:
+        with self.read() as db:
             return {path for (path,) in db.execute("SELECT path FROM instances")}
 
     # -- studies --------------------------------------------------------------------------
@@ -394,7 +353,7 @@ class Store:
 
         Each closed part gets state `stable`, an `upload` job due now, and an info event.
         """
-        with self._write() as db:
+        with self.write() as db:
             rows = db.execute(
                 "UPDATE studies SET state = ?, stable_at = ?"
                 " WHERE state = ? AND last_received_at <= ?"
@@ -402,196 +361,11 @@ class Store:
                 (StudyState.STABLE, now, StudyState.OPEN, now - stable_after),
             ).fetchall()
             for study_id, study_uid, part in rows:
-                db.execute(
-                    "INSERT INTO jobs (kind, study_id, state, next_attempt_at, created_at,"
-                    " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (UPLOAD, study_id, JobState.READY, now, now, now),
-                )
+                enqueue(db, UPLOAD, study_id, now)
                 event(db, now, Level.INFO, "stable", f"part {part} is stable", study_uid, None)
         return sorted((study_uid, part) for _, study_uid, part in rows)
 
-    # -- jobs -----------------------------------------------------------------------------
-
-    def requeue_expired(self, now: float, *, every_claim: bool = False) -> int:
-        """Return every claimed job whose lease expired by `now` (with `every_claim`, every
-        claimed job: at start-up they all belong to a run that is over) to `ready`, due now;
-        return how many."""
-        expired_by = math.inf if every_claim else now
-        with self._write() as db:
-            rows = db.execute(
-                "UPDATE jobs SET state = ?, lease_owner = NULL, lease_expires_at = NULL,"
-                " next_attempt_at = ?, updated_at = ?"
-                " WHERE state = ? AND lease_expires_at <= ?"
-                " RETURNING id, kind, (SELECT study_uid FROM studies WHERE id = study_id)",
-                (JobState.READY, now, now, JobState.CLAIMED, expired_by),
-            ).fetchall()
-            for job_id, kind, study_uid in rows:
-                message = f"{kind} job {job_id}: lease expired, requeued"
-                event(db, now, Level.WARNING, "lease_expired", message, study_uid, None)
-        return len(rows)
-
-    def claim_job(self, kind: str, owner: str, lease_seconds: float, now: float) -> Job | None:
-        """Lease the job of `kind` due soonest to `owner` for `lease_seconds`; None if none is due.
-
-        Due means `ready`, or `failed` with a next attempt time that has come (a permanent
-        failure has none). The claim counts as an attempt.
-        """
-        with self._write() as db:
-            rows = db.execute(
-                "UPDATE jobs SET state = ?, attempts = attempts + 1, lease_owner = ?,"
-                " lease_expires_at = ?, updated_at = ?"
-                " WHERE id = (SELECT id FROM jobs WHERE kind = ?"
-                "   AND state IN (?, ?) AND coalesce(next_attempt_at, 0) <= ?"
-                "   AND NOT (state = ? AND next_attempt_at IS NULL)"
-                "   ORDER BY next_attempt_at, id LIMIT 1)"
-                " RETURNING id, kind, study_id, attempts, lease_owner, lease_expires_at",
-                (
-                    JobState.CLAIMED,
-                    owner,
-                    now + lease_seconds,
-                    now,
-                    kind,
-                    JobState.READY,
-                    JobState.FAILED,
-                    now,
-                    JobState.FAILED,
-                ),
-            ).fetchall()
-            if not rows:
-                return None
-            job_id, job_kind, study_id, attempts, lease_owner, expires = rows[0]
-            study_uid, part = db.execute(
-                "SELECT study_uid, part FROM studies WHERE id = ?", (study_id,)
-            ).fetchone()
-        return Job(job_id, job_kind, study_id, study_uid, part, attempts, lease_owner, expires)
-
-    def renew_lease(self, job_id: int, owner: str, lease_seconds: float, now: float) -> bool:
-        """Extend `owner`'s lease on a job to `now + lease_seconds`; False if it is not held.
-
-        A lease that has expired is still held until `requeue_expired` takes it back.
-        """
-        with self._write() as db:
-            changed = db.execute(
-                "UPDATE jobs SET lease_expires_at = ?, updated_at = ?"
-                " WHERE id = ? AND state = ? AND lease_owner = ?",
-                (now + lease_seconds, now, job_id, JobState.CLAIMED, owner),
-            ).rowcount
-        return changed == 1
-
-    def release_job(self, job_id: int, owner: str, now: float) -> None:
-        """Give a claimed job back to `ready`, due now, without counting the attempt (the agent
-        is stopping). A job `owner` no longer holds is left alone."""
-        with self._write() as db:
-            db.execute(
-                "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), lease_owner = NULL,"
-                " lease_expires_at = NULL, next_attempt_at = ?, updated_at = ?"
-                " WHERE id = ? AND state = ? AND lease_owner = ?",
-                (JobState.READY, now, now, job_id, JobState.CLAIMED, owner),
-            )
-
-    def complete_job(self, job_id: int, owner: str, now: float) -> None:
-        """Mark a job done. Raise StoreError if `owner` no longer holds its lease."""
-        with self._write() as db:
-            changed = db.execute(
-                "UPDATE jobs SET state = ?, lease_owner = NULL, lease_expires_at = NULL,"
-                " next_attempt_at = NULL, last_error = NULL, updated_at = ?"
-                " WHERE id = ? AND state = ? AND lease_owner = ?",
-                (JobState.DONE, now, job_id, JobState.CLAIMED, owner),
-            ).rowcount
-            if changed != 1:
-                raise StoreError(f"job {job_id} is not held by {owner}")
-
-    def fail_job(
-        self, job_id: int, owner: str, error: str, next_attempt_at: float | None, now: float
-    ) -> None:
-        """Record a failed attempt; retry at `next_attempt_at`, or never if it is None.
-
-        A permanent failure stays `failed` until an operator retries it, and is an error event
-        (shown as `last_error`); a retryable one is a warning. Raise StoreError if `owner` no
-        longer holds the job's lease.
-        """
-        with self._write() as db:
-            rows = db.execute(
-                "UPDATE jobs SET state = ?, lease_owner = NULL, lease_expires_at = NULL,"
-                " next_attempt_at = ?, last_error = ?, updated_at = ?"
-                " WHERE id = ? AND state = ? AND lease_owner = ?"
-                " RETURNING kind, attempts, (SELECT study_uid FROM studies WHERE id = study_id)",
-                (JobState.FAILED, next_attempt_at, error, now, job_id, JobState.CLAIMED, owner),
-            ).fetchall()
-            if not rows:
-                raise StoreError(f"job {job_id} is not held by {owner}")
-            kind, attempts, study_uid = rows[0]
-            level = Level.ERROR if next_attempt_at is None else Level.WARNING
-            retry = "permanently" if next_attempt_at is None else "will retry"
-            message = f"{kind} job {job_id} attempt {attempts} failed ({retry}): {error}"
-            event(db, now, level, f"{kind}_failed", message, study_uid, None)
-
-    def retry_jobs(self, job_ids: Sequence[int], now: float) -> list[JobRecord]:
-        """Make every job in `job_ids` ready and due `now`, keeping its attempts; return them.
-
-        Only a failed or ready job can be retried. All or nothing: raise JobStateError, naming
-        every offending id, if one does not exist, is done or is claimed by a worker. Each retry
-        is an info event.
-        """
-        allowed = (JobState.FAILED, JobState.READY)
-        with self._write() as db:
-            before = _jobs_for_action(
-                db, job_ids, allowed, "only a failed or ready job can be retried"
-            )
-            for job in before:
-                db.execute(
-                    "UPDATE jobs SET state = ?, next_attempt_at = ?, lease_owner = NULL,"
-                    " lease_expires_at = NULL, updated_at = ? WHERE id = ?",
-                    (JobState.READY, now, now, job.id),
-                )
-                message = (
-                    f"{job.kind} job {job.id} retried by operator"
-                    f" (was {job.state}, {job.attempts} attempt(s) so far)"
-                )
-                event(db, now, Level.INFO, "job_retried", message, job.study_uid, None)
-            return _job_records(db, _BY_IDS, _ids(job_ids))
-
-    def cancel_jobs(self, job_ids: Sequence[int], now: float) -> list[JobRecord]:
-        """Fail every job in `job_ids` for good with the error "cancelled by operator"; return
-        them.
-
-        Any job not done can be cancelled. A claimed job loses its lease: its worker can no
-        longer renew, complete or fail it. All or nothing: raise JobStateError, naming every
-        offending id, if one does not exist or is done. Each cancellation is an info event.
-        """
-        allowed = (JobState.READY, JobState.CLAIMED, JobState.FAILED)
-        with self._write() as db:
-            before = _jobs_for_action(db, job_ids, allowed, "a done job cannot be cancelled")
-            for job in before:
-                db.execute(
-                    "UPDATE jobs SET state = ?, next_attempt_at = NULL, lease_owner = NULL,"
-                    " lease_expires_at = NULL, last_error = ?, updated_at = ? WHERE id = ?",
-                    (JobState.FAILED, CANCELLED, now, job.id),
-                )
-                held = f", claimed by {job.lease_owner}" if job.state == JobState.CLAIMED else ""
-                message = f"{job.kind} job {job.id} cancelled by operator (was {job.state}{held})"
-                event(db, now, Level.INFO, "job_cancelled", message, job.study_uid, None)
-            return _job_records(db, _BY_IDS, _ids(job_ids))
-
     # -- operators ------------------------------------------------------------------------
-
-    def list_jobs(self, states: Collection[JobState] = tuple(JobState)) -> list[JobRecord]:
-        """Return the jobs in `states` (every state by default), oldest first."""
-        with self._read() as db:
-            return _job_records(
-                db, "j.state IN (SELECT value FROM json_each(?))", json.dumps(list(states))
-            )
-
-    def failed_jobs(self) -> list[JobRecord]:
-        """Return every failed job: those failed for good first (they need an operator), then
-        by their next attempt time."""
-        with self._read() as db:
-            return _job_records(
-                db,
-                "j.state = ?",
-                JobState.FAILED,
-                order="j.next_attempt_at IS NOT NULL, j.next_attempt_at, j.id",
-            )
 
     def status(self) -> StatusSnapshot:
         """Return counts per state (every state present, 0 included) and the newest error event.
@@ -599,7 +373,7 @@ class Store:
         Instance counts are of current rows (a superseded version is not counted again);
         `quarantined` counts the quarantine table.
         """
-        with self._read() as db:
+        with self.read() as db:
             studies = _counts(db, "SELECT state, count(*) FROM studies GROUP BY state", StudyState)
             instances = _counts(
                 db,
@@ -619,41 +393,6 @@ class Store:
             at = datetime.fromtimestamp(error[0], tz=UTC).isoformat()
             last_error = {"at": at, "kind": error[1], "message": error[2]}
         return StatusSnapshot(studies, instances, jobs, last_error, version)
-
-
-_BY_IDS = "j.id IN (SELECT value FROM json_each(?))"
-"""Jobs whose id is in a JSON array (one parameter, however many ids)."""
-
-
-def _job_records(
-    db: sqlite3.Connection, where: str, param: object, *, order: str = "j.id"
-) -> list[JobRecord]:
-    rows = db.execute(
-        "SELECT j.id, j.kind, j.state, s.study_uid, s.part, j.attempts, j.next_attempt_at,"
-        " j.last_error, j.lease_owner, j.lease_expires_at, j.updated_at"
-        f" FROM jobs j JOIN studies s ON s.id = j.study_id WHERE {where} ORDER BY {order}",
-        (param,),
-    ).fetchall()
-    return [JobRecord(job_id, kind, JobState(state), *rest) for job_id, kind, state, *rest in rows]
-
-
-def _ids(job_ids: Sequence[int]) -> str:
-    return json.dumps([int(job_id) for job_id in job_ids])
-
-
-def _jobs_for_action(
-    db: sqlite3.Connection, job_ids: Sequence[int], allowed: Sequence[JobState], rule: str
-) -> list[JobRecord]:
-    """Return the jobs `job_ids` names, once each; raise JobStateError naming every id that
-    does not exist or whose state is not in `allowed` (and the `rule` that forbids it)."""
-    found = {job.id: job for job in _job_records(db, _BY_IDS, _ids(job_ids))}
-    missing = [f"there is no job {i}" for i in dict.fromkeys(job_ids) if i not in found]
-    forbidden = [f"job {j.id} is {j.state}" for j in found.values() if j.state not in allowed]
-    if forbidden:
-        forbidden[-1] += f" ({rule})"
-    if missing or forbidden:
-        raise JobStateError("; ".join([*missing, *forbidden]) + "; nothing was changed")
-    return [found[job_id] for job_id in dict.fromkeys(job_ids)]
 
 
 def _connect(path: Path, create: bool) -> sqlite3.Connection:

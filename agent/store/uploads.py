@@ -13,7 +13,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from agent.store.records import InstanceState, JobState, Level, StudyState, event
+from agent.store.jobs import Lease, hold
+from agent.store.records import InstanceState, Level, StudyState, event
 
 if TYPE_CHECKING:
     from agent.store import Store
@@ -86,7 +87,7 @@ class Uploads:
 
     def part_files(self, study_id: int) -> list[PartFile]:
         """Return the current (not superseded) instances of a part, in arrival order."""
-        with self._store._read() as db:
+        with self._store.read() as db:
             rows = db.execute(
                 "SELECT sop_instance_uid, sop_class_uid, transfer_syntax, path, size, sha256"
                 " FROM instances WHERE study_id = ? AND superseded = 0 ORDER BY id",
@@ -97,7 +98,7 @@ class Uploads:
     def stow_pending(self, study_id: int) -> list[PartFile]:
         """Return the current instances of a part the archive has not acknowledged over
         STOW-RS yet, in arrival order."""
-        with self._store._read() as db:
+        with self._store.read() as db:
             rows = db.execute(
                 "SELECT sop_instance_uid, sop_class_uid, transfer_syntax, path, size, sha256"
                 " FROM instances WHERE study_id = ? AND superseded = 0"
@@ -110,26 +111,24 @@ class Uploads:
         self,
         study_id: int,
         sop_instance_uids: Collection[str],
-        lease: tuple[int, str, float],
+        lease: Lease,
         now: float,
-    ) -> bool:
+    ) -> None:
         """In one transaction: record that the archive acknowledged these instances of the part
-        over STOW-RS, and renew the job's `lease` (job id, owner, seconds). Return False,
-        changing nothing, if the owner no longer holds the job."""
-        with self._store._write() as db:
-            if not _renew(db, lease, now):
-                return False
+        over STOW-RS, and renew the job's `lease`. Raise LeaseLost, changing nothing, if its
+        owner no longer holds the job."""
+        with self._store.write() as db:
+            hold(db, lease, now)
             db.executemany(
                 "UPDATE instances SET stow_stored_at = ? WHERE study_id = ? AND superseded = 0"
                 " AND sop_instance_uid = ? AND stow_stored_at IS NULL",
                 [(now, study_id, uid) for uid in sop_instance_uids],
             )
             db.execute("UPDATE uploads SET updated_at = ? WHERE study_id = ?", (now, study_id))
-        return True
 
     def get(self, study_id: int) -> UploadRecord:
         """Return the part's upload record (an empty one if nothing was packed or sent yet)."""
-        with self._store._read() as db:
+        with self._store.read() as db:
             row = db.execute(
                 "SELECT s.study_uid, s.part, s.state, u.bundle_path, u.bundle_size,"
                 " u.bundle_sha256, u.bundle_format, u.instances, u.url,"
@@ -145,7 +144,7 @@ class Uploads:
 
     def begin_attempt(self, study_id: int, now: float) -> None:
         """Note that an upload attempt starts now (for its rate) and the part is uploading."""
-        with self._store._write() as db:
+        with self._store.write() as db:
             db.execute(
                 "INSERT INTO uploads (study_id, created_at, updated_at, attempt_started_at)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (study_id) DO UPDATE SET"
@@ -161,7 +160,7 @@ class Uploads:
     def record_bundle(self, study_id: int, bundle: Bundle, now: float) -> None:
         """Record a durable bundle for the part; any earlier upload URL is forgotten (its bytes
         were of another bundle), and the part's instances are `packed`."""
-        with self._store._write() as db:
+        with self._store.write() as db:
             db.execute(
                 "UPDATE uploads SET bundle_path = ?, bundle_size = ?, bundle_sha256 = ?,"
                 " bundle_format = ?, instances = ?, url = NULL, confirmed_offset = 0,"
@@ -184,7 +183,7 @@ class Uploads:
     def forget_bundle(self, study_id: int, reason: str, now: float) -> None:
         """Forget the part's bundle and upload URL (the bundle file is gone or damaged): the
         next attempt packs again and starts a new upload. Logged as a warning event."""
-        with self._store._write() as db:
+        with self._store.write() as db:
             db.execute(
                 "UPDATE uploads SET bundle_path = NULL, bundle_size = NULL, bundle_sha256 = NULL,"
                 " bundle_format = NULL, url = NULL, confirmed_offset = 0, sent_to = 0,"
@@ -196,7 +195,7 @@ class Uploads:
     def record_url(self, study_id: int, url: str | None, now: float) -> None:
         """Record the tus upload URL just created for the part's bundle (None: forget it, so
         the next attempt creates a new upload); offsets start again at 0."""
-        with self._store._write() as db:
+        with self._store.write() as db:
             db.execute(
                 "UPDATE uploads SET url = ?, confirmed_offset = 0, sent_to = 0,"
                 " attempt_offset = 0, updated_at = ? WHERE study_id = ?",
@@ -205,7 +204,7 @@ class Uploads:
 
     def record_sending(self, study_id: int, end: int, now: float) -> None:
         """Commit, before a PATCH goes out, that bytes up to `end` may reach the server."""
-        with self._store._write() as db:
+        with self._store.write() as db:
             db.execute(
                 "UPDATE uploads SET sent_to = max(sent_to, ?), updated_at = ? WHERE study_id = ?",
                 (end, now, study_id),
@@ -213,7 +212,7 @@ class Uploads:
 
     def record_offset(self, study_id: int, offset: int, now: float) -> None:
         """Record the offset the server reports it holds."""
-        with self._store._write() as db:
+        with self._store.write() as db:
             db.execute(
                 "UPDATE uploads SET confirmed_offset = ?, updated_at = ? WHERE study_id = ?",
                 (offset, now, study_id),
@@ -224,25 +223,23 @@ class Uploads:
         study_id: int,
         offset: int,
         sending_to: int,
-        lease: tuple[int, str, float],
+        lease: Lease,
         now: float,
-    ) -> bool:
+    ) -> None:
         """In one transaction: record the offset the server confirmed, commit that bytes up to
-        `sending_to` may go out next, and renew the job's `lease` (job id, owner, seconds).
-        Return False, changing nothing, if the owner no longer holds the job."""
-        with self._store._write() as db:
-            if not _renew(db, lease, now):
-                return False
+        `sending_to` may go out next, and renew the job's `lease`. Raise LeaseLost, changing
+        nothing, if its owner no longer holds the job."""
+        with self._store.write() as db:
+            hold(db, lease, now)
             db.execute(
                 "UPDATE uploads SET confirmed_offset = ?, sent_to = max(sent_to, ?),"
                 " updated_at = ? WHERE study_id = ?",
                 (offset, sending_to, now, study_id),
             )
-        return True
 
     def mark_sent(self, study_id: int, now: float) -> None:
         """The whole bundle is in the cloud: the part and its instances are `sent`."""
-        with self._store._write() as db:
+        with self._store.write() as db:
             db.execute(
                 "INSERT INTO uploads (study_id, created_at, updated_at, sent_at)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (study_id) DO UPDATE SET"
@@ -258,7 +255,7 @@ class Uploads:
 
     def mark_confirmed(self, study_id: int, now: float) -> None:
         """The cloud lists every instance of the part: it is `confirmed`."""
-        with self._store._write() as db:
+        with self._store.write() as db:
             db.execute(
                 "UPDATE uploads SET confirmed_at = ?, updated_at = ? WHERE study_id = ?",
                 (now, now, study_id),
@@ -274,7 +271,7 @@ class Uploads:
         """Return up to `limit` parts in `state` (sent or confirmed), oldest first, whose files
         are still in the spool, done before `done_before` (None: however recently)."""
         column = "confirmed_at" if state == StudyState.CONFIRMED else "sent_at"
-        with self._store._read() as db:
+        with self._store.read() as db:
             rows = db.execute(
                 f"SELECT s.id, s.study_uid, s.part, u.bundle_path FROM studies s"
                 f" JOIN uploads u ON u.study_id = s.id WHERE s.state = ? AND u.purged_at IS NULL"
@@ -298,7 +295,7 @@ class Uploads:
     def record_purged(self, study_id: int, now: float) -> None:
         """Note that the part's spool files are deleted (its rows stay: re-sends of the same
         content are still recognised as duplicates)."""
-        with self._store._write() as db:
+        with self._store.write() as db:
             db.execute(
                 "UPDATE uploads SET purged_at = ?, bundle_path = NULL, updated_at = ?"
                 " WHERE study_id = ?",
@@ -307,13 +304,13 @@ class Uploads:
 
     def bundle_paths(self) -> set[str]:
         """Return the path of every recorded bundle (the rest in bundles/ are leftovers)."""
-        with self._store._read() as db:
+        with self._store.read() as db:
             rows = db.execute("SELECT bundle_path FROM uploads WHERE bundle_path IS NOT NULL")
             return {path for (path,) in rows}
 
     def in_progress(self) -> list[UploadProgress]:
         """Return every part being uploaded, with how far it got."""
-        with self._store._read() as db:
+        with self._store.read() as db:
             rows = db.execute(
                 "SELECT s.study_uid, s.part, coalesce(u.bundle_size, 0), u.confirmed_offset,"
                 " u.attempt_offset, u.attempt_started_at, u.updated_at"
@@ -335,15 +332,3 @@ class Uploads:
         row = db.execute("SELECT study_uid, part FROM studies WHERE id = ?", (study_id,)).fetchone()
         study_uid, part = row if row is not None else (None, 0)
         event(db, now, level, kind, f"part {part}: {text}", study_uid, None)
-
-
-def _renew(db: sqlite3.Connection, lease: tuple[int, str, float], now: float) -> bool:
-    """Renew a claimed job's lease (job id, owner, seconds) inside a write transaction; return
-    False if that owner no longer holds the job."""
-    job_id, owner, seconds = lease
-    held = db.execute(
-        "UPDATE jobs SET lease_expires_at = ?, updated_at = ?"
-        " WHERE id = ? AND state = ? AND lease_owner = ?",
-        (now + seconds, now, job_id, JobState.CLAIMED, owner),
-    ).rowcount
-    return bool(held == 1)

@@ -18,6 +18,7 @@ from agent.store import (
     MIGRATIONS,
     JobState,
     JobStateError,
+    Lease,
     Migration,
     NewInstance,
     Outcome,
@@ -351,19 +352,19 @@ def test_mark_stable_creates_one_ready_upload_job_due_now_and_an_info_event(
 
 
 def test_claim_job_returns_none_when_nothing_is_due(store: Store) -> None:
-    assert store.claim_job(UPLOAD, "w1", 30, now=0.0) is None
+    assert store.jobs.claim(UPLOAD, "w1", 30, now=0.0) is None
     stable_job(store)  # due at 60
-    assert store.claim_job(UPLOAD, "w1", 30, now=59.0) is None
-    assert store.claim_job("pack", "w1", 30, now=60.0) is None  # another kind
+    assert store.jobs.claim(UPLOAD, "w1", 30, now=59.0) is None
+    assert store.jobs.claim("pack", "w1", 30, now=60.0) is None  # another kind
 
 
 def test_claim_job_leases_the_job_and_counts_the_attempt(store: Store) -> None:
     stable_job(store)
-    job = store.claim_job(UPLOAD, "w1", 30, now=61.0)
+    job = store.jobs.claim(UPLOAD, "w1", 30, now=61.0)
     assert job is not None
     assert (job.kind, job.study_uid, job.part, job.attempts) == (UPLOAD, STUDY, 1, 1)
-    assert (job.lease_owner, job.lease_expires_at) == ("w1", 91.0)
-    assert store.claim_job(UPLOAD, "w2", 30, now=62.0) is None  # held by w1
+    assert (job.lease.owner, job.lease_expires_at) == ("w1", 91.0)
+    assert store.jobs.claim(UPLOAD, "w2", 30, now=62.0) is None  # held by w1
     assert store.status().jobs["claimed"] == 1
 
 
@@ -372,34 +373,34 @@ def test_claim_job_takes_the_job_due_soonest_first(store: Store) -> None:
     store.mark_stable(70.0, stable_after=60)
     store.record_instance(instance("1.1", "a" * 64, "spool/00/a.dcm"), 0.0)
     store.mark_stable(80.0, stable_after=60)
-    first = store.claim_job(UPLOAD, "w1", 30, now=100.0)
-    second = store.claim_job(UPLOAD, "w1", 30, now=100.0)
+    first = store.jobs.claim(UPLOAD, "w1", 30, now=100.0)
+    second = store.jobs.claim(UPLOAD, "w1", 30, now=100.0)
     assert first is not None and second is not None
     assert (first.study_uid, second.study_uid) == (OTHER_STUDY, STUDY)
 
 
 def test_complete_job_marks_it_done_for_the_lease_holder(store: Store, db_path: Path) -> None:
     stable_job(store)
-    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    job = store.jobs.claim(UPLOAD, "w1", 30, now=60.0)
     assert job is not None
-    store.complete_job(job.id, "w1", now=70.0)
+    store.jobs.complete(Lease(job.id, "w1", 30), now=70.0)
     assert query(db_path, "SELECT state, lease_owner, updated_at FROM jobs") == [
         ("done", None, 70.0)
     ]
-    assert store.claim_job(UPLOAD, "w1", 30, now=1000.0) is None
+    assert store.jobs.claim(UPLOAD, "w1", 30, now=1000.0) is None
 
 
 def test_a_competing_owner_cannot_complete_fail_or_renew_another_owners_job(
     store: Store, db_path: Path
 ) -> None:
     stable_job(store)
-    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    job = store.jobs.claim(UPLOAD, "w1", 30, now=60.0)
     assert job is not None
     with pytest.raises(StoreError, match="not held by w2"):
-        store.complete_job(job.id, "w2", now=65.0)
+        store.jobs.complete(Lease(job.id, "w2", 30), now=65.0)
     with pytest.raises(StoreError, match="not held by w2"):
-        store.fail_job(job.id, "w2", "boom", next_attempt_at=100.0, now=65.0)
-    assert store.renew_lease(job.id, "w2", 30, now=65.0) is False
+        store.jobs.fail(Lease(job.id, "w2", 30), "boom", next_attempt_at=100.0, now=65.0)
+    assert store.jobs.renew(Lease(job.id, "w2", 30), now=65.0) is False
     assert query(db_path, "SELECT state, lease_owner, lease_expires_at FROM jobs") == [
         ("claimed", "w1", 90.0)
     ]
@@ -409,10 +410,10 @@ def test_renew_lease_extends_the_lease_so_requeue_leaves_the_job_alone(
     store: Store, db_path: Path
 ) -> None:
     stable_job(store)
-    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    job = store.jobs.claim(UPLOAD, "w1", 30, now=60.0)
     assert job is not None
-    assert store.renew_lease(job.id, "w1", 30, now=80.0) is True
-    assert store.requeue_expired(now=90.0) == 0  # the original expiry
+    assert store.jobs.renew(Lease(job.id, "w1", 30), now=80.0) is True
+    assert store.jobs.requeue_expired(now=90.0) == 0  # the original expiry
     assert query(db_path, "SELECT state, lease_expires_at FROM jobs") == [("claimed", 110.0)]
 
 
@@ -420,45 +421,47 @@ def test_requeue_expired_returns_an_expired_lease_to_ready_and_the_old_owner_los
     store: Store, db_path: Path
 ) -> None:
     stable_job(store)
-    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    job = store.jobs.claim(UPLOAD, "w1", 30, now=60.0)
     assert job is not None
-    assert store.requeue_expired(now=89.9) == 0
-    assert store.requeue_expired(now=90.0) == 1
+    assert store.jobs.requeue_expired(now=89.9) == 0
+    assert store.jobs.requeue_expired(now=90.0) == 1
     assert query(db_path, "SELECT state, lease_owner FROM jobs") == [("ready", None)]
     assert query(db_path, "SELECT level, kind FROM events WHERE kind = 'lease_expired'") == [
         ("warning", "lease_expired")
     ]
-    again = store.claim_job(UPLOAD, "w2", 30, now=91.0)
+    again = store.jobs.claim(UPLOAD, "w2", 30, now=91.0)
     assert again is not None and (again.id, again.attempts) == (job.id, 2)
-    assert store.renew_lease(job.id, "w1", 30, now=92.0) is False
+    assert store.jobs.renew(Lease(job.id, "w1", 30), now=92.0) is False
     with pytest.raises(StoreError):
-        store.complete_job(job.id, "w1", now=92.0)
-    store.complete_job(job.id, "w2", now=93.0)
+        store.jobs.complete(Lease(job.id, "w1", 30), now=92.0)
+    store.jobs.complete(Lease(job.id, "w2", 30), now=93.0)
 
 
 def test_fail_job_with_a_next_attempt_time_makes_it_due_again_then(
     store: Store, db_path: Path
 ) -> None:
     stable_job(store)
-    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    job = store.jobs.claim(UPLOAD, "w1", 30, now=60.0)
     assert job is not None
-    store.fail_job(job.id, "w1", "cloud answered 503", next_attempt_at=120.0, now=65.0)
+    store.jobs.fail(Lease(job.id, "w1", 30), "cloud answered 503", next_attempt_at=120.0, now=65.0)
     assert query(db_path, "SELECT state, last_error, next_attempt_at, lease_owner FROM jobs") == [
         ("failed", "cloud answered 503", 120.0, None)
     ]
-    assert store.claim_job(UPLOAD, "w1", 30, now=119.0) is None
-    retry = store.claim_job(UPLOAD, "w1", 30, now=120.0)
+    assert store.jobs.claim(UPLOAD, "w1", 30, now=119.0) is None
+    retry = store.jobs.claim(UPLOAD, "w1", 30, now=120.0)
     assert retry is not None and retry.attempts == 2
     assert store.status().last_error is None  # a retryable failure is a warning
 
 
 def test_fail_job_without_a_next_attempt_time_fails_it_for_good(store: Store) -> None:
     stable_job(store)
-    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    job = store.jobs.claim(UPLOAD, "w1", 30, now=60.0)
     assert job is not None
-    store.fail_job(job.id, "w1", "cloud refused the bundle (400)", next_attempt_at=None, now=70.0)
-    assert store.claim_job(UPLOAD, "w1", 30, now=1e12) is None
-    assert store.requeue_expired(now=1e12) == 0
+    store.jobs.fail(
+        Lease(job.id, "w1", 30), "cloud refused the bundle (400)", next_attempt_at=None, now=70.0
+    )
+    assert store.jobs.claim(UPLOAD, "w1", 30, now=1e12) is None
+    assert store.jobs.requeue_expired(now=1e12) == 0
     status = store.status()
     assert status.jobs["failed"] == 1
     assert status.last_error is not None
@@ -474,9 +477,9 @@ def failed_job(store: Store, sop_uid: str, error: str, next_attempt_at: float | 
     study = f"1.2.826.0.1.3680043.8.498.{sop_uid}"
     store.record_instance(instance(sop_uid, "f" * 64, f"spool/00/{sop_uid}.dcm", study), 0.0)
     store.mark_stable(60.0, stable_after=60)
-    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    job = store.jobs.claim(UPLOAD, "w1", 30, now=60.0)
     assert job is not None and job.study_uid == study
-    store.fail_job(job.id, "w1", error, next_attempt_at, now=61.0)
+    store.jobs.fail(Lease(job.id, "w1", 30), error, next_attempt_at, now=61.0)
     return job.id
 
 
@@ -485,30 +488,30 @@ def test_list_jobs_returns_jobs_in_the_states_asked_for_with_their_study_part(
 ) -> None:
     failed = failed_job(store, "2.1", "cloud answered 503", next_attempt_at=200.0)
     stable_job(store, now=100.0)
-    every = store.list_jobs()
+    every = store.jobs.in_states()
     assert [(j.id, j.state) for j in every] == [(failed, JobState.FAILED), (2, JobState.READY)]
-    (only_failed,) = store.list_jobs([JobState.FAILED])
+    (only_failed,) = store.jobs.in_states([JobState.FAILED])
     assert only_failed.id == failed
     assert only_failed.study_uid == "1.2.826.0.1.3680043.8.498.2.1" and only_failed.part == 1
     assert (only_failed.attempts, only_failed.last_error) == (1, "cloud answered 503")
     assert (only_failed.next_attempt_at, only_failed.lease_owner) == (200.0, None)
-    assert store.list_jobs([JobState.DONE, JobState.CLAIMED]) == []
+    assert store.jobs.in_states([JobState.DONE, JobState.CLAIMED]) == []
 
 
 def test_failed_jobs_lists_permanent_failures_first_then_by_next_attempt(store: Store) -> None:
     later = failed_job(store, "3.1", "timeout", next_attempt_at=500.0)
     sooner = failed_job(store, "3.2", "timeout", next_attempt_at=100.0)
     permanent = failed_job(store, "3.3", "refused (400)", next_attempt_at=None)
-    assert [j.id for j in store.failed_jobs()] == [permanent, sooner, later]
+    assert [j.id for j in store.jobs.failed()] == [permanent, sooner, later]
 
 
 def test_retry_makes_a_failed_job_ready_and_due_now_keeping_its_attempts(
     store: Store, db_path: Path
 ) -> None:
     job_id = failed_job(store, "4.1", "refused (400)", next_attempt_at=None)
-    (retried,) = store.retry_jobs([job_id], now=100.0)
+    (retried,) = store.jobs.retry([job_id], now=100.0)
     assert (retried.state, retried.next_attempt_at, retried.attempts) == ("ready", 100.0, 1)
-    again = store.claim_job(UPLOAD, "w2", 30, now=100.0)
+    again = store.jobs.claim(UPLOAD, "w2", 30, now=100.0)
     assert again is not None and (again.id, again.attempts) == (job_id, 2)
     assert query(db_path, "SELECT level, message FROM events WHERE kind = 'job_retried'") == [
         ("info", f"upload job {job_id} retried by operator (was failed, 1 attempt(s) so far)")
@@ -517,9 +520,9 @@ def test_retry_makes_a_failed_job_ready_and_due_now_keeping_its_attempts(
 
 def test_retry_of_a_ready_job_makes_it_due_now(store: Store) -> None:
     stable_job(store)  # due at 60
-    (retried,) = store.retry_jobs([1], now=10.0)
+    (retried,) = store.jobs.retry([1], now=10.0)
     assert (retried.state, retried.next_attempt_at) == ("ready", 10.0)
-    assert store.claim_job(UPLOAD, "w1", 30, now=10.0) is not None
+    assert store.jobs.claim(UPLOAD, "w1", 30, now=10.0) is not None
 
 
 def test_retry_of_an_unknown_done_or_claimed_job_changes_nothing_and_names_each(
@@ -527,14 +530,14 @@ def test_retry_of_an_unknown_done_or_claimed_job_changes_nothing_and_names_each(
 ) -> None:
     failed = failed_job(store, "5.1", "timeout", next_attempt_at=900.0)
     done = failed_job(store, "5.2", "timeout", next_attempt_at=61.0)
-    job = store.claim_job(UPLOAD, "w1", 30, now=61.0)
+    job = store.jobs.claim(UPLOAD, "w1", 30, now=61.0)
     assert job is not None and job.id == done
-    store.complete_job(done, "w1", now=62.0)
+    store.jobs.complete(Lease(done, "w1", 30), now=62.0)
     claimed = failed_job(store, "5.3", "timeout", next_attempt_at=63.0)
-    assert store.claim_job(UPLOAD, "w1", 30, now=63.0) is not None
+    assert store.jobs.claim(UPLOAD, "w1", 30, now=63.0) is not None
     before = query(db_path, "SELECT * FROM jobs ORDER BY id")
     with pytest.raises(JobStateError) as raised:
-        store.retry_jobs([failed, 99, done, claimed], now=70.0)
+        store.jobs.retry([failed, 99, done, claimed], now=70.0)
     message = str(raised.value)
     assert "there is no job 99" in message
     assert f"job {done} is done" in message and f"job {claimed} is claimed" in message
@@ -546,11 +549,11 @@ def test_retry_of_an_unknown_done_or_claimed_job_changes_nothing_and_names_each(
 
 def test_cancel_fails_a_ready_job_for_good_with_an_info_event(store: Store, db_path: Path) -> None:
     stable_job(store)
-    (cancelled,) = store.cancel_jobs([1], now=70.0)
+    (cancelled,) = store.jobs.cancel([1], now=70.0)
     assert cancelled.state == "failed" and cancelled.next_attempt_at is None
     assert cancelled.last_error == "cancelled by operator"
-    assert store.claim_job(UPLOAD, "w1", 30, now=1e12) is None
-    assert [j.id for j in store.failed_jobs()] == [1]
+    assert store.jobs.claim(UPLOAD, "w1", 30, now=1e12) is None
+    assert [j.id for j in store.jobs.failed()] == [1]
     assert query(db_path, "SELECT level, message FROM events WHERE kind = 'job_cancelled'") == [
         ("info", "upload job 1 cancelled by operator (was ready)")
     ]
@@ -561,16 +564,16 @@ def test_cancel_of_a_claimed_job_takes_its_lease_away_from_the_worker(
     store: Store, db_path: Path
 ) -> None:
     stable_job(store)
-    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    job = store.jobs.claim(UPLOAD, "w1", 30, now=60.0)
     assert job is not None
-    store.cancel_jobs([job.id], now=65.0)
-    assert store.renew_lease(job.id, "w1", 30, now=66.0) is False
+    store.jobs.cancel([job.id], now=65.0)
+    assert store.jobs.renew(Lease(job.id, "w1", 30), now=66.0) is False
     with pytest.raises(StoreError, match="not held by w1"):
-        store.complete_job(job.id, "w1", now=67.0)
+        store.jobs.complete(Lease(job.id, "w1", 30), now=67.0)
     with pytest.raises(StoreError, match="not held by w1"):
-        store.fail_job(job.id, "w1", "boom", next_attempt_at=100.0, now=67.0)
-    store.release_job(job.id, "w1", now=68.0)  # a worker stopping leaves it alone too
-    assert store.requeue_expired(now=1e12, every_claim=True) == 0
+        store.jobs.fail(Lease(job.id, "w1", 30), "boom", next_attempt_at=100.0, now=67.0)
+    store.jobs.release(Lease(job.id, "w1", 30), now=68.0)  # a worker stopping leaves it alone too
+    assert store.jobs.requeue_expired(now=1e12, every_claim=True) == 0
     assert query(db_path, "SELECT state, last_error, lease_owner, next_attempt_at FROM jobs") == [
         ("failed", "cancelled by operator", None, None)
     ]
@@ -580,19 +583,19 @@ def test_cancel_of_a_claimed_job_takes_its_lease_away_from_the_worker(
 
 def test_a_cancelled_job_can_be_retried_and_keeps_its_attempts(store: Store) -> None:
     job_id = failed_job(store, "6.1", "timeout", next_attempt_at=300.0)
-    store.cancel_jobs([job_id], now=70.0)
-    store.retry_jobs([job_id], now=80.0)
-    again = store.claim_job(UPLOAD, "w1", 30, now=80.0)
+    store.jobs.cancel([job_id], now=70.0)
+    store.jobs.retry([job_id], now=80.0)
+    again = store.jobs.claim(UPLOAD, "w1", 30, now=80.0)
     assert again is not None and (again.id, again.attempts) == (job_id, 2)
 
 
 def test_cancel_of_an_unknown_or_done_job_changes_nothing(store: Store, db_path: Path) -> None:
     stable_job(store)
-    job = store.claim_job(UPLOAD, "w1", 30, now=60.0)
+    job = store.jobs.claim(UPLOAD, "w1", 30, now=60.0)
     assert job is not None
-    store.complete_job(job.id, "w1", now=61.0)
+    store.jobs.complete(Lease(job.id, "w1", 30), now=61.0)
     with pytest.raises(JobStateError, match=r"no job 7; job 1 is done \(a done job cannot be"):
-        store.cancel_jobs([7, 1], now=70.0)
+        store.jobs.cancel([7, 1], now=70.0)
     assert query(db_path, "SELECT state, last_error FROM jobs") == [("done", None)]
     assert query(db_path, "SELECT count(*) FROM events WHERE kind = 'job_cancelled'") == [(0,)]
 
@@ -604,10 +607,10 @@ def test_an_operator_cancelling_from_another_connection_stops_the_agent_claiming
     operator = Store.open(db_path, create=False)  # `dirigo queue cancel` while the agent runs
     try:
         stable_job(agent)
-        (cancelled,) = operator.cancel_jobs([1], now=70.0)
+        (cancelled,) = operator.jobs.cancel([1], now=70.0)
         assert cancelled.last_error == "cancelled by operator"
-        assert agent.claim_job(UPLOAD, "w1", 30, now=1e12) is None
-        assert [j.id for j in agent.failed_jobs()] == [1]
+        assert agent.jobs.claim(UPLOAD, "w1", 30, now=1e12) is None
+        assert [j.id for j in agent.jobs.failed()] == [1]
     finally:
         operator.close()
         agent.close()
@@ -662,7 +665,7 @@ def test_status_counts_current_rows_in_each_state(store: Store) -> None:
     store.record_instance(instance("1.2", "b" * 64, "spool/00/b.dcm"), 0.0)
     store.mark_stable(60.0, stable_after=60)
     store.record_instance(instance("1.1", "c" * 64, "spool/00/c.dcm"), 70.0)  # supersedes
-    store.claim_job(UPLOAD, "w1", 30, now=80.0)
+    store.jobs.claim(UPLOAD, "w1", 30, now=80.0)
     status = store.status()
     assert status.studies["open"] == 1 and status.studies["stable"] == 1
     assert status.instances["received"] == 2  # the superseded version is not counted again
