@@ -426,6 +426,8 @@ def _push_destination(settings: Settings, title: str | None) -> Peer:
 
 def _check_config(settings: Settings, args: argparse.Namespace) -> int:
     print(f"# {args.config}: valid")
+    for warning in settings.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     print(_dump(settings), end="")
     return EXIT_OK
 

@@ -47,6 +47,7 @@ from agent.connections import (
     Tls,
     check_range,
     read_range,
+    same_origin,
 )
 
 logger = logging.getLogger(__name__)
@@ -237,7 +238,16 @@ class TusClient:
             raise CloudError(
                 "the tus server created an upload but gave no Location", retryable=True
             )
-        return urljoin(self.endpoint, location)
+        url = urljoin(self.endpoint, location)
+        if not same_origin(url, self.endpoint):
+            # The chunks would carry the bearer token and patient data to wherever the
+            # Location points: only the configured endpoint's scheme, host and port are trusted.
+            raise CloudError(
+                f"the tus server placed the upload at {redact_url(url)}, outside"
+                f" {redact_url(self.endpoint)} (another scheme, host or port); nothing sent there",
+                retryable=False,
+            )
+        return url
 
     def offset(self, url: str) -> tuple[int, int | None]:
         """Return the server's (offset, length) of an upload. Raise UploadGone if it is gone."""

@@ -78,6 +78,23 @@ class _Buffers(threading.local):
 _buffers = _Buffers()
 
 
+def origin_of(url: str) -> Origin:
+    """Return the (scheme, host, port) of `url`, lower-cased, the scheme's default port filled
+    in. Raise ValueError if its port is not a port number."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
+
+
+def same_origin(url: str, other: str) -> bool:
+    """Return True if the two URLs reach the same server the same way: one scheme, host and
+    port. A URL with a malformed port has no origin in common with any."""
+    try:
+        return origin_of(url) == origin_of(other)
+    except ValueError:
+        return False
+
+
 def check_range(f: io.BufferedIOBase, offset: int, length: int) -> None:
     """Raise FileEnded unless `f` holds bytes [offset, offset + length)."""
     end = f.seek(0, os.SEEK_END)
@@ -158,8 +175,7 @@ class Connections:
         the exchange fails (FileEnded if the file is shorter than the range).
         """
         parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        origin = (scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
+        origin = origin_of(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
             return self._attempt(origin, method, target, headers, body, pace, tls)

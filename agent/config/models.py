@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -50,6 +51,7 @@ from agent.config.rules import (
     check_ae_title,
     choice,
     empty_as_no_items,
+    redact_url,
     rule,
 )
 
@@ -191,6 +193,19 @@ class Settings(BaseModel):
         if details:
             raise ValidationError.from_exception_data(cls.__name__, details)
         return settings
+
+    def warnings(self) -> list[str]:
+        """Return what is valid but unsafe, one sentence per finding, each naming its key
+        (`dirigo check-config` prints them; the agent still starts)."""
+        found = []
+        for key in ("upload_url", "dicomweb_url"):
+            url = getattr(self.cloud, key)
+            if url and urlsplit(url).scheme.lower() == "http":
+                found.append(
+                    f"At 'cloud.{key}': {redact_url(url)} is plain http: the token and patient"
+                    " data would cross the network unencrypted; use https"
+                )
+        return found
 
     def redacted(self) -> dict[str, object]:
         """Return the effective configuration as plain YAML-able data with secrets replaced by

@@ -64,6 +64,22 @@ def test_check_config_never_prints_a_password(tmp_path: Path) -> None:
     assert "hunter2" not in result.stdout
 
 
+def test_check_config_warns_about_a_plain_http_cloud_url_and_still_exits_0(
+    tmp_path: Path,
+) -> None:
+    config = minimal(tmp_path)
+    config["cloud"] = {"upload_url": "https://exchange.example/files/"}
+    secure = dirigo("check-config", "--config", str(write_config(tmp_path / "s.yaml", config)))
+    assert secure.returncode == 0, secure.stderr
+    assert "warning" not in secure.stderr
+    config["cloud"] = {"dicomweb_url": "http://exchange.example/dicom-web", **config["cloud"]}
+    plain = dirigo("check-config", "--config", str(write_config(tmp_path / "p.yaml", config)))
+    assert plain.returncode == 0, plain.stderr
+    assert "warning: At 'cloud.dicomweb_url': http://exchange.example/dicom-web is plain http" in (
+        plain.stderr
+    )
+
+
 def test_a_broken_config_reports_every_problem_by_key_and_exits_78(tmp_path: Path) -> None:
     config = minimal(tmp_path, port=70000, max_associations="ten")
     config["study"] = {"stable_after": "soon"}

@@ -457,6 +457,16 @@ def test_dicomweb_url_is_optional() -> None:
     assert parse_config(minimal(cloud__dicomweb_url=None)).cloud.dicomweb_url is None
 
 
+def test_a_plain_http_cloud_url_is_a_warning_naming_its_key_and_https_is_none() -> None:
+    settings = parse_config(
+        minimal(cloud={"upload_url": "http://u:pw@x.example/files/", "dicomweb_url": "https://y/"})
+    )
+    (warning,) = settings.warnings()
+    assert warning.startswith("At 'cloud.upload_url': http://u:***@x.example/files/ is plain http")
+    secure = parse_config(minimal(cloud__dicomweb_url="https://y.example/dicom-web"))
+    assert secure.warnings() == []
+
+
 # --- peers ----------------------------------------------------------------------------------------
 
 
