@@ -226,6 +226,18 @@ class Uploader:
                 )
                 return record.url, offset
             except UploadGone:
+                if record.confirmed_offset == bundle.size:
+                    # It confirmed every byte before we could mark the part sent, and has
+                    # cleaned up the finished upload since: sending it again would have the
+                    # cloud ingest the bundle twice.
+                    logger.info(
+                        "study %s part %d: the server confirmed all %d bytes before it let the"
+                        " finished upload go; not sending it again",
+                        job.study_uid,
+                        job.part,
+                        bundle.size,
+                    )
+                    return record.url, bundle.size
                 logger.warning(
                     "study %s part %d: the server no longer has the upload; starting anew",
                     job.study_uid,

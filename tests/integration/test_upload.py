@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import sqlite3
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,16 +48,23 @@ def complete_uploads(tus: TusServer, count: int, timeout: float = 120.0) -> list
     return [u for u in tus.uploads() if u.complete]
 
 
+def send_one_part(agent: Agent, tus: TusServer, series: list[Path]) -> StoredUpload:
+    """Send `series` to the agent, every instance acknowledged; return its one upload, once
+    complete and the part marked sent."""
+    result = dcmtk.storescu(series, agent.port)
+    assert len(dcmtk.acknowledged(result)) == len(series)
+    (upload,) = complete_uploads(tus, 1)
+    wait_until(lambda: agent.status()["studies"]["sent"] == 1, 30, what="the part marked sent")
+    return upload
+
+
 def test_a_study_from_storescu_arrives_as_one_verified_bundle(
     tmp_path: Path, tmp_data_dir: Path, tus_server: TusFactory
 ) -> None:
     series = datasets.ct_series(tmp_path / "ct", slices=12, rows=128, cols=128, seed=11)
     tus = tus_server()
     with upload_agent(tmp_data_dir, tus.url) as agent:
-        result = dcmtk.storescu(series, agent.port)
-        assert len(dcmtk.acknowledged(result)) == len(series)
-        (upload,) = complete_uploads(tus, 1)
-        wait_until(lambda: agent.status()["studies"]["sent"] == 1, 30, what="the part marked sent")
+        upload = send_one_part(agent, tus, series)
         data = upload.data()
         study_uid = str(dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
         assert upload.metadata["sha256"] == hashlib.sha256(data).hexdigest()
@@ -245,6 +254,40 @@ def test_an_offset_the_agent_never_sent_is_not_trusted_and_the_bundle_goes_up_an
     assert upload.metadata["sha256"] == hashlib.sha256(data).hexdigest()
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         assert len(tar.getmembers()) == len(series) + 1
+
+
+def test_a_finished_upload_the_server_removed_before_the_part_was_marked_sent_is_not_sent_again(
+    tmp_path: Path, tmp_data_dir: Path, tus_server: TusFactory
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=4, rows=64, cols=64, seed=17)
+    tus = tus_server()
+    with upload_agent(tmp_data_dir, tus.url) as agent:
+        upload = send_one_part(agent, tus, series)
+        agent.stop()
+        # Back to what a crash after the last PATCH leaves: the server's confirmation of every
+        # byte committed, the part not yet marked sent, its job claimed by the dead worker.
+        ((size, offset),) = agent.rows("SELECT bundle_size, confirmed_offset FROM uploads")
+        assert offset == size == upload.size
+        with contextlib.closing(sqlite3.connect(tmp_data_dir / "dirigo.db")) as db, db:
+            db.execute("UPDATE studies SET state = 'uploading'")
+            db.execute("UPDATE instances SET state = 'packed'")
+            db.execute("UPDATE uploads SET sent_at = NULL")
+            db.execute(
+                "UPDATE jobs SET state = 'claimed', lease_owner = 'gone:1:upload-1',"
+                " lease_expires_at = 1e12"
+            )
+        # Meanwhile the server cleaned up the finished upload (ingested): HEAD answers 404.
+        gone = requests.delete(
+            f"{tus.url}{upload.id}", headers={"Tus-Resumable": "1.0.0"}, timeout=30
+        )
+        assert gone.status_code == 204
+        assert tus.uploads() == []
+        agent.start()
+        wait_until(lambda: agent.status()["studies"]["sent"] == 1, 30, what="the part sent")
+        log = agent.log_tail(100_000)
+        assert tus.uploads() == []  # no second upload of the same bundle
+        assert "not sending it again" in log
+        assert agent.rows("SELECT state FROM jobs") == [("done",)]
 
 
 def test_the_running_agent_transcodes_to_htj2k_with_bit_exact_pixels(
