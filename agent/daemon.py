@@ -200,8 +200,8 @@ class Daemon:
         return workers
 
     def housekeeping(self, now: float) -> None:
-        """Close quiet studies, return expired job leases, revive dead upload workers and
-        apply the spool's retention; at most once a second."""
+        """Close quiet studies, return expired job leases, revive dead upload workers, apply
+        the spool's retention and settle the files of failed commits; at most once a second."""
         if now < self._next_housekeeping or self.store is None:
             return
         self._next_housekeeping = now + 1.0
@@ -214,6 +214,8 @@ class Daemon:
         if self.workers is not None:
             self.workers.revive()
         purge(self.settings, self.store, self.spool, now)
+        if self.receiver is not None:
+            self.receiver.reconcile()
         self._reap_associations()
         dicom = self.settings.dicom
         self.spool.sweep_incoming(2 * max(dicom.network_timeout, dicom.dimse_timeout), now)

@@ -28,6 +28,7 @@ from typing import BinaryIO
 from agent.dicom import Status
 from agent.receive import Arrival, Receiver
 from agent.spool import Spool
+from agent.store import Outcome
 
 IMPORT_AE = "IMPORT"
 """The calling AE title imported instances are recorded with."""
@@ -139,7 +140,9 @@ class Importer:
             if copy is not None:
                 self.spool.discard(copy)
         if reply.status == Status.SUCCESS and reply.outcome is not None:
-            return Imported(path, Result(reply.outcome.value))
+            # A repaired instance counts as stored: this file is now the copy the gateway holds.
+            result = Result.STORED if reply.outcome is Outcome.REPAIRED else Result(reply.outcome)
+            return Imported(path, result)
         if reply.quarantined:
             return Imported(path, Result.QUARANTINED, reply.comment)
         return Imported(path, Result.FAILED, reply.comment or f"status 0x{reply.status:04X}")

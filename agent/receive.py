@@ -2,14 +2,17 @@
 
 Order matters, and is the promise: rename into the spool → (fsync data and directory, while the
 bytes are checked) → duplicate? answer Success, keep the durable copy → commit the row → Success.
-Anything else gets a named failure status, the received bytes are quarantined or discarded, and
-the association carries on.
+A duplicate is one only while the recorded copy is intact (or the cloud holds it): a re-send
+repairs a lost copy. Anything else gets a named failure status, the received bytes are
+quarantined or discarded (never after a commit whose outcome is unknown), and the association
+carries on.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -81,15 +84,37 @@ class Receiver:
         self.store = store
         self.clock = clock
         self._flusher = ThreadPoolExecutor(concurrency, thread_name_prefix="flush")
+        self._uncertain: set[str] = set()
+        """Spool files whose row's commit failed with an unknown outcome."""
+        self._uncertain_lock = threading.Lock()
 
     def close(self) -> None:
         """Wait for pending flushes and stop the flusher threads."""
         self._flusher.shutdown(wait=True)
 
+    def reconcile(self) -> int:
+        """Delete the spool files of failed commits that no row references, now that the
+        database answers; return how many. A file a row references (the commit did happen) is
+        kept; while the database cannot be read, every file is kept for the next call."""
+        with self._uncertain_lock:
+            pending = set(self._uncertain)
+        if not pending:
+            return 0
+        unreferenced = pending - self.store.referenced(pending)
+        for relative in unreferenced:
+            self.spool.remove(relative)
+        with self._uncertain_lock:
+            self._uncertain -= pending
+        if unreferenced:
+            logger.warning("removed %d spool file(s) no row refers to", len(unreferenced))
+        return len(unreferenced)
+
     def accept(self, arrival: Arrival) -> Reply:
         """Given a received file, make it durable and recorded, and return the status to send.
 
-        Never raises: every failure becomes a status, and the file is quarantined or discarded.
+        Never raises: every failure becomes a status, and the file is quarantined or discarded;
+        or, when recording it failed and the row may have been committed all the same, kept
+        for `reconcile` (or the start-up sweep) to decide.
         """
         try:
             return self._accept(arrival)
@@ -101,7 +126,6 @@ class Receiver:
             logger.error("could not store %s: %s", arrival.sop_instance_uid, exc)
             return Reply(Status.OUT_OF_RESOURCES, f"storage error at the gateway: {exc.strerror}")
         except StoreError as exc:
-            self.spool.discard(arrival.path)
             logger.error("could not record %s: %s", arrival.sop_instance_uid, exc)
             return Reply(Status.OUT_OF_RESOURCES, "database error at the gateway; retry later")
         except Exception:
@@ -129,24 +153,36 @@ class Receiver:
         try:
             header = inspect(self.spool.path(relative), arrival.sop_instance_uid)
             known = self.store.find_instance(header.sop_instance_uid)
+            damaged = None
             if known is not None and known.sha256 == header.sha256:
-                # Already durable with identical content: the new copy adds nothing.
-                wait([settled])
-                self.spool.remove(relative)
-                logger.info(
-                    "duplicate %s from %s ignored", header.sop_instance_uid, arrival.calling_ae
-                )
-                return Reply(Status.SUCCESS, outcome=Outcome.DUPLICATE)
+                if known.released or self.spool.intact(known.path, known.size):
+                    # Already held with identical content: the new copy adds nothing.
+                    wait([settled])
+                    self.spool.remove(relative)
+                    logger.info(
+                        "duplicate %s from %s ignored", header.sop_instance_uid, arrival.calling_ae
+                    )
+                    return Reply(Status.SUCCESS, outcome=Outcome.DUPLICATE)
+                # The recorded copy is lost and the cloud may not hold it yet: keep this one.
+                damaged = known.path
             settled.result()
             new = self._new_instance(header, relative, arrival)
-            result = self.store.record_instance(new, self.clock())
         except InvalidInstance as exc:
             wait([settled])
             return self._quarantine(replace(arrival, path=self.spool.path(relative)), exc)
         except BaseException:
-            # No row points at the file (the commit is the last step above): drop it.
+            # No row points at the file (nothing was written yet): drop it.
             wait([settled])
             self.spool.remove(relative)
+            raise
+        try:
+            result = self.store.record_instance(new, self.clock(), damaged)
+        except BaseException:
+            # Whether the row was committed is unknown (a COMMIT can fail after it reached the
+            # disk): deleting the file could leave a committed row without its data. The file
+            # stays until a check of the rows, or the start-up sweep, finds no row for it.
+            with self._uncertain_lock:
+                self._uncertain.add(relative)
             raise
         if result.obsolete_path is not None:
             self.spool.remove(result.obsolete_path)

@@ -186,6 +186,13 @@ class Spool:
     def path(self, relative: str) -> Path:
         return self.data_dir / relative
 
+    def intact(self, relative: str, size: int) -> bool:
+        """Return True if the spool file is there with the `size` it was recorded with."""
+        try:
+            return os.stat(self.data_dir / relative).st_size == size
+        except FileNotFoundError:
+            return False
+
     def remove(self, relative: str) -> None:
         """Delete a spool file that no row references, by its path relative to `data_dir`."""
         self.discard(self.data_dir / relative)

@@ -14,10 +14,11 @@ Every time is passed in as `now` (epoch seconds), so callers and tests control t
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 from agent.store.errors import JobStateError, LeaseLost, StoreError
-from agent.store.jobs import UPLOAD, Job, JobRecord, Jobs, Lease, enqueue
+from agent.store.jobs import UPLOAD, Job, JobRecord, Jobs, Lease, enqueue, revive
 from agent.store.records import InstanceState, JobState, Level, Outcome, StudyState, event
 from agent.store.schema import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE, Migration
 from agent.store.uploads import Uploads
@@ -97,6 +98,10 @@ class KnownInstance:
     sop_instance_uid: str
     sha256: str
     path: str
+    size: int
+    released: bool
+    """The cloud holds its part (confirmed), or retention deleted the part's spool files:
+    the spool copy is no longer needed."""
 
 
 @dataclass(frozen=True)
@@ -117,11 +122,14 @@ class _Current:
     id: int
     sha256: str
     path: str
+    size: int
     replaced_count: int
     study_id: int
     study_uid: str
     part: int
     part_state: str
+    released: int
+    """1 if the part is confirmed or its spool files were purged (see KnownInstance)."""
 
 
 @dataclass(frozen=True)
@@ -279,17 +287,22 @@ class Store:
     def find_instance(self, sop_instance_uid: str) -> KnownInstance | None:
         """Return the current (not superseded) record of `sop_instance_uid`, or None."""
         with self.read() as db:
-            row = db.execute(
-                "SELECT sop_instance_uid, sha256, path FROM instances"
-                " WHERE sop_instance_uid = ? AND superseded = 0",
-                (sop_instance_uid,),
-            ).fetchone()
-        return None if row is None else KnownInstance(*row)
+            current = _current(db, sop_instance_uid)
+        if current is None:
+            return None
+        return KnownInstance(
+            sop_instance_uid, current.sha256, current.path, current.size, bool(current.released)
+        )
 
-    def record_instance(self, new: NewInstance, now: float) -> RecordResult:
+    def record_instance(
+        self, new: NewInstance, now: float, damaged: str | None = None
+    ) -> RecordResult:
         """Record an instance already durable in the spool; return what was done.
 
-        Identical content already current is a duplicate (the caller deletes `new.path`). New
+        Identical content already current is a duplicate (the caller deletes `new.path`), unless
+        the caller found its recorded copy `damaged` (missing, or not of its recorded size) and
+        the part still needs it: then the new copy repairs the row, which now points at it (the
+        caller deletes the damaged file), and the part's failed upload job is due again. New
         content goes into the study's open part, created as a new part if the latest one has
         closed. New content for a known SOP Instance UID replaces the old row in place if that row
         is still in an open part (the caller deletes the old file), or supersedes it if its part
@@ -298,6 +311,8 @@ class Store:
         with self.write() as db:
             current = _current(db, new.sop_instance_uid)
             if current is not None and current.sha256 == new.sha256:
+                if current.path == damaged and not current.released:
+                    return _repair(db, current, new, now)
                 return RecordResult(Outcome.DUPLICATE, current.study_uid, current.part, new.path)
             part = _open_part(db, new.study_uid, now)
             db.execute("UPDATE studies SET last_received_at = ? WHERE id = ?", (now, part.id))
@@ -340,6 +355,16 @@ class Store:
                 None,
                 sop_instance_uid,
             )
+
+    def referenced(self, paths: Collection[str]) -> set[str]:
+        """Return those of `paths` an instance row references, superseded ones included."""
+        with self.read() as db:
+            rows = db.execute(
+                "SELECT DISTINCT path FROM instances"
+                " WHERE path IN (SELECT value FROM json_each(?))",
+                (json.dumps(sorted(paths)),),
+            )
+            return {path for (path,) in rows}
 
     def spool_paths(self) -> set[str]:
         """Return every spool path an instance row references, superseded ones included."""
@@ -420,12 +445,37 @@ def _counts(db: sqlite3.Connection, query: str, states: type[StrEnum]) -> dict[s
 
 def _current(db: sqlite3.Connection, sop_instance_uid: str) -> _Current | None:
     row = db.execute(
-        "SELECT i.id, i.sha256, i.path, i.replaced_count, s.id, s.study_uid, s.part, s.state"
+        "SELECT i.id, i.sha256, i.path, i.size, i.replaced_count, s.id, s.study_uid, s.part,"
+        " s.state, s.state = ? OR u.purged_at IS NOT NULL"
         " FROM instances i JOIN studies s ON s.id = i.study_id"
+        " LEFT JOIN uploads u ON u.study_id = s.id"
         " WHERE i.sop_instance_uid = ? AND i.superseded = 0",
-        (sop_instance_uid,),
+        (StudyState.CONFIRMED, sop_instance_uid),
     ).fetchone()
     return None if row is None else _Current(*row)
+
+
+def _repair(
+    db: sqlite3.Connection, current: _Current, new: NewInstance, now: float
+) -> RecordResult:
+    """Point a row whose spool copy is lost at a new copy of the same content; revive the
+    part's failed jobs (they failed on that copy)."""
+    db.execute(
+        "UPDATE instances SET path = ?, size = ? WHERE id = ?", (new.path, new.size, current.id)
+    )
+    revived = revive(db, current.study_id, now)
+    again = f"; upload job {', '.join(map(str, revived))} is due again" if revived else ""
+    event(
+        db,
+        now,
+        Level.WARNING,
+        "repaired",
+        f"repaired {new.sop_instance_uid} from {new.calling_ae}: its spool copy {current.path}"
+        f" was missing or damaged{again}",
+        current.study_uid,
+        new.sop_instance_uid,
+    )
+    return RecordResult(Outcome.REPAIRED, current.study_uid, current.part, current.path)
 
 
 def _open_part(db: sqlite3.Connection, study_uid: str, now: float) -> _Part:

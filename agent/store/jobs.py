@@ -274,6 +274,18 @@ def enqueue(db: sqlite3.Connection, kind: str, study_id: int, now: float) -> Non
     )
 
 
+def revive(db: sqlite3.Connection, study_id: int, now: float) -> list[int]:
+    """Make a study part's failed jobs ready and due `now`, inside the caller's write (a
+    spool file they failed on has been repaired); return their ids. A job an operator
+    cancelled stays cancelled."""
+    rows = db.execute(
+        "UPDATE jobs SET state = ?, next_attempt_at = ?, updated_at = ?"
+        " WHERE study_id = ? AND state = ? AND coalesce(last_error, '') != ? RETURNING id",
+        (JobState.READY, now, now, study_id, JobState.FAILED, CANCELLED),
+    ).fetchall()
+    return [job_id for (job_id,) in rows]
+
+
 def hold(db: sqlite3.Connection, lease: Lease, now: float) -> None:
     """Renew `lease` to `now + lease.seconds` inside the caller's write transaction. Raise
     LeaseLost (so that transaction rolls back, writing nothing) if its owner no longer holds

@@ -40,6 +40,9 @@ class Outcome(StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"
     REPLACED = "replaced"
+    REPAIRED = "repaired"
+    """Identical content again, while the recorded copy was missing or damaged: the new copy
+    took its place."""
 
 
 class Level(StrEnum):

@@ -304,3 +304,33 @@ def test_an_ipv6_listener_serves_both_families_and_pins_hosts_over_ipv6(
                 assoc.release()
         assert outcomes == {"PACS6": True, "PACS": False}
         assert "'PACS' connected from ::1, not its host" in agent.log_tail()
+
+
+def test_a_re_send_repairs_an_instance_whose_spool_copy_was_lost(
+    tmp_data_dir: Path, tmp_path: Path
+) -> None:
+    path = ct_file(tmp_path / "a.dcm")
+    retry = {"retry_first": "1h", "retry_max": "2h"}  # the cloud is a closed port
+    with Agent(tmp_data_dir, stable_after="2s", extra={"upload": retry}) as agent:
+        assert send_raw(agent.port, [path]) == [0]
+        ((lost, _),) = spooled(agent).values()
+        (agent.data_dir / lost).unlink()  # a disk fault, before the part is packed
+
+        def last_error() -> str:
+            rows = agent.rows("SELECT coalesce(last_error, '') FROM jobs WHERE state = 'failed'")
+            return str(rows[0][0]) if rows else ""
+
+        wait_until(lambda: "cannot pack" in last_error(), 30, what="the part failing to pack")
+        # The PACS sends the instance again (it still has it): Success, and the copy is kept.
+        assert send_raw(agent.port, [path]) == [0]
+        ((repaired, sha),) = spooled(agent).values()
+        assert repaired != lost and sha == dataset_sha256(path)
+        assert dataset_sha256(agent.data_dir / repaired) == sha
+        # The part is packed now, and waits only for the cloud.
+        wait_until(
+            lambda: agent.rows("SELECT state FROM instances") == [("packed",)],
+            30,
+            what="the repaired part packed",
+        )
+        assert "cannot pack" not in last_error()
+        assert agent.rows("SELECT count(*) FROM events WHERE kind = 'repaired'") == [(1,)]

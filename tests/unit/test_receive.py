@@ -12,9 +12,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import dcmwrite
 
 from agent.dicom import Status
+from agent.pack import Compression, PackError, PartInfo, pack
 from agent.receive import Arrival, Receiver, Reply
 from agent.spool import Spool
-from agent.store import Store
+from agent.store import UPLOAD, JobState, NewInstance, Outcome, RecordResult, Store, StoreError
 from tests.unit.test_instance import make_dataset
 
 NOW = 1_700_000_000.0
@@ -99,3 +100,134 @@ def test_every_cut_of_a_file_is_stored_or_quarantined_never_an_internal_error(
         assert reply.status != Status.PROCESSING_FAILURE, cut
         assert reply.quarantined or reply.status == Status.SUCCESS, cut
     assert list(spool.incoming.iterdir()) == []
+
+
+# -- item: a re-send repairs a lost copy ------------------------------------------------------
+
+
+def spool_path(store: Store, sop_uid: str = SOP_UID) -> str:
+    known = store.find_instance(sop_uid)
+    assert known is not None
+    return known.path
+
+
+def test_a_re_send_of_an_intact_instance_is_a_duplicate(
+    receiver: Receiver, spool: Spool, store: Store
+) -> None:
+    assert arrive(receiver, part10()).outcome is Outcome.STORED
+    first = spool_path(store)
+    assert arrive(receiver, part10()).outcome is Outcome.DUPLICATE
+    assert spool_path(store) == first
+    assert [p.relative_to(spool.data_dir) for p in spool.data_dir.glob("spool/*/*")] == [
+        Path(first)
+    ]
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut short"])
+def test_a_re_send_whose_recorded_copy_is_lost_repairs_it(
+    receiver: Receiver, spool: Spool, store: Store, damage: str
+) -> None:
+    assert arrive(receiver, part10()).status == Status.SUCCESS
+    lost = spool_path(store)
+    if damage == "missing":
+        spool.path(lost).unlink()
+    else:
+        spool.path(lost).write_bytes(spool.path(lost).read_bytes()[:-100])
+    reply = arrive(receiver, part10())
+    assert reply.status == Status.SUCCESS and reply.outcome is Outcome.REPAIRED
+    repaired = spool_path(store)
+    assert repaired != lost and not spool.path(lost).exists()
+    assert spool.path(repaired).read_bytes() == part10()
+    assert store.status().instances["received"] == 1
+
+
+def test_a_re_send_revives_a_part_that_failed_to_pack_on_a_lost_copy(
+    receiver: Receiver, spool: Spool, store: Store
+) -> None:
+    assert arrive(receiver, part10()).status == Status.SUCCESS
+    spool.path(spool_path(store)).unlink()
+    assert store.mark_stable(NOW + 60, stable_after=60) != []
+    job = store.jobs.claim(UPLOAD, "worker", 120, NOW + 60)
+    assert job is not None
+    info = PartInfo("site", job.study_uid, job.part)
+    with pytest.raises(PackError) as packing:
+        pack(spool, info, store.uploads.part_files(job.study_id), Compression())
+    # As the upload worker does: a lost spool file is a permanent failure.
+    store.jobs.fail(job.lease, f"cannot pack: {packing.value}", None, NOW + 61)
+    assert store.jobs.claim(UPLOAD, "worker", 120, NOW + 3600) is None
+
+    assert arrive(receiver, part10()).outcome is Outcome.REPAIRED
+    (record,) = store.jobs.in_states([JobState.READY])
+    assert (record.id, record.next_attempt_at) == (job.id, NOW)
+    again = store.jobs.claim(UPLOAD, "worker", 120, NOW + 1)
+    assert again is not None and again.id == job.id
+    bundle = pack(spool, info, store.uploads.part_files(job.study_id), Compression())
+    assert bundle.instances == 1
+
+
+def test_a_re_send_of_an_instance_the_cloud_confirmed_is_a_duplicate_even_without_its_copy(
+    receiver: Receiver, spool: Spool, store: Store
+) -> None:
+    assert arrive(receiver, part10()).status == Status.SUCCESS
+    assert store.mark_stable(NOW + 60, stable_after=60) != []
+    job = store.jobs.claim(UPLOAD, "worker", 120, NOW + 60)
+    assert job is not None
+    store.uploads.mark_sent(job.study_id, NOW + 61)
+    store.uploads.mark_confirmed(job.study_id, NOW + 62)
+    spool.path(spool_path(store)).unlink()  # as retention would
+    assert arrive(receiver, part10()).outcome is Outcome.DUPLICATE
+    assert list(spool.data_dir.glob("spool/*/*")) == []
+
+
+# -- item: an uncertain commit keeps its file -------------------------------------------------
+
+
+class LostCommit(Store):
+    """A store whose commit of a new instance reaches the disk but is reported failed, as when
+    the COMMIT's own I/O fails after its WAL frames were written (or, with `committed` false,
+    fails before)."""
+
+    committed = True
+
+    def record_instance(
+        self, new: NewInstance, now: float, damaged: str | None = None
+    ) -> RecordResult:
+        if self.committed:
+            super().record_instance(new, now, damaged)
+        raise StoreError("disk I/O error")
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_failed_commit_keeps_the_file_until_the_rows_say_whether_it_is_needed(
+    spool: Spool, committed: bool
+) -> None:
+    store = LostCommit.open(spool.data_dir / "dirigo.db")
+    store.committed = committed
+    receiver = Receiver(spool, store, clock=lambda: NOW, concurrency=1)
+    try:
+        reply = arrive(receiver, part10())
+        assert reply.status == Status.OUT_OF_RESOURCES
+        (kept,) = spool.data_dir.glob("spool/*/*")
+        assert kept.read_bytes() == part10()
+        assert receiver.reconcile() == (0 if committed else 1)
+        assert kept.exists() == committed
+        if committed:
+            assert spool.path(spool_path(store)) == kept
+    finally:
+        receiver.close()
+        store.close()
+
+
+def test_the_start_up_sweep_removes_a_file_whose_commit_did_not_happen(spool: Spool) -> None:
+    store = LostCommit.open(spool.data_dir / "dirigo.db")
+    store.committed = False
+    receiver = Receiver(spool, store, clock=lambda: NOW, concurrency=1)
+    try:
+        assert arrive(receiver, part10()).status == Status.OUT_OF_RESOURCES
+        assert len(list(spool.data_dir.glob("spool/*/*"))) == 1
+        # The process dies before any reconcile; the next start sweeps.
+        assert spool.sweep(store.spool_paths()) == 1
+        assert list(spool.data_dir.glob("spool/*/*")) == []
+    finally:
+        receiver.close()
+        store.close()
