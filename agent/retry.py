@@ -6,6 +6,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+MAX_DOUBLINGS = 64
+"""The step stops doubling here: 2**64 times any first wait is far past any cap, and an
+unbounded power outgrows a float after about a thousand failures (eight days of an outage at a
+ten-minute cap) and raises OverflowError instead of a delay."""
+
 
 @dataclass(frozen=True)
 class Backoff:
@@ -25,7 +30,8 @@ class Backoff:
 
         A server's own `hint` (Retry-After) is honoured when longer, up to the cap.
         """
-        step = min(self.cap, self.first * 2 ** max(attempts - 1, 0))
+        doublings = min(max(attempts - 1, 0), MAX_DOUBLINGS)
+        step = min(self.cap, self.first * 2.0**doublings)
         draw = (rng or random).uniform(step / 2, step)
         if hint is not None:
             draw = max(draw, min(hint, self.cap))

@@ -114,6 +114,12 @@ class Uploader:
             self._failed(job, f"local I/O failed: {exc}", retryable=True)
         except StoreError as exc:
             logger.error("study %s part %d: %s", job.study_uid, job.part, exc)
+        except Exception as exc:
+            # A fault nobody foresaw (a bug, a library's surprise): the job records it and backs
+            # off like any retryable failure, instead of killing the worker and leaving the job
+            # claimed, to be requeued and hit the same fault once every lease period.
+            logger.exception("study %s part %d: unexpected error", job.study_uid, job.part)
+            self._failed(job, f"unexpected error: {exc!r}", retryable=True)
         return True
 
     def _failed(self, job: Job, error: str, retryable: bool, hint: float | None = None) -> None:
@@ -387,6 +393,10 @@ class UploadWorkers:
     IDLE_WAIT = 1.0
     """Seconds an idle worker waits before looking for due work again."""
 
+    TROUBLE = Backoff(first=1.0, cap=60.0)
+    """How long a worker waits after `run_once` itself failed (the database refused the claim,
+    say), by the number of failures in a row."""
+
     def __init__(self, uploader: Uploader, count: int) -> None:
         self.uploader = uploader
         self.count = count
@@ -429,7 +439,17 @@ class UploadWorkers:
     def _loop(self, name: str) -> None:
         owner = f"{os.uname().nodename}:{os.getpid()}:{name}"
         stop = self.uploader.stop
+        failures = 0
         while not stop.is_set():
-            if not self.uploader.run_once(owner):
+            try:
+                busy = self.uploader.run_once(owner)
+            except Exception:
+                failures += 1
+                wait = self.TROUBLE.delay(failures)
+                logger.exception("upload worker %s failed; trying again in %.0fs", name, wait)
+                stop.wait(wait)
+                continue
+            failures = 0
+            if not busy:
                 self._wake.wait(self.IDLE_WAIT)
                 self._wake.clear()

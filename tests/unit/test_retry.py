@@ -35,3 +35,9 @@ def test_jitter_spreads_sites_that_failed_together() -> None:
     backoff = Backoff(first=60, cap=900)
     delays = {round(backoff.delay(3, random.Random(seed)), 3) for seed in range(20)}
     assert len(delays) == 20
+
+
+@pytest.mark.parametrize("attempts", [1025, 10_000])
+def test_a_job_failing_for_weeks_waits_the_cap_instead_of_overflowing(attempts: int) -> None:
+    backoff = Backoff(first=30.0, cap=600.0)  # as the settings hold them: seconds, float
+    assert 300 <= backoff.delay(attempts, random.Random(4)) <= 600
