@@ -21,10 +21,11 @@ from agent import __version__
 from agent.cloud import CloudConfigError, CloudError
 from agent.config import ConfigError, Peer, Settings, load_config
 from agent.daemon import CACHE, DATABASE, Daemon, StartupError
-from agent.dicom import peer_by_title, quiet_identifiers
+from agent.dicom import peer_by_title
 from agent.dicomweb import DicomWeb
 from agent.health import job_document, render, render_jobs, snapshot
 from agent.importer import Imported, Importer, Source, Tally, collect
+from agent.pynetdicom_internals import quiet_identifiers
 from agent.receive import Receiver
 from agent.serve.cache import InstanceCache
 from agent.serve.query import QueryError, Scope, study_scope

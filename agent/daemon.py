@@ -28,6 +28,7 @@ from agent.cloud import Throttle, TusClient, build_session
 from agent.config import Settings
 from agent.dicom import PeerPolicy, association_handlers, build_ae
 from agent.dicomweb import DicomWeb
+from agent.pynetdicom_internals import partial_dataset_file
 from agent.receive import Arrival, Receiver
 from agent.serve.cache import InstanceCache
 from agent.serve.handlers import QueryRetrieve
@@ -231,8 +232,7 @@ class Daemon:
             ended = [a for a, up in zip(self._associations, alive, strict=True) if not up]
             self._associations = [a for a, up in zip(self._associations, alive, strict=True) if up]
         for assoc in ended:
-            message = assoc.dimse.message
-            partial = getattr(message, "_data_set_file", None) if message is not None else None
+            partial = partial_dataset_file(assoc)
             if partial is not None:
                 partial.close()
                 self.spool.discard(Path(partial.name))

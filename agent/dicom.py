@@ -12,10 +12,9 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
 
 from pydicom import config as pydicom_config
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -28,7 +27,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from agent import pynetdicom_internals as internals
 from agent.config import DicomSettings, Peer
+from agent.pynetdicom_internals import quiet_identifiers
 
 logger = logging.getLogger(__name__)
 
@@ -126,43 +127,21 @@ def set_nodelay(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-REQUEUE_LIMIT = 2000
-"""How often one stolen response is put back (about 2 s of the reactor's 1 ms loop) before it
-is dropped as truly unexpected."""
+def tune(assoc: Association, *, sends_stores: bool = False) -> None:
+    """Tune an association the way every Dirigo association is tuned, accepted or requested.
 
-
-def keep_responses(assoc: Association) -> None:
-    """Guard an association we send C-STOREs on against a race in pynetdicom 3's reactor.
-
-    Before sending, `send_c_store` pauses the association's reactor thread and waits until it
-    says it is paused; but the flag can still read "paused" from the previous send while the
-    reactor is already waking up. Under load the reactor then takes the C-STORE response off
-    the queue itself, logs "Received unexpected C-STORE service message" and drops it; the
-    sender waits for the DIMSE timeout and aborts, and every later sub-operation fails
-    (measured: a 500-instance C-MOVE lost its last ~30 instances after a 60 s stall). Here a
-    response the reactor takes is put back on the queue for the sender that is waiting for it.
+    TCP_NODELAY on its socket; a short idle sleep of pynetdicom's DUL reactor, which sleeps
+    this long whenever it finds nothing to do (its own comment trades idle CPU against latency):
+    every C-STORE waits on it several times, and 1 ms (the default) costs ~1.7 ms per instance
+    here, while an idle association costs the same 2.4% of a core at 1 ms and at 0.1 ms (the
+    reactor's fixed 1 ms loop dominates that). With `sends_stores` (a C-MOVE's destination,
+    `dirigo retrieve`), also the guard against pynetdicom's reactor stealing C-STORE responses.
     """
-    serve = assoc._serve_request
-    requeued: dict[int, int] = {}
-
-    def serve_or_put_back(msg: Any, context_id: int) -> None:
-        if msg.is_valid_response:
-            times = requeued.get(id(msg), 0)
-            if times < REQUEUE_LIMIT:
-                requeued[id(msg)] = times + 1
-                assoc.dimse.msg_queue.put((context_id, msg))
-                return
-            requeued.pop(id(msg), None)
-        serve(msg, context_id)
-
-    assoc._serve_request = serve_or_put_back  # type: ignore[method-assign]
-
-
-def quiet_identifiers() -> None:
-    """Keep patient identifiers out of pynetdicom's logs (it logs request identifiers)."""
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    _config.LOG_HANDLER_LEVEL = "none"
+    if assoc.dul.socket is not None:
+        set_nodelay(assoc.dul.socket.socket)
+    internals.set_loop_delay(assoc, DUL_POLL_INTERVAL)
+    if sends_stores:
+        internals.keep_responses(assoc)
 
 
 def build_ae(settings: DicomSettings) -> AE:
@@ -173,8 +152,7 @@ def build_ae(settings: DicomSettings) -> AE:
     so memory does not grow with instance size. Private and future storage SOP classes are accepted
     too: a gateway must not drop a vendor's private objects.
     """
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    internals.receive_to_files_and_accept_any_storage()
     # pynetdicom builds and encodes several pydicom datasets per message (command sets, the
     # file meta), and pydicom checks every value with regular expressions on the way: ~0.9 ms
     # of each C-STORE here, about 15% of the protocol's cost. The checks only ever warn, and
@@ -206,14 +184,7 @@ def association_handlers(policy: PeerPolicy) -> list[EventHandlerType]:
     """Return the event handlers every Dirigo association gets: socket tuning and admission."""
 
     def on_open(event: evt.Event) -> None:
-        if event.assoc.dul.socket is not None:
-            set_nodelay(event.assoc.dul.socket.socket)
-        # pynetdicom's DUL reactor sleeps this long whenever it finds nothing to do; its own
-        # comment trades idle CPU against latency. Every C-STORE waits on it several times:
-        # 1 ms (the default) costs ~1.7 ms per instance here, while an idle association
-        # costs the same 2.4% of a core at 1 ms and at 0.1 ms (the reactor's fixed 1 ms loop
-        # dominates that).
-        event.assoc.dul._run_loop_delay = DUL_POLL_INTERVAL
+        tune(event.assoc)
 
     def on_requested(event: evt.Event) -> None:
         request = event.assoc.requestor.primitive

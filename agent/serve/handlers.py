@@ -37,7 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from agent.cloud import CloudError, UploadGone
 from agent.config import Peer, Settings
-from agent.dicom import DUL_POLL_INTERVAL, keep_responses, peer_by_title, set_nodelay
+from agent.dicom import peer_by_title, tune
 from agent.dicomweb import DicomWeb
 from agent.serve.query import (
     MODELS,
@@ -201,10 +201,7 @@ class QueryRetrieve:
 
         def opened(store_event: evt.Event) -> None:
             store["assoc"] = store_event.assoc
-            keep_responses(store_event.assoc)
-            if store_event.assoc.dul.socket is not None:
-                set_nodelay(store_event.assoc.dul.socket.socket)
-            store_event.assoc.dul._run_loop_delay = DUL_POLL_INTERVAL
+            tune(store_event.assoc, sends_stores=True)
 
         # a refusal still goes through the destination (pynetdicom's contract): propose
         # something every storage SCP takes

@@ -27,7 +27,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from agent.cloud import CloudError, UploadGone
-from agent.dicom import DUL_POLL_INTERVAL, keep_responses, set_nodelay
+from agent.dicom import tune
 from agent.dicomweb import DicomWeb
 from agent.serve.cache import InstanceCache, NotDicom
 from agent.serve.query import InstanceRef, Scope, instance_ref, instance_search
@@ -246,10 +246,7 @@ def push(
         raise ConnectionError(f"{ae_title} at {host}:{port} {outcome}")
     result = Pushed()
     try:
-        if assoc.dul.socket is not None:
-            set_nodelay(assoc.dul.socket.socket)
-        assoc.dul._run_loop_delay = DUL_POLL_INTERVAL  # as the agent's own associations
-        keep_responses(assoc)
+        tune(assoc, sends_stores=True)
         for item in retriever.items(refs, lambda: accepted_by(assoc.accepted_contexts), counts):
             if isinstance(item, Ready):
                 _send(assoc, item, result)

@@ -1,0 +1,104 @@
+"""Every place Dirigo reaches into pynetdicom's private internals, and nowhere else.
+
+pynetdicom has no public way to stream a received dataset to a file, to accept private storage
+SOP classes, to quiet its identifier logging, to shorten its reactor's idle sleep, or to guard
+against a race in its reactor; each of those needs an underscored name or an undocumented
+attribute. They are fenced here so that a pynetdicom upgrade (the dependency is pinned to the
+minor version these were read from) breaks one module, and `missing()` (run by the unit tests)
+names each attribute that moved instead of letting the agent fail at run time.
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import IO, Any
+
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import DIMSEMessage
+
+_CONFIG_FLAGS = (
+    "STORE_RECV_CHUNKED_DATASET",
+    "UNRESTRICTED_STORAGE_SERVICE",
+    "LOG_REQUEST_IDENTIFIERS",
+    "LOG_RESPONSE_IDENTIFIERS",
+    "LOG_HANDLER_LEVEL",
+)
+"""The module-level switches of `pynetdicom._config` that Dirigo sets."""
+
+REQUEUE_LIMIT = 2000
+"""How often one stolen response is put back (about 2 s of the reactor's 1 ms loop) before it
+is dropped as truly unexpected."""
+
+
+def receive_to_files_and_accept_any_storage() -> None:
+    """Make every acceptor stream each incoming dataset straight to a file as it arrives (so
+    memory does not grow with instance size) and accept any storage SOP class, private and
+    future ones included (a gateway must not drop a vendor's private objects)."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+
+
+def quiet_identifiers() -> None:
+    """Keep patient identifiers out of pynetdicom's logs (it logs request identifiers)."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+
+
+def set_loop_delay(assoc: Association, seconds: float) -> None:
+    """Set how long the association's DUL reactor sleeps whenever it finds nothing to do."""
+    assoc.dul._run_loop_delay = seconds
+
+
+def keep_responses(assoc: Association) -> None:
+    """Guard an association we send C-STOREs on against a race in pynetdicom 3's reactor.
+
+    Before sending, `send_c_store` pauses the association's reactor thread and waits until it
+    says it is paused; but the flag can still read "paused" from the previous send while the
+    reactor is already waking up. Under load the reactor then takes the C-STORE response off
+    the queue itself, logs "Received unexpected C-STORE service message" and drops it; the
+    sender waits for the DIMSE timeout and aborts, and every later sub-operation fails
+    (measured: a 500-instance C-MOVE lost its last ~30 instances after a 60 s stall). Here a
+    response the reactor takes is put back on the queue for the sender that is waiting for it.
+    """
+    serve = assoc._serve_request
+    requeued: dict[int, int] = {}
+
+    def serve_or_put_back(msg: Any, context_id: int) -> None:
+        if msg.is_valid_response:
+            times = requeued.get(id(msg), 0)
+            if times < REQUEUE_LIMIT:
+                requeued[id(msg)] = times + 1
+                assoc.dimse.msg_queue.put((context_id, msg))
+                return
+            requeued.pop(id(msg), None)
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_put_back  # type: ignore[method-assign]
+
+
+def partial_dataset_file(assoc: Association) -> IO[bytes] | None:
+    """Return the file an ended association was streaming a dataset into, if one is left open
+    (pynetdicom leaves it when the receive is cut off)."""
+    message = assoc.dimse.message
+    partial: IO[bytes] | None = getattr(message, "_data_set_file", None) if message else None
+    return partial
+
+
+def missing() -> list[str]:
+    """Return the name of each internal this module uses that the installed pynetdicom lacks
+    (empty when all are where this module expects them)."""
+    gone = [f"pynetdicom._config.{name}" for name in _CONFIG_FLAGS if not hasattr(_config, name)]
+    assoc = Association(AE(), "requestor")  # built, never started: no thread, no socket
+    if not isinstance(getattr(assoc.dul, "_run_loop_delay", None), float):
+        gone.append("pynetdicom.dul.DULServiceProvider._run_loop_delay")
+    if not callable(getattr(assoc, "_serve_request", None)):
+        gone.append("pynetdicom.association.Association._serve_request")
+    if not isinstance(getattr(assoc.dimse, "msg_queue", None), queue.Queue):
+        gone.append("pynetdicom.dimse.DIMSEServiceProvider.msg_queue")
+    if not hasattr(assoc.dimse, "message"):
+        gone.append("pynetdicom.dimse.DIMSEServiceProvider.message")
+    if not hasattr(DIMSEMessage(), "_data_set_file"):
+        gone.append("pynetdicom.dimse_messages.DIMSEMessage._data_set_file")
+    return gone
