@@ -13,20 +13,18 @@ import os
 import signal
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
 from pynetdicom import evt
-from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 
 from agent.cloud import Throttle, TusClient, build_session
 from agent.config import Settings
-from agent.dicom import PeerPolicy, association_handlers, build_ae
+from agent.dicom import Gate, PeerPolicy, build_ae
 from agent.dicomweb import DicomWeb
 from agent.pynetdicom_internals import partial_dataset_file
 from agent.receive import Arrival, Receiver
@@ -67,8 +65,7 @@ class Daemon:
         self._agent_lock: contextlib.ExitStack | None = None
         self._stopping = False
         self._next_housekeeping = 0.0
-        self._associations: list[Association] = []
-        self._associations_lock = threading.Lock()
+        self.gate: Gate | None = None
 
     def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
@@ -170,13 +167,9 @@ class Daemon:
             )
             return receiver.accept(arrival).as_dataset()
 
-        def on_open(event: evt.Event) -> None:
-            with self._associations_lock:
-                self._associations.append(event.assoc)
-
+        self.gate = Gate(dicom, policy)
         handlers: list[EventHandlerType] = [
-            *association_handlers(policy),
-            (evt.EVT_CONN_OPEN, on_open),
+            *self.gate.handlers(),
             (evt.EVT_C_STORE, on_store),
             *query_retrieve.handlers(),
         ]
@@ -222,16 +215,15 @@ class Daemon:
         self.spool.sweep_incoming(2 * max(dicom.network_timeout, dicom.dimse_timeout), now)
 
     def _reap_associations(self) -> None:
-        """Delete the half-received file of every association that has ended.
+        """Close connections that never asked for an association in time, and delete the
+        half-received file of every association that has ended.
 
-        pynetdicom leaves it behind when a receive is cut off (sender gone, disk full: then its
-        network thread dies with no event at all), and on a full disk it keeps the disk full.
+        pynetdicom leaves that file behind when a receive is cut off (sender gone, disk full: then
+        its network thread dies with no event at all), and on a full disk it keeps the disk full.
         """
-        with self._associations_lock:
-            alive = [a.is_alive() for a in self._associations]
-            ended = [a for a, up in zip(self._associations, alive, strict=True) if not up]
-            self._associations = [a for a, up in zip(self._associations, alive, strict=True) if up]
-        for assoc in ended:
+        if self.gate is None:
+            return
+        for assoc in self.gate.reap():
             partial = partial_dataset_file(assoc)
             if partial is not None:
                 partial.close()

@@ -6,10 +6,13 @@ well-behaved DICOM node: which contexts to accept, whom to let in, and how to tu
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Iterable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -60,9 +63,11 @@ class Status(IntEnum):
 
 
 class RejectReason(IntEnum):
-    """A-ASSOCIATE-RJ diagnostics (source: service user) that Dirigo uses."""
+    """A-ASSOCIATE-RJ diagnostics that Dirigo uses."""
 
     CALLING_AE_NOT_RECOGNIZED = 0x03
+    LOCAL_LIMIT_EXCEEDED = 0x02
+    """With source 0x03 (service provider, presentation related function)."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,10 @@ def build_ae(settings: DicomSettings) -> AE:
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     quiet_identifiers()
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = settings.max_associations
+    # pynetdicom counts every accepted connection against this, admitted or not; the Gate
+    # keeps max_associations for admitted peers, so pynetdicom's own count must leave room
+    # for the connections that have not asked yet (the Gate bounds those).
+    ae.maximum_associations = settings.max_associations + 2 * pending_limit(settings)
     ae.maximum_pdu_size = settings.max_pdu
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
@@ -180,32 +188,156 @@ def build_ae(settings: DicomSettings) -> AE:
     return ae
 
 
-def association_handlers(policy: PeerPolicy) -> list[EventHandlerType]:
-    """Return the event handlers every Dirigo association gets: socket tuning and admission."""
+PENDING_PER_SLOT = 4
+"""Connections that have not yet passed admission, per association slot, before the oldest of
+them is closed to make room."""
+KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 5))
+"""TCP keepalive: first probe after 60 s of silence, then every 10 s; gone after 5 unanswered
+(a peer that vanished without a FIN, e.g. behind a firewall that dropped the connection)."""
+REAP_GRACE = 2.0
+"""Seconds past acse_timeout before the Gate closes a connection that has still not asked."""
 
-    def on_open(event: evt.Event) -> None:
-        tune(event.assoc)
 
-    def on_requested(event: evt.Event) -> None:
-        request = event.assoc.requestor.primitive
+def pending_limit(settings: DicomSettings) -> int:
+    """Return how many connections may wait for admission at once."""
+    return PENDING_PER_SLOT * settings.max_associations
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """Turn on TCP keepalive with the probe timing of `KEEPALIVE`, where the system has it."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE:
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def close_connection(assoc: Association) -> None:
+    """Shut the association's socket down; a reactor blocked reading it wakes up and ends."""
+    if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
+        with contextlib.suppress(OSError):
+            assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass
+class _Connection:
+    opened: float
+    admitted: bool = False
+
+
+class Gate:
+    """Every accepted connection passes here: tuning, admission, and the association slots.
+
+    pynetdicom counts a connection against `max_associations` from the moment it is accepted,
+    and its sockets have no timeout: a peer that sends one byte and stops holds a reader thread
+    in `recv()` and a slot forever, and a handful of them stop all intake. Here each accepted
+    socket gets TCP keepalive and a timeout (acse_timeout until its A-ASSOCIATE-RQ passed
+    admission, network_timeout after), a connection counts against `max_associations` only once
+    admitted, connections still waiting for admission are bounded (the oldest is closed), and
+    `reap` closes any that outlived acse_timeout.
+    """
+
+    def __init__(
+        self,
+        settings: DicomSettings,
+        policy: PeerPolicy,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._connections: dict[Association, _Connection] = {}  # oldest first
+
+    def handlers(self) -> list[EventHandlerType]:
+        """Return the event handlers every accepted association gets."""
+
+        def on_echo(event: evt.Event) -> int:
+            return Status.SUCCESS
+
+        return [
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, on_echo),
+        ]
+
+    def _on_open(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        tune(assoc)
+        if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
+            sock = assoc.dul.socket.socket
+            sock.settimeout(self.settings.acse_timeout)
+            set_keepalive(sock)
+        with self._lock:
+            self._connections[assoc] = _Connection(self._clock())
+            waiting = [a for a, c in self._connections.items() if not c.admitted]
+        for oldest in waiting[: max(0, len(waiting) - pending_limit(self.settings))]:
+            logger.warning(
+                "closing a connection from %s: too many connections have not asked for an"
+                " association",
+                oldest.requestor.address,
+            )
+            close_connection(oldest)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        request = assoc.requestor.primitive
         calling_ae = request.calling_ae_title if request is not None else ""
-        address = event.assoc.requestor.address
-        admission = policy.admit(calling_ae, address)
+        admission = self.policy.admit(calling_ae, assoc.requestor.address)
         if not admission.accepted:
             logger.warning("rejected association: %s", admission.reason)
-            event.assoc.acse.send_reject(0x01, 0x01, RejectReason.CALLING_AE_NOT_RECOGNIZED)
-            # As pynetdicom's own rejection does: wait until the reject is on the wire, or the
-            # reactor would close the socket first and the peer would see a bare abort.
-            event.assoc.kill()
+            _reject(assoc, 0x01, 0x01, RejectReason.CALLING_AE_NOT_RECOGNIZED)
+            return
+        limit = self.settings.max_associations
+        with self._lock:
+            busy = sum(
+                1
+                for other, c in self._connections.items()
+                if c.admitted and other is not assoc and other.is_alive()
+            )
+            if busy < limit:
+                self._connections.setdefault(assoc, _Connection(self._clock())).admitted = True
+        if busy >= limit:
+            logger.warning(
+                "rejected association from %s: all %d association slots are in use",
+                calling_ae.strip(),
+                limit,
+            )
+            _reject(assoc, 0x02, 0x03, RejectReason.LOCAL_LIMIT_EXCEEDED)
+            return
+        if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
+            assoc.dul.socket.socket.settimeout(self.settings.network_timeout)
 
-    def on_echo(event: evt.Event) -> int:
-        return Status.SUCCESS
+    def reap(self) -> list[Association]:
+        """Close each connection that has not passed admission within acse_timeout (a reader
+        blocked on it wakes up and ends); forget the associations that ended, and return them."""
+        overdue = self._clock() - self.settings.acse_timeout - REAP_GRACE
+        with self._lock:
+            ended = [a for a in self._connections if a.ident is not None and not a.is_alive()]
+            for assoc in ended:
+                del self._connections[assoc]
+            stale = [
+                a for a, c in self._connections.items() if not c.admitted and c.opened < overdue
+            ]
+        for assoc in stale:
+            logger.warning(
+                "closing a connection from %s: no association request within %g s",
+                assoc.requestor.address,
+                self.settings.acse_timeout,
+            )
+            close_connection(assoc)
+        return ended
 
-    return [
-        (evt.EVT_CONN_OPEN, on_open),
-        (evt.EVT_REQUESTED, on_requested),
-        (evt.EVT_C_ECHO, on_echo),
-    ]
+    def admitted(self) -> int:
+        """Return how many admitted associations are alive."""
+        with self._lock:
+            return sum(1 for a, c in self._connections.items() if c.admitted and a.is_alive())
+
+
+def _reject(assoc: Association, result: int, source: int, reason: int) -> None:
+    assoc.acse.send_reject(result, source, reason)
+    # As pynetdicom's own rejection does: wait until the reject is on the wire, or the reactor
+    # would close the socket first and the peer would see a bare abort.
+    assoc.kill()
 
 
 def peer_by_title(peers: Iterable[Peer], ae_title: str) -> Peer | None:
