@@ -239,7 +239,7 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
             spool.prepare()  # the layout is the agent's, but may have been tidied away by hand
         except OSError as exc:
             raise CommandError(f"cannot prepare data_dir {settings.data_dir}: {exc}") from exc
-        receiver = Receiver(spool, store)
+        receiver = Receiver(spool, store, limits=settings.spool)
         # Shared with other imports; an agent starting up waits for it before its sweep.
         with spool.lock(SWEEP_LOCK, exclusive=False, wait=True):
             try:

@@ -153,7 +153,9 @@ class Daemon:
             policy = PeerPolicy(dicom.peers, dicom.accept_unknown_peers)
         except OSError as exc:
             raise StartupError(f"a peer host in dicom.peers does not resolve: {exc}") from exc
-        receiver = Receiver(self.spool, store, concurrency=dicom.max_associations)
+        receiver = Receiver(
+            self.spool, store, concurrency=dicom.max_associations, limits=self.settings.spool
+        )
         self.receiver = receiver
 
         def on_store(event: evt.Event) -> Any:
@@ -195,7 +197,8 @@ class Daemon:
 
     def housekeeping(self, now: float) -> None:
         """Close quiet studies, return expired job leases, revive dead upload workers, apply
-        the spool's retention and settle the files of failed commits; at most once a second."""
+        the spool's retention, bound the quarantine and settle the files of failed commits;
+        at most once a second."""
         if now < self._next_housekeeping or self.store is None:
             return
         self._next_housekeeping = now + 1.0
@@ -209,7 +212,7 @@ class Daemon:
             self.workers.revive()
         purge(self.settings, self.store, self.spool, now)
         if self.receiver is not None:
-            self.receiver.reconcile()
+            self.receiver.housekeeping(now)
         self._reap_associations()
         dicom = self.settings.dicom
         self.spool.sweep_incoming(2 * max(dicom.network_timeout, dicom.dimse_timeout), now)

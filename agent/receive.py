@@ -21,6 +21,8 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from agent.config import SpoolSettings
+from agent.config.units import format_duration, format_size
 from agent.dicom import Status
 from agent.instance import InstanceHeader, InvalidInstance, Problem, inspect
 from agent.spool import Spool
@@ -79,10 +81,12 @@ class Receiver:
         store: Store,
         clock: Callable[[], float] = time.time,
         concurrency: int = 10,
+        limits: SpoolSettings | None = None,
     ) -> None:
         self.spool = spool
         self.store = store
         self.clock = clock
+        self.limits = limits or SpoolSettings()
         self._flusher = ThreadPoolExecutor(concurrency, thread_name_prefix="flush")
         self._uncertain: set[str] = set()
         """Spool files whose row's commit failed with an unknown outcome."""
@@ -91,6 +95,28 @@ class Receiver:
     def close(self) -> None:
         """Wait for pending flushes and stop the flusher threads."""
         self._flusher.shutdown(wait=True)
+
+    def housekeeping(self, now: float) -> None:
+        """Settle the files of failed commits and bound the quarantine (called periodically)."""
+        self.reconcile()
+        self.trim_quarantine(now)
+
+    def trim_quarantine(self, now: float) -> int:
+        """Delete quarantined input last seen more than `spool.quarantine_keep` ago, then the
+        oldest until the quarantine fits in `spool.quarantine_max`; return how many."""
+        paths = self.store.trim_quarantine(
+            now - self.limits.quarantine_keep, self.limits.quarantine_max
+        )
+        for path in paths:
+            self.spool.release_quarantined(path)
+        if paths:
+            logger.warning(
+                "removed %d quarantined file(s): older than %s or beyond %s in all",
+                len(paths),
+                format_duration(self.limits.quarantine_keep),
+                format_size(self.limits.quarantine_max),
+            )
+        return len(paths)
 
     def reconcile(self) -> int:
         """Delete the spool files of failed commits that no row references, now that the
@@ -206,10 +232,21 @@ class Receiver:
             "sop_instance_uid": arrival.sop_instance_uid,
             "status": f"0x{status:04X}",
         }
-        relative = self.spool.quarantine(arrival.path, exc.detail, details)
-        self.store.record_quarantine(
-            exc.detail, relative, arrival.calling_ae, arrival.sop_instance_uid, self.clock()
+        copy = self.spool.quarantine(arrival.path, exc.detail, details)
+        kept = self.store.record_quarantine(
+            exc.detail,
+            copy.path,
+            arrival.calling_ae,
+            arrival.sop_instance_uid,
+            self.clock(),
+            sha256=copy.sha256,
+            size=copy.size,
         )
+        if kept != copy.path:
+            # The sender tried this very input before: one copy is enough (the row counts).
+            self.spool.release_quarantined(copy.path)
+        else:
+            self.trim_quarantine(self.clock())
         logger.error(
             "quarantined %s from %s (%s): %s",
             arrival.sop_instance_uid,

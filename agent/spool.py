@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -61,6 +62,16 @@ class DiskUsage:
         because the agent runs as an unprivileged user and cannot write into them."""
         usable = self.used + self.free
         return 100.0 * self.used / usable if usable else 100.0
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """Rejected input kept in quarantine: its path relative to `data_dir`, and the sha256 and
+    size of the whole file."""
+
+    path: str
+    sha256: str
+    size: int
 
 
 class SpoolFileError(Exception):
@@ -202,8 +213,9 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(received)
 
-    def quarantine(self, received: Path, reason: str, details: dict[str, object]) -> str:
-        """Move rejected input into quarantine with a JSON note of why; return its relative path.
+    def quarantine(self, received: Path, reason: str, details: dict[str, object]) -> Quarantined:
+        """Move rejected input into quarantine with a JSON note of why; return where it is and
+        what it holds.
 
         Not fsynced: nothing was acknowledged, so a crash losing it loses nothing promised.
         """
@@ -211,9 +223,17 @@ class Spool:
         name = f"{stamp}-{uuid.uuid4().hex[:12]}"
         target = self.quarantine_dir / f"{name}.dcm"
         os.rename(received, target)
-        note = {"reason": reason, "quarantined_at": stamp, **details}
+        with target.open("rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+            size = os.fstat(f.fileno()).st_size
+        note = {"reason": reason, "quarantined_at": stamp, "sha256": sha256, **details}
         (self.quarantine_dir / f"{name}.json").write_text(json.dumps(note, indent=2) + "\n")
-        return f"{QUARANTINE}/{name}.dcm"
+        return Quarantined(f"{QUARANTINE}/{name}.dcm", sha256, size)
+
+    def release_quarantined(self, relative: str) -> None:
+        """Delete a quarantined copy and its note (missing is fine)."""
+        self.remove(relative)
+        self.remove(str(Path(relative).with_suffix(".json")))
 
     def new_bundle(self, suffix: str) -> tuple[Path, str]:
         """Return a temporary path to pack a bundle into, and the relative path it will have."""

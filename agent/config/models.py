@@ -40,6 +40,7 @@ from agent.config.rules import (
     PduSize,
     Percent,
     Port,
+    QuarantineSize,
     QuietTime,
     Retention,
     Section,
@@ -113,6 +114,8 @@ class SpoolSettings(BaseModel):
 
     high_water: Percent = 90.0
     keep_sent_for: Retention = 7 * 86400.0
+    quarantine_keep: Retention = 30 * 86400.0
+    quarantine_max: QuarantineSize = 2**30
 
 
 class CloudSettings(BaseModel):

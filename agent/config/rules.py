@@ -316,4 +316,7 @@ CacheSize = Annotated[
     int, rule(_size_between(0, 2**50, "cache size")), PlainSerializer(format_size)
 ]
 PageSize = Annotated[int, rule(_bounded_int(1, 10000, "page size"))]
+QuarantineSize = Annotated[
+    int, rule(_size_between(0, 2**50, "quarantine size")), PlainSerializer(format_size)
+]
 Section = BeforeValidator(_empty_as_default)

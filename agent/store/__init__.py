@@ -337,24 +337,55 @@ class Store:
             return RecordResult(Outcome.REPLACED, part.study_uid, part.part, None)
 
     def record_quarantine(
-        self, reason: str, path: str, calling_ae: str, sop_instance_uid: str | None, now: float
-    ) -> None:
-        """Record rejected input kept at `path` (relative to data_dir), and an error event."""
+        self,
+        reason: str,
+        path: str,
+        calling_ae: str,
+        sop_instance_uid: str | None,
+        now: float,
+        *,
+        sha256: str | None = None,
+        size: int = 0,
+    ) -> str:
+        """Record rejected input kept at `path` (relative to data_dir), and an error event;
+        return the path of the copy kept. When the same sender's input with this `sha256` is
+        already kept, count a repeat instead and return that copy's path (the caller deletes
+        the one at `path`)."""
         with self.write() as db:
-            db.execute(
-                "INSERT INTO quarantine (at, reason, path, calling_ae, sop_instance_uid)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (now, reason, path, calling_ae, sop_instance_uid),
-            )
+            kept, repeats = db.execute(
+                "INSERT INTO quarantine (at, last_at, reason, path, calling_ae, sop_instance_uid,"
+                " sha256, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (calling_ae, sha256) DO UPDATE SET repeats = repeats + 1,"
+                " last_at = excluded.last_at RETURNING path, repeats",
+                (now, now, reason, path, calling_ae, sop_instance_uid, sha256, size),
+            ).fetchone()
+            again = f" (again: {repeats + 1} times)" if repeats else ""
             event(
                 db,
                 now,
                 Level.ERROR,
                 "quarantined",
-                f"quarantined input from {calling_ae} at {path}: {reason}",
+                f"quarantined input from {calling_ae} at {kept}{again}: {reason}",
                 None,
                 sop_instance_uid,
             )
+        return str(kept)
+
+    def trim_quarantine(self, before: float, max_bytes: int) -> list[str]:
+        """Forget quarantined input last seen before `before`, then the oldest until the rest
+        takes at most `max_bytes`; return the paths of the copies forgotten (the caller
+        deletes them)."""
+        with self.write() as db:
+            old = db.execute(
+                "DELETE FROM quarantine WHERE last_at < ? RETURNING path", (before,)
+            ).fetchall()
+            over = db.execute(
+                "DELETE FROM quarantine WHERE id IN (SELECT id FROM (SELECT id, sum(size)"
+                " OVER (ORDER BY last_at DESC, id DESC) AS kept FROM quarantine) WHERE kept > ?)"
+                " RETURNING path",
+                (max_bytes,),
+            ).fetchall()
+        return [path for (path,) in old + over]
 
     def referenced(self, paths: Collection[str]) -> set[str]:
         """Return those of `paths` an instance row references, superseded ones included."""

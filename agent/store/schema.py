@@ -125,6 +125,23 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE instances ADD COLUMN stow_stored_at REAL NULL",
         ),
     ),
+    Migration(
+        4,
+        "quarantine by content",
+        (
+            # One copy per sender and content (sha256 of the whole file): a sender retrying
+            # the same bad instance counts `repeats` instead of adding a copy each time.
+            # `size` and `last_at` bound the quarantine (spool.quarantine_max and
+            # quarantine_keep). Rows from before have no sha256 and never match.
+            "ALTER TABLE quarantine ADD COLUMN sha256 TEXT NULL",
+            "ALTER TABLE quarantine ADD COLUMN size INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE quarantine ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE quarantine ADD COLUMN last_at REAL NULL",
+            "UPDATE quarantine SET last_at = at",
+            "CREATE UNIQUE INDEX quarantine_by_content ON quarantine (calling_ae, sha256)",
+            "CREATE INDEX quarantine_by_age ON quarantine (last_at)",
+        ),
+    ),
 )
 
 SCHEMA_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -334,3 +334,14 @@ def test_a_re_send_repairs_an_instance_whose_spool_copy_was_lost(
         )
         assert "cannot pack" not in last_error()
         assert agent.rows("SELECT count(*) FROM events WHERE kind = 'repaired'") == [(1,)]
+
+
+def test_a_sender_retrying_a_malformed_instance_leaves_one_quarantined_copy(
+    agent: Agent, tmp_path: Path
+) -> None:
+    truncated, status = corrupt_variants(tmp_path / "bad")["truncated"]
+    assert send_raw(agent.port, [truncated] * 3) == [status] * 3
+    assert send_raw(agent.port, [truncated]) == [status]  # a new association: the same
+    assert len(list((agent.data_dir / "quarantine").glob("*.dcm"))) == 1
+    assert agent.rows("SELECT calling_ae, repeats FROM quarantine") == [("PACS", 3)]
+    assert agent.status()["instances"]["quarantined"] == 1

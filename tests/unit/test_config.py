@@ -841,7 +841,12 @@ def test_redacted_uses_the_yaml_forms() -> None:
         "accept_unknown_peers": False,
     }
     assert dumped["study"] == {"stable_after": "2h"}
-    assert dumped["spool"] == {"high_water": "90%", "keep_sent_for": "7d"}
+    assert dumped["spool"] == {
+        "high_water": "90%",
+        "keep_sent_for": "7d",
+        "quarantine_keep": "30d",
+        "quarantine_max": "1GiB",
+    }
     assert dumped["upload"]["chunk_size"] == "8MiB"
     assert dumped["upload"]["retry_max"] == "15m"
 

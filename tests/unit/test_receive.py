@@ -3,6 +3,7 @@ quarantine, duplicates and what stays on disk when something fails."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import dcmwrite
 
+from agent.config import SpoolSettings
 from agent.dicom import Status
 from agent.pack import Compression, PackError, PartInfo, pack
 from agent.receive import Arrival, Receiver, Reply
@@ -231,3 +233,63 @@ def test_the_start_up_sweep_removes_a_file_whose_commit_did_not_happen(spool: Sp
     finally:
         receiver.close()
         store.close()
+
+
+# -- item: a bounded quarantine ---------------------------------------------------------------
+
+
+def malformed(sop_uid: str = SOP_UID) -> bytes:
+    return part10(sop_uid)[:-50]
+
+
+def quarantine_rows(store: Store) -> list[tuple[object, ...]]:
+    with store.read() as db:
+        return db.execute(
+            "SELECT calling_ae, repeats, path FROM quarantine ORDER BY calling_ae, repeats DESC"
+        ).fetchall()
+
+
+def test_a_sender_retrying_the_same_bad_input_leaves_one_copy_and_a_count(
+    receiver: Receiver, spool: Spool, store: Store
+) -> None:
+    for _ in range(5):
+        reply = arrive(receiver, malformed())
+        assert reply.status == Status.MALFORMED_DATASET and reply.quarantined
+    arrive(receiver, malformed(), calling_ae="OTHER")
+    arrive(receiver, malformed("1.2.826.0.1.3680043.10.7.9"))
+    rows = quarantine_rows(store)
+    assert [(ae, repeats) for ae, repeats, _ in rows] == [("OTHER", 0), ("PACS", 4), ("PACS", 0)]
+    kept = sorted(spool.data_dir / str(path) for _, _, path in rows)
+    assert quarantined(spool) == kept
+    assert sorted(spool.quarantine_dir.glob("*.json")) == [p.with_suffix(".json") for p in kept]
+    assert store.status().instances["quarantined"] == 3
+
+
+def test_quarantined_input_goes_after_quarantine_keep(
+    spool: Spool, store: Store, receiver: Receiver
+) -> None:
+    arrive(receiver, malformed())
+    assert receiver.trim_quarantine(NOW + 29 * 86400) == 0
+    assert len(quarantined(spool)) == 1
+    assert receiver.trim_quarantine(NOW + 31 * 86400) == 1
+    assert quarantined(spool) == [] and list(spool.quarantine_dir.iterdir()) == []
+    assert store.status().instances["quarantined"] == 0
+
+
+def test_the_quarantine_keeps_within_quarantine_max_the_newest_first(
+    spool: Spool, store: Store
+) -> None:
+    size = len(malformed())
+    clock = iter(NOW + step for step in range(100))
+    limits = SpoolSettings(quarantine_max=2 * size + 10)
+    receiver = Receiver(spool, store, clock=lambda: next(clock), concurrency=1, limits=limits)
+    try:
+        for index in range(5):
+            arrive(receiver, malformed(f"1.2.826.0.1.3680043.10.8.{index}"))
+        with store.read() as db:
+            kept = {sha for (sha,) in db.execute("SELECT sha256 FROM quarantine")}
+        newest = [malformed(f"1.2.826.0.1.3680043.10.8.{index}") for index in (3, 4)]
+        assert kept == {hashlib.sha256(data).hexdigest() for data in newest}
+        assert sorted(p.read_bytes() for p in quarantined(spool)) == sorted(newest)
+    finally:
+        receiver.close()

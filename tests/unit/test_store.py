@@ -710,3 +710,33 @@ def test_any_sequence_of_records_leaves_one_current_row_per_uid_with_the_last_co
             assert store.spool_paths() == kept
         finally:
             store.close()
+
+
+def test_quarantine_rows_from_before_migration_4_keep_their_time_and_never_merge(
+    db_path: Path,
+) -> None:
+    old = Store.open(db_path, migrations=MIGRATIONS[:3])
+    with old.write() as db:
+        for name in ("x", "y"):
+            db.execute(
+                "INSERT INTO quarantine (at, reason, path, calling_ae) VALUES (?, ?, ?, ?)",
+                (1_700_000_000.0, "truncated", f"quarantine/{name}.dcm", "CT1"),
+            )
+    old.close()
+    store = Store.open(db_path)
+    try:
+        kept = store.record_quarantine(
+            "truncated", "quarantine/z.dcm", "CT1", None, 1_700_000_100.0, sha256="a" * 64
+        )
+        assert kept == "quarantine/z.dcm"
+        assert query(db_path, "SELECT path, last_at, repeats FROM quarantine ORDER BY id") == [
+            ("quarantine/x.dcm", 1_700_000_000.0, 0),
+            ("quarantine/y.dcm", 1_700_000_000.0, 0),
+            ("quarantine/z.dcm", 1_700_000_100.0, 0),
+        ]
+        assert store.trim_quarantine(1_700_000_050.0, 2**30) == [
+            "quarantine/x.dcm",
+            "quarantine/y.dcm",
+        ]
+    finally:
+        store.close()
