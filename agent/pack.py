@@ -118,6 +118,26 @@ def _entry(index: int, f: PartFile, outcome: Outcome | None) -> dict[str, object
     return entry
 
 
+def sent_hashes(path: Path, bundle_format: str) -> dict[str, str]:
+    """Return what a bundle file's manifest records of each instance: the sha256 of its
+    dataset as packed (after any transcoding), by SOP Instance UID. Streams the bundle up to
+    its manifest. Raise PackError if it holds no manifest that can be read; OSError if the
+    file cannot be read."""
+    with path.open("rb") as raw:
+        compressed = bundle_format == Compression("zstd").format
+        source = zstandard.ZstdDecompressor().stream_reader(raw) if compressed else raw
+        try:
+            with tarfile.open(fileobj=source, mode="r|") as tar:
+                for member in tar:
+                    f = tar.extractfile(member) if member.name == MANIFEST else None
+                    if f is not None:
+                        document = json.load(f)
+                        return {e["sop_instance_uid"]: e["sha256"] for e in document["instances"]}
+        except (tarfile.TarError, zstandard.ZstdError, ValueError, KeyError, TypeError) as exc:
+            raise PackError(f"bundle {path}: cannot read its manifest: {exc}") from None
+    raise PackError(f"bundle {path} has no {MANIFEST}")
+
+
 def member_name(index: int) -> str:
     return f"instances/{index:06d}.dcm"
 

@@ -7,7 +7,8 @@ classifies failures; `store` keeps every offset durably. One job per study part 
     pack (unless a bundle is recorded and intact)
     → create the tus upload (unless one is recorded), or HEAD it and validate its offset
     → PATCH chunk by chunk, committing what is about to be sent and what the server confirmed
-    → sent → (with cloud.dicomweb_url) QIDO-RS lists every instance → confirmed
+    → sent → (with cloud.dicomweb_url) the archive holds its content (`agent.confirm`)
+    → confirmed
 
 A crash anywhere resumes from the server's offset. An offset the server reports that we never
 sent (beyond what we put on the wire, or past the bundle's end) is not trusted: that upload is
@@ -33,8 +34,9 @@ import requests
 from agent import stow
 from agent.cloud import CloudError, OffsetConflict, TusClient, UploadGone
 from agent.config import Settings
+from agent.confirm import check_held
 from agent.dicomweb import DicomWeb
-from agent.pack import Compression, PackError, PartInfo, pack
+from agent.pack import Compression, PackError, PartInfo, pack, sent_hashes
 from agent.retry import Backoff
 from agent.spool import Spool, SpoolFileError
 from agent.store import UPLOAD, Job, LeaseLost, Store, StoreError, StudyState
@@ -331,41 +333,54 @@ class Uploader:
     # -- confirm --------------------------------------------------------------------------
 
     def _confirm(self, job: Job) -> None:
-        """Mark the part confirmed once the archive lists every one of its instances."""
-        wanted = {f.sop_instance_uid for f in self.store.uploads.part_files(job.study_id)}
+        """Mark the part confirmed once the archive holds its content (`agent.confirm`)."""
         dicomweb_url = self.settings.cloud.dicomweb_url
         assert dicomweb_url is not None
         archive = DicomWeb(self.session, dicomweb_url.rstrip("/"), self.settings.cloud.timeout)
-        listed = {
-            str(uid).strip()
-            for page in archive.pages(
-                f"studies/{job.study_uid}/instances",
-                [("includefield", "00080018")],
-                self.settings.serve.page_size,
-            )
-            for answer in page
-            for uid in answer.get("00080018", {}).get("Value", [])
-        }
-        missing = wanted - listed
-        if missing:
-            raise CloudError(
-                f"the archive lists {len(wanted) - len(missing)} of the part's {len(wanted)}"
-                " instances so far",
-                retryable=True,
-            )
+        check_held(
+            archive,
+            job.study_uid,
+            self._sent_hashes(job),
+            self.store.uploads.replaced(job.study_id),
+            self.settings.serve.page_size,
+            self.spool.bundles,
+        )
         self.store.uploads.mark_confirmed(job.study_id, self.clock())
         logger.info("study %s part %d: confirmed by the archive", job.study_uid, job.part)
+
+    def _sent_hashes(self, job: Job) -> dict[str, str]:
+        """Return the sha256 of each instance's dataset as the part sent it: as its bundle's
+        manifest records it (transcoded, maybe), else as received (STOW-RS sends it so)."""
+        sent = {f.sop_instance_uid: f.sha256 for f in self.store.uploads.part_files(job.study_id)}
+        bundle = self.store.uploads.get(job.study_id).bundle
+        if bundle is not None and self.settings.upload.protocol == "tus":
+            try:
+                sent.update(sent_hashes(self.spool.path(bundle.path), bundle.format))
+            except (PackError, OSError) as exc:
+                logger.warning(
+                    "study %s part %d: %s; comparing with the instances as received",
+                    job.study_uid,
+                    job.part,
+                    exc,
+                )
+        return sent
 
 
 def purge(settings: Settings, store: Store, spool: Spool, now: float) -> int:
     """Delete the spool files of parts done with (confirmed, or sent when no DICOMweb is
     configured) longer than `spool.keep_sent_for` ago, and, while the disk is above its
-    high-water mark, of the oldest done parts whatever their age. Return how many parts."""
+    high-water mark, of the oldest confirmed parts whatever their age. Return how many parts.
+
+    A part merely sent (no DICOMweb to confirm it) goes early only with
+    `spool.purge_unconfirmed`: the cloud took every byte, but nothing proved that the archive
+    holds its instances, and the PACS may have deleted its own copy already."""
     state = StudyState.CONFIRMED if settings.cloud.dicomweb_url else StudyState.SENT
     done_before = now - settings.spool.keep_sent_for
     purged = 0
     while due := store.uploads.purgeable(done_before, state, limit=20):
         purged += _remove(store, spool, due, now)
+    if state == StudyState.SENT and not settings.spool.purge_unconfirmed:
+        return purged
     while spool.above_high_water() and (due := store.uploads.purgeable(None, state, limit=1)):
         purged += _remove(store, spool, due, now)
     return purged

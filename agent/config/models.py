@@ -116,6 +116,9 @@ class SpoolSettings(BaseModel):
     keep_sent_for: Retention = 7 * 86400.0
     quarantine_keep: Retention = 30 * 86400.0
     quarantine_max: QuarantineSize = 2**30
+    purge_unconfirmed: Flag = False
+    """Without `cloud.dicomweb_url` no part is ever confirmed: may the high-water purge take
+    merely sent parts before `keep_sent_for`?"""
 
 
 class CloudSettings(BaseModel):

@@ -95,6 +95,17 @@ class Uploads:
             ).fetchall()
         return [PartFile(*row) for row in rows]
 
+    def replaced(self, study_id: int) -> set[str]:
+        """Return the SOP Instance UIDs of the part's current instances that replaced an
+        earlier version (the same UID received before with other content)."""
+        with self._store.read() as db:
+            rows = db.execute(
+                "SELECT sop_instance_uid FROM instances WHERE study_id = ? AND superseded = 0"
+                " AND replaced_count > 0",
+                (study_id,),
+            )
+            return {uid for (uid,) in rows}
+
     def stow_pending(self, study_id: int) -> list[PartFile]:
         """Return the current instances of a part the archive has not acknowledged over
         STOW-RS yet, in arrival order."""

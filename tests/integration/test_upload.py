@@ -166,17 +166,23 @@ def test_uncompressed_bundles_are_plain_tar(
         assert tar.getnames()[0] == "manifest.json"
 
 
+def confirming_agent(data_dir: Path, tus: TusServer, archive: Orthanc) -> Agent:
+    """An agent uploading to `tus` that confirms parts in `archive` and purges them at once."""
+    agent = upload_agent(data_dir, tus.url, retry_first="1s", retry_max="1s")
+    agent_config = yaml.safe_load(agent.config_path.read_text())
+    agent_config["cloud"]["dicomweb_url"] = archive.dicomweb_url
+    agent_config["spool"]["keep_sent_for"] = "0s"
+    agent.config_path.write_text(yaml.safe_dump(agent_config))
+    return agent
+
+
 def test_a_part_is_confirmed_once_the_archive_lists_it_and_its_files_then_leave_the_spool(
     tmp_path: Path, tmp_data_dir: Path, tus_server: TusFactory, orthanc: OrthancFactory
 ) -> None:
     series = datasets.ct_series(tmp_path / "ct", slices=5, rows=64, cols=64, seed=15)
     tus = tus_server()
     archive = orthanc("ARCHIVE", dicomweb=True)
-    agent = upload_agent(tmp_data_dir, tus.url, retry_first="1s", retry_max="1s")
-    agent_config = yaml.safe_load(agent.config_path.read_text())
-    agent_config["cloud"]["dicomweb_url"] = archive.dicomweb_url
-    agent_config["spool"]["keep_sent_for"] = "0s"
-    agent.config_path.write_text(yaml.safe_dump(agent_config))
+    agent = confirming_agent(tmp_data_dir, tus, archive)
     with agent:
         dcmtk.storescu(series, agent.port)
         (upload,) = complete_uploads(tus, 1)
@@ -201,6 +207,65 @@ def test_a_part_is_confirmed_once_the_archive_lists_it_and_its_files_then_leave_
         dcmtk.storescu(series, agent.port)
         assert agent.status()["studies"]["open"] == 0
         assert len(tus.uploads()) == 1
+
+
+def corrected(series: list[Path], out_dir: Path) -> list[Path]:
+    """Return copies of `series` with the same UIDs and other content: a demographics fix."""
+    out_dir.mkdir()
+    copies = []
+    for path in series:
+        ds = dcmread(path)
+        ds.PatientName = "CORRECTED^NAME"
+        ds.save_as(out_dir / path.name, enforce_file_format=True)
+        copies.append(out_dir / path.name)
+    return copies
+
+
+def test_a_part_of_corrected_instances_is_not_confirmed_from_the_old_version_in_the_archive(
+    tmp_path: Path, tmp_data_dir: Path, tus_server: TusFactory, orthanc: OrthancFactory
+) -> None:
+    first = datasets.ct_series(tmp_path / "ct", slices=3, rows=64, cols=64, seed=18)
+    fixed = corrected(first, tmp_path / "fixed")
+    tus = tus_server()
+    archive = orthanc("ARCHIVE", dicomweb=True)
+    agent = confirming_agent(tmp_data_dir, tus, archive)
+
+    def ingest(upload: StoredUpload) -> None:  # standing in for the state's ingest
+        for _, body in bundles.members(upload.data())[1:]:
+            archive.session.post(f"{archive.http_url}/instances", data=body).raise_for_status()
+
+    with agent:
+        dcmtk.storescu(first, agent.port)
+        ingest(complete_uploads(tus, 1)[0])
+        wait_until(lambda: agent.status()["studies"]["confirmed"] == 1, 30, what="part 1")
+        dcmtk.storescu(fixed, agent.port)  # the PACS sends the corrected study: part 2
+        (second,) = [u for u in complete_uploads(tus, 2) if u.metadata["part"] == "2"]
+
+        # The archive lists every UID, but from the old version: part 2 is not confirmed.
+        def checked() -> bool:
+            ((error,),) = agent.rows("SELECT last_error FROM jobs ORDER BY id DESC LIMIT 1")
+            return bool(error) or agent.status()["studies"]["confirmed"] == 2
+
+        wait_until(checked, 30, what="part 2 checked against the archive")
+        assert agent.status()["studies"]["confirmed"] == 1
+        ((error,),) = agent.rows("SELECT last_error FROM jobs ORDER BY id DESC LIMIT 1")
+        assert "other content than this part sent" in error
+        paths = agent.rows("SELECT path FROM instances WHERE superseded = 0")
+        assert len(paths) == 3 and all((tmp_data_dir / p).exists() for (p,) in paths)
+
+        # Once the archive holds the corrected version, part 2 is confirmed and purged.
+        for uid in archive.sop_instance_uids():
+            (found,) = archive.post(
+                "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": uid}}
+            )
+            archive.session.delete(f"{archive.http_url}/instances/{found}").raise_for_status()
+        ingest(second)
+        wait_until(lambda: agent.status()["studies"]["confirmed"] == 2, 30, what="part 2")
+        wait_until(
+            lambda: not any((tmp_data_dir / p).exists() for (p,) in paths),
+            10,
+            what="part 2's spool files removed (keep_sent_for: 0s)",
+        )
 
 
 def test_an_offset_the_agent_never_sent_is_not_trusted_and_the_bundle_goes_up_anew(

@@ -846,6 +846,7 @@ def test_redacted_uses_the_yaml_forms() -> None:
         "keep_sent_for": "7d",
         "quarantine_keep": "30d",
         "quarantine_max": "1GiB",
+        "purge_unconfirmed": False,
     }
     assert dumped["upload"]["chunk_size"] == "8MiB"
     assert dumped["upload"]["retry_max"] == "15m"

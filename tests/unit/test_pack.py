@@ -16,7 +16,7 @@ from pydicom import dcmread
 from pydicom.encaps import generate_frames
 
 from agent.instance import inspect
-from agent.pack import MANIFEST, Compression, PackError, PartInfo, pack
+from agent.pack import MANIFEST, Compression, PackError, PartInfo, pack, sent_hashes
 from agent.spool import Spool
 from agent.store.uploads import PartFile
 from agent.transcode import HTJ2K_LOSSLESS, JPEG_LS_LOSSLESS
@@ -144,6 +144,29 @@ def test_transcoded_bundles_hold_bit_exact_pixels_and_name_the_original(
         assert rewritten.SOPInstanceUID == original.SOPInstanceUID
         assert rewritten.PatientName == original.PatientName
     assert sorted(p.name for p in spool.bundles.iterdir()) == [Path(bundle.path).name]
+
+
+@pytest.mark.parametrize(("method", "transcode"), [("zstd", "jpeg-ls"), ("none", "none")])
+def test_sent_hashes_are_each_instance_as_packed_whether_transcoded_or_not(
+    spool: Spool, tmp_path: Path, method: str, transcode: str
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=3, rows=64, cols=64, seed=22)
+    files = spooled(spool, series)
+    bundle = pack(spool, INFO, files, Compression(method=method, threads=1, transcode=transcode))
+    packed = {
+        str(dcmread(io.BytesIO(data)).SOPInstanceUID): datasets.dataset_digest(data)
+        for _, data in bundles.members(spool.path(bundle.path).read_bytes())[1:]
+    }
+    assert sent_hashes(spool.path(bundle.path), bundle.format) == packed
+    received = {f.sop_instance_uid: f.sha256 for f in files}
+    assert (packed == received) is (transcode == "none")
+
+
+def test_sent_hashes_of_a_file_that_is_no_bundle_is_a_pack_error(spool: Spool) -> None:
+    path = spool.bundles / "junk.tar.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd not a frame")
+    with pytest.raises(PackError, match="cannot read its manifest"):
+        sent_hashes(path, "dicom-tar+zstd")
 
 
 def test_what_cannot_be_transcoded_exactly_goes_as_it_came_with_the_reason(spool: Spool) -> None:
