@@ -43,6 +43,11 @@ _HEADER_LIMIT = 64 * 1024
 Params = Sequence[tuple[str, str]]
 
 
+class IncompleteListing(CloudError):
+    """The archive's pages cannot be walked to the end (it ignores `offset`): what was listed
+    is not the whole answer. Raised as not retryable: asking again gives the same pages."""
+
+
 def query_string(params: Params) -> str:
     """Return `params` as a URL query: `name=value` pairs joined by `&`, percent-encoded
     except for the characters QIDO-RS gives a meaning to."""
@@ -118,15 +123,26 @@ class DicomWeb:
     def pages(
         self, resource: str, params: Params, page_size: int
     ) -> Iterator[list[dict[str, Any]]]:
-        """Yield the QIDO-RS results for `resource` page by page (`limit`/`offset`), until a page
-        comes back short. Raise CloudError as `search` does, at the page that failed."""
+        """Yield the QIDO-RS results for `resource` page by page (`limit`/`offset`), until the
+        archive answers an empty page.
+
+        A short page is not taken as the last: an archive may cap `limit` below what was asked
+        (PS3.18 lets it), and stopping there would truncate the answer. Raise CloudError as
+        `search` does, at the page that failed, and IncompleteListing if the archive answers a
+        later offset with the page it gave before (it ignores `offset`): the rest of the
+        listing cannot be reached, and asking again would never end."""
         offset = 0
-        while True:
-            page = self.search(resource, params, offset, page_size)
-            if page:
-                yield page
-            if len(page) < page_size:
-                return
+        previous: list[dict[str, Any]] = []
+        while page := self.search(resource, params, offset, page_size):
+            if previous and page[0] == previous[0]:
+                raise IncompleteListing(
+                    f"the archive answered {resource} at offset {offset} with the results it"
+                    f" gave at offset {offset - len(previous)}: it ignores offset, so the"
+                    f" listing stops incomplete after {offset} results",
+                    retryable=False,
+                )
+            yield page
+            previous = page
             offset += len(page)
 
     # --- WADO-RS ---------------------------------------------------------------------------

@@ -14,8 +14,10 @@ Statuses when the cloud fails (PS3.4 C.4.1.1.4, C.4.2.1.4, C.4.3.1.4): a failure
 the standard defines as exactly this case ("unable to calculate number of matches": the instances
 could not be listed), and 0xA702 when every sub-operation failed. A PACS treats these as worth
 retrying later. A failure that will not pass by itself (the cloud refuses us, Query/Retrieve is
-not configured) is 0xC0D1/0xC0D2 in the "unable to process" range. Each failure carries an Error
-Comment, and each is logged in one line. Handlers never raise into pynetdicom.
+not configured) is 0xC0D1/0xC0D2 in the "unable to process" range. An archive whose pages
+cannot be walked to the end (it ignores `offset`) gives 0xC000: a short answer is never
+Success. Each failure carries an Error Comment, and each is logged in one line. Handlers never
+raise into pynetdicom.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from agent.cloud import CloudError, UploadGone
 from agent.config import Peer, Settings
 from agent.dicom import peer_by_title, tune
-from agent.dicomweb import DicomWeb
+from agent.dicomweb import DicomWeb, IncompleteListing
 from agent.serve.query import (
     MODELS,
     InstanceRef,
@@ -384,6 +386,8 @@ def _quiet_failed_markers() -> None:
 
 
 def _cloud_refusal(exc: CloudError, transient: QRStatus) -> Refusal:
+    if isinstance(exc, IncompleteListing):
+        return Refusal(QRStatus.UNABLE_TO_PROCESS, "the cloud archive's listing is incomplete")
     if exc.retryable and not isinstance(exc, UploadGone):
         return Refusal(transient, "the cloud archive is unavailable; retry later")
     return Refusal(QRStatus.CLOUD_REFUSED, f"the cloud archive refused: HTTP {exc.status}")

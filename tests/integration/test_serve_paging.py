@@ -1,0 +1,95 @@
+"""Query/Retrieve through archives whose QIDO-RS paging is broken: one that caps `limit` below
+`serve.page_size`, one that ignores `offset`. Orthanc is the archive; `QidoPaging` in front of
+it breaks the paging, as such archives do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.conftest import OrthancFactory, StoreSCPFactory
+from tests.integration.test_serve import load, received, serve_agent, uid
+from tests.support import datasets, dcmtk
+from tests.support.orthanc import Orthanc
+from tests.support.qidopaging import QidoPaging
+
+SUCCESS, UNABLE_TO_PROCESS = 0x0000, 0xC000
+STUDIES = 7
+
+
+@pytest.fixture
+def seven_studies(tmp_path: Path, orthanc: OrthancFactory) -> tuple[Orthanc, list[Path]]:
+    """An archive of seven one-slice studies, and their files."""
+    archive = orthanc(aet="ARCHIVE")
+    files = [
+        datasets.ct_series(tmp_path / f"study{n}", slices=1, rows=16, cols=16, seed=300 + n)[0]
+        for n in range(STUDIES)
+    ]
+    load(archive, files)
+    return archive, files
+
+
+def test_find_through_an_archive_that_caps_limit_answers_every_match(
+    tmp_path: Path, tmp_data_dir: Path, seven_studies: tuple[Orthanc, list[Path]]
+) -> None:
+    archive, files = seven_studies
+    with QidoPaging("127.0.0.1", archive.http_port, cap=2) as capped:
+        url = capped.url_for("/dicom-web")
+        with serve_agent(tmp_data_dir, url, page_size=5) as agent:
+            result = dcmtk.findscu(agent.port, ["StudyInstanceUID"], out_dir=tmp_path / "found")
+            log = agent.log_tail()
+    assert dcmtk.final_status(result) == SUCCESS, result.stdout[-2000:] + log
+    found = {str(pydicom.dcmread(p).StudyInstanceUID) for p in dcmtk.answers(tmp_path / "found")}
+    assert found == {uid(path) for path in files}
+
+
+def test_move_through_an_archive_that_caps_limit_delivers_every_instance(
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, storescp: StoreSCPFactory
+) -> None:
+    archive = orthanc(aet="ARCHIVE")
+    series = datasets.ct_series(tmp_path / "ct", slices=7, rows=16, cols=16, seed=310)
+    load(archive, series)
+    destination = storescp(ae="DEST")
+    with QidoPaging("127.0.0.1", archive.http_port, cap=3) as capped:
+        url = capped.url_for("/dicom-web")
+        with serve_agent(tmp_data_dir, url, destination, page_size=5) as agent:
+            result = dcmtk.movescu(
+                agent.port, [f"StudyInstanceUID={uid(series[0])}"], "DEST", timeout=120
+            )
+            log = agent.log_tail()
+    assert dcmtk.final_status(result) == SUCCESS, result.stdout[-2000:] + log
+    assert dcmtk.sub_operations(result)["Completed"] == len(series)
+    assert set(received(destination.out_dir)) == {uid(p, "SOPInstanceUID") for p in series}
+
+
+def test_an_archive_that_ignores_offset_fails_the_find_and_the_move_instead_of_looping(
+    tmp_path: Path,
+    tmp_data_dir: Path,
+    seven_studies: tuple[Orthanc, list[Path]],
+    storescp: StoreSCPFactory,
+) -> None:
+    archive, files = seven_studies
+    destination = storescp(ae="DEST")
+    with QidoPaging("127.0.0.1", archive.http_port, ignore_offset=True) as stuck:
+        url = stuck.url_for("/dicom-web")
+        with serve_agent(tmp_data_dir, url, destination, page_size=3) as agent:
+            found = dcmtk.findscu(
+                agent.port, ["StudyInstanceUID"], out_dir=tmp_path / "found", timeout=60
+            )
+            moved = dcmtk.movescu(
+                agent.port,
+                ["PatientID=" + uid(files[0], "PatientID")],
+                "DEST",
+                level="PATIENT",
+                model="-P",
+                timeout=60,
+            )
+            log = agent.log_tail()
+        searches = len(stuck.searches())
+    assert dcmtk.final_status(found) == UNABLE_TO_PROCESS, found.stdout[-2000:] + log
+    assert "ignores offset" in log
+    assert dcmtk.final_status(moved) == UNABLE_TO_PROCESS, moved.stdout[-2000:] + log
+    assert list(destination.out_dir.iterdir()) == []
+    assert searches <= 4, "two pages each, then the repeat is seen"
