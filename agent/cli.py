@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    # Patient data, the database and secrets: for the agent's user alone, whatever the umask
+    # it was started with (the systemd unit sets the same).
+    os.umask(0o077)
     try:
         settings = load_config(args.config)
         _configure_logging(settings.log_level, args.debug)
@@ -426,6 +429,8 @@ def _push_destination(settings: Settings, title: str | None) -> Peer:
 
 
 def _check_config(settings: Settings, args: argparse.Namespace) -> int:
+    if exposed := settings.exposed_secret_files():
+        raise ConfigError(exposed)  # the agent would refuse to start
     print(f"# {args.config}: valid")
     for warning in settings.warnings():
         print(f"warning: {warning}", file=sys.stderr)

@@ -23,7 +23,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 
 from agent.cloud import Throttle, TusClient, build_session
-from agent.config import Settings
+from agent.config import ConfigError, Settings
 from agent.dicom import Gate, PeerPolicy, build_ae
 from agent.dicomweb import DicomWeb
 from agent.pynetdicom_internals import partial_dataset_file
@@ -85,7 +85,11 @@ class Daemon:
             self.stop()
 
     def start(self) -> None:
-        """Prepare the data directory, recover from any interrupted run, and start listening."""
+        """Prepare the data directory, recover from any interrupted run, and start listening.
+
+        Raise ConfigError if a secret file (a private key, a token) is readable by others."""
+        if exposed := self.settings.exposed_secret_files():
+            raise ConfigError(exposed)
         try:
             self.spool.prepare()
         except OSError as exc:

@@ -126,7 +126,9 @@ class Spool:
         layout = (self.incoming, self.quarantine_dir, self.data_dir / SPOOL, self.bundles)
         for directory in (self.data_dir, *layout):
             if not directory.is_dir():
-                directory.mkdir(parents=True, exist_ok=True)
+                # 0700: patient data, for the agent's user alone (whatever the umask).
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                directory.chmod(0o700)
                 created.append(directory)
         for shard in _SHARDS:
             path = self.data_dir / SPOOL / shard

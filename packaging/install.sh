@@ -44,7 +44,7 @@ else
 fi
 
 step "data directory $root/var/lib/dirigo"
-install -d -m 0750 "$root/var/lib/dirigo"
+install -d -m 0700 "$root/var/lib/dirigo"
 
 step "systemd unit"
 install -d "$root/etc/systemd/system"

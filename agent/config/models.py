@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -213,10 +215,44 @@ class Settings(BaseModel):
                 )
         return found
 
+    def exposed_secret_files(self) -> list[str]:
+        """Return, one sentence per file, every secret file (a private key, a token) that its
+        group or other users may read: the agent refuses to start with one. A file that is
+        missing or cannot be inspected is left to the code that reads it."""
+        found = []
+        for key, path in _secret_files(self, ""):
+            try:
+                mode = stat.S_IMODE(path.stat().st_mode)
+            except OSError:
+                continue
+            if mode & (stat.S_IRGRP | stat.S_IROTH):
+                found.append(
+                    f"At '{key}': {path} is readable by its group or"
+                    f" by others (mode {mode:04o}); make it readable by the agent's user"
+                    f" alone (chmod 600 {path})"
+                )
+        return found
+
     def redacted(self) -> dict[str, object]:
         """Return the effective configuration as plain YAML-able data with secrets replaced by
         ``***``. Without secrets it parses back (`parse_config`) to an equal Settings."""
         return self.model_dump(mode="json")
+
+
+SECRET_FILE_KEYS = frozenset({"key", "client_key", "token_file"})
+"""Keys, in any section, whose file holds a secret: the agent refuses one others may read."""
+
+
+def _secret_files(model: BaseModel, prefix: str) -> Iterator[tuple[str, Path]]:
+    """Yield (key path, file) of every secret file set anywhere in `model`."""
+    for name, value in model:
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for index, item in items:
+            key = f"{prefix}{name}" if index is None else f"{prefix}{name}[{index}]"
+            if isinstance(item, BaseModel):
+                yield from _secret_files(item, f"{key}.")
+            elif name in SECRET_FILE_KEYS and isinstance(item, Path):
+                yield key, item
 
 
 def _duplicate_titles(value: object) -> list[InitErrorDetails]:

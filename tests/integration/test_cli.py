@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from pydicom import dcmread
 from pydicom.fileset import FileSet
@@ -20,7 +22,7 @@ from agent.store import Store
 from tests.conftest import StoreSCPFactory, TusServerFactory
 from tests.support import datasets, dcmtk
 from tests.support.agent import Agent
-from tests.support.net import LOOPBACK, wait_until
+from tests.support.net import LOOPBACK, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -465,3 +467,49 @@ def test_send_of_a_file_cut_inside_its_file_meta_quarantines_it(
     assert "0 failed" in result.stdout and "Traceback" not in result.stderr
     assert agent.rows("SELECT calling_ae FROM quarantine") == [("IMPORT",)]
     assert len(list((tmp_data_dir / "quarantine").glob("*.dcm"))) == 1
+
+
+# -- permissions --------------------------------------------------------------------------------
+
+
+def test_the_agent_keeps_data_dir_and_every_file_in_it_to_its_own_user(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "fresh"  # created by the agent
+    good = datasets.ct_series(tmp_path / "ct", slices=1, rows=16, cols=16)[0]
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(good.read_bytes()[:-100])
+    previous = os.umask(0o022)  # what a shell or a careless unit would hand the agent
+    try:
+        with Agent(data_dir) as agent:
+            assert dcmtk.storescu([good], agent.port).returncode == 0
+            assert run(agent, "send", str(bad)).returncode == 1
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    files = [p for p in data_dir.rglob("*") if p.is_file()]
+    assert {p.relative_to(data_dir).parts[0] for p in files} >= {"dirigo.db", "spool", "quarantine"}
+    loose = {str(p.relative_to(data_dir)): oct(p.stat().st_mode) for p in files}
+    assert {name: mode for name, mode in loose.items() if int(mode, 8) & 0o077} == {}
+
+
+@pytest.mark.parametrize("key", ["token_file", "client_key"])
+def test_a_secret_file_others_may_read_stops_the_start_and_check_config(
+    tmp_path: Path, key: str
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t\n")
+    secret.chmod(0o640)
+    config = minimal(tmp_path, port=free_port())
+    cloud = dict(config["cloud"], **{key: str(secret)})  # type: ignore[call-overload]
+    if key == "client_key":
+        cloud["client_cert"] = str(tmp_path / "client.pem")
+    path = write_config(tmp_path / "dirigo.yaml", {**config, "cloud": cloud})
+    expected = f"At 'cloud.{key}': {secret} is readable by its group or by others (mode 0640)"
+    for command in ("run", "check-config"):
+        result = dirigo(command, "--config", str(path), timeout=30)
+        assert result.returncode == 78, result.stderr
+        assert expected in result.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was created
+    secret.chmod(0o600)
+    assert dirigo("check-config", "--config", str(path)).returncode == 0

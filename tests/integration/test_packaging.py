@@ -39,7 +39,7 @@ def test_the_install_lays_out_venv_config_data_dir_and_unit(staged: Path) -> Non
     config = staged / "etc/dirigo/config.yaml"
     assert config.read_text() == (REPO / "conf.example.yaml").read_text()
     assert stat.S_IMODE(config.stat().st_mode) == 0o640
-    assert stat.S_IMODE((staged / "var/lib/dirigo").stat().st_mode) == 0o750
+    assert stat.S_IMODE((staged / "var/lib/dirigo").stat().st_mode) == 0o700
     unit = staged / "etc/systemd/system/dirigo.service"
     assert unit.read_text() == (REPO / "systemd/dirigo.service").read_text()
     checked = subprocess.run(
