@@ -20,6 +20,7 @@ from pydicom import config as pydicom_config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -32,6 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from agent import pynetdicom_internals as internals
 from agent.config import DicomSettings, Peer
+from agent.config.models import HOSTLESS_SERVICES
 from agent.pynetdicom_internals import quiet_identifiers
 
 logger = logging.getLogger(__name__)
@@ -72,10 +74,11 @@ class RejectReason(IntEnum):
 
 @dataclass(frozen=True)
 class Admission:
-    """Whether an association request may proceed, and why not."""
+    """Whether an association request may proceed, why not, and which services it may use."""
 
     accepted: bool
     reason: str = ""
+    services: frozenset[str] = frozenset()
 
 
 class PeerPolicy:
@@ -91,19 +94,42 @@ class PeerPolicy:
         self._peers: dict[str, frozenset[str] | None] = {
             peer.ae_title: resolve(peer.host) if peer.host else None for peer in peers
         }
+        self._services = {peer.ae_title: frozenset(peer.services) for peer in peers}
 
     def admit(self, calling_ae: str, address: str) -> Admission:
         calling_ae = calling_ae.strip()
         if calling_ae not in self._peers:
             if self.accept_unknown:
-                return Admission(True)
+                return Admission(True, services=frozenset(HOSTLESS_SERVICES))
             return Admission(False, f"calling AE title {calling_ae!r} is not a configured peer")
         allowed = self._peers[calling_ae]
         if allowed is not None and normalize_address(address) not in allowed:
             return Admission(
                 False, f"calling AE title {calling_ae!r} connected from {address}, not its host"
             )
-        return Admission(True)
+        return Admission(True, services=self._services[calling_ae])
+
+
+SERVICE_OF_CLASS: dict[str, str] = {
+    Verification: "echo",
+    PatientRootQueryRetrieveInformationModelFind: "find",
+    StudyRootQueryRetrieveInformationModelFind: "find",
+    PatientRootQueryRetrieveInformationModelMove: "move",
+    StudyRootQueryRetrieveInformationModelMove: "move",
+    PatientRootQueryRetrieveInformationModelGet: "get",
+    StudyRootQueryRetrieveInformationModelGet: "get",
+}
+"""The service (as `dicom.peers[].services` names it) of each non-storage SOP class we offer."""
+
+
+def service_of(context: PresentationContext) -> str:
+    """Return the service a negotiated presentation context gives the peer. A storage context
+    in which we may act as SCP lets the peer store to us; one in which we are SCU only (the
+    peer took the SCP role by role selection) carries a C-GET's instances back to it."""
+    service = SERVICE_OF_CLASS.get(str(context.abstract_syntax))
+    if service is not None:
+        return service
+    return "store" if context.as_scp else "get"
 
 
 def resolve(host: str) -> frozenset[str]:
@@ -306,6 +332,22 @@ class Gate:
             return
         if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
             assoc.dul.socket.socket.settimeout(self.settings.network_timeout)
+        services = admission.services
+
+        def judge(context: PresentationContext) -> str | None:
+            service = service_of(context)
+            return None if service in services else service
+
+        def report(refused: list[str]) -> None:
+            logger.warning(
+                "association from %s: refused %d presentation context(s) for %s: not among its"
+                " services in dicom.peers",
+                calling_ae.strip(),
+                len(refused),
+                ", ".join(sorted(set(refused))),
+            )
+
+        internals.refuse_contexts(assoc, judge, report)
 
     def reap(self) -> list[Association]:
         """Close each connection that has not passed admission within acse_timeout (a reader

@@ -11,11 +11,15 @@ names each attribute that moved instead of letting the agent fail at run time.
 from __future__ import annotations
 
 import queue
+import threading
+import weakref
+from collections.abc import Callable
 from typing import IO, Any
 
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, acse
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.presentation import PresentationContext
 
 _CONFIG_FLAGS = (
     "STORE_RECV_CHUNKED_DATASET",
@@ -86,10 +90,63 @@ def partial_dataset_file(assoc: Association) -> IO[bytes] | None:
     return partial
 
 
+Judge = Callable[[PresentationContext], str | None]
+"""Given a presentation context the acceptor would accept, return why to refuse it, or None."""
+Report = Callable[[list[str]], None]
+"""Told the reasons, once per association that had contexts refused."""
+_NEGOTIATORS = ("negotiate_as_acceptor", "negotiate_unrestricted")
+_judges: weakref.WeakKeyDictionary[threading.Thread, tuple[Judge, Report]] = (
+    weakref.WeakKeyDictionary()
+)
+_install_lock = threading.Lock()
+
+
+def refuse_contexts(assoc: Association, judge: Judge, report: Report) -> None:
+    """Have the negotiation of acceptor `assoc` refuse each context that `judge` gives a reason
+    for (result 0x01, user rejection), as if this AE did not support it; call before the
+    negotiation starts (an EVT_REQUESTED handler).
+
+    pynetdicom negotiates one supported-context list for the whole server, and with its
+    unrestricted storage service it accepts every storage class regardless; the negotiation
+    functions its ACSE calls are wrapped (once) to apply the judge of the association whose
+    thread runs the negotiation.
+    """
+    with _install_lock:
+        for name in _NEGOTIATORS:
+            negotiate = getattr(acse, name)
+            if not hasattr(negotiate, "judged"):
+                setattr(acse, name, _judged(negotiate))
+    _judges[assoc] = (judge, report)
+
+
+def _judged(negotiate: Callable[..., Any]) -> Callable[..., Any]:
+    def negotiate_and_judge(rq_contexts: Any, ac_contexts: Any, roles: Any = None) -> Any:
+        result, reply_roles = negotiate(rq_contexts, ac_contexts, roles)
+        judging = _judges.pop(threading.current_thread(), None)
+        if judging is None:
+            return result, reply_roles
+        judge, report = judging
+        reasons = []
+        for cx in result:
+            reason = judge(cx) if cx.result == 0x00 else None
+            if reason is not None:
+                cx.result = 0x01
+                reasons.append(reason)
+        if reasons:
+            kept = {cx.abstract_syntax for cx in result if cx.result == 0x00}
+            reply_roles = [role for role in reply_roles if role.sop_class_uid in kept]
+            report(reasons)
+        return result, reply_roles
+
+    negotiate_and_judge.judged = negotiate  # type: ignore[attr-defined]
+    return negotiate_and_judge
+
+
 def missing() -> list[str]:
     """Return the name of each internal this module uses that the installed pynetdicom lacks
     (empty when all are where this module expects them)."""
     gone = [f"pynetdicom._config.{name}" for name in _CONFIG_FLAGS if not hasattr(_config, name)]
+    gone += [f"pynetdicom.acse.{name}" for name in _NEGOTIATORS if not hasattr(acse, name)]
     assoc = Association(AE(), "requestor")  # built, never started: no thread, no socket
     if not isinstance(getattr(assoc.dul, "_run_loop_delay", None), float):
         gone.append("pynetdicom.dul.DULServiceProvider._run_loop_delay")

@@ -46,6 +46,8 @@ from agent.config.rules import (
     QuietTime,
     Retention,
     Section,
+    Service,
+    Services,
     SiteId,
     StowBatch,
     Timeout,
@@ -58,15 +60,33 @@ from agent.config.rules import (
     rule,
 )
 
+PEER_SERVICES: tuple[Service, ...] = ("store", "echo", "find", "get", "move")
+"""What a peer with a `host` may use unless its `services` say otherwise."""
+HOSTLESS_SERVICES: tuple[Service, ...] = ("store", "echo")
+"""What a peer without `host` (admitted from any address on its AE title alone) may use unless
+its `services` say otherwise, and what an unknown peer may use with `accept_unknown_peers`."""
+
 
 class Peer(BaseModel):
-    """A DICOM node we talk to: a calling AE we admit, and optionally where to send to it."""
+    """A DICOM node we talk to: a calling AE we admit, what it may ask of us, and optionally
+    where to send to it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     ae_title: AETitle
     host: Host = None
     port: OptionalPort = None
+    services: Services = PEER_SERVICES
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_services(cls, data: object) -> object:
+        """Without `services`, a peer with a host may use every service, one without only
+        store and echo: an AE title alone proves nothing."""
+        if isinstance(data, dict) and data.get("services") is None:
+            default = HOSTLESS_SERVICES if data.get("host") is None else PEER_SERVICES
+            return {**data, "services": default}
+        return data
 
 
 class DicomSettings(BaseModel):
@@ -99,6 +119,22 @@ class DicomSettings(BaseModel):
         if details:
             raise ValidationError.from_exception_data(cls.__name__, details)
         return peers
+
+    def warnings(self) -> list[str]:
+        """Return the admission rules that let a caller in on its AE title alone."""
+        found = [
+            f"At 'dicom.peers[{index}]': {peer.ae_title!r} has no host, so any machine calling"
+            f" as this AE title is admitted (to {', '.join(peer.services) or 'no service'});"
+            " set its host"
+            for index, peer in enumerate(self.peers)
+            if peer.host is None
+        ]
+        if self.accept_unknown_peers:
+            found.append(
+                "At 'dicom.accept_unknown_peers': any AE title from any address is admitted"
+                f" (to {', '.join(HOSTLESS_SERVICES)}); list the senders in dicom.peers instead"
+            )
+        return found
 
 
 class StudySettings(BaseModel):
@@ -205,7 +241,7 @@ class Settings(BaseModel):
     def warnings(self) -> list[str]:
         """Return what is valid but unsafe, one sentence per finding, each naming its key
         (`dirigo check-config` prints them; the agent still starts)."""
-        found = []
+        found = self.dicom.warnings()
         for key in ("upload_url", "dicomweb_url"):
             url = getattr(self.cloud, key)
             if url and urlsplit(url).scheme.lower() == "http":

@@ -27,6 +27,8 @@ from agent.config.units import (
 T = TypeVar("T")
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+Service = Literal["store", "echo", "find", "get", "move"]
+SERVICES: tuple[Service, ...] = get_args(Service)
 MiB = 1024 * 1024
 MAX_DURATION = 365 * 86400.0  # beyond a year a timeout is a typo, and datetime arithmetic overflows
 MAX_PDU = 2**32 - 1  # the PDU length field is 32 bits
@@ -191,6 +193,22 @@ def choice(*choices: str) -> Callable[[object], str]:
     return check
 
 
+def _services(value: object) -> tuple[Service, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{show(value)} is not a list of services (of {', '.join(SERVICES)})")
+    chosen: list[Service] = []
+    for item in value:
+        text = _text(item, "a service").strip().lower()
+        service = next((known for known in SERVICES if known == text), None)
+        if service is None:
+            close = difflib.get_close_matches(text, SERVICES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{show(item)} is not a service ({', '.join(SERVICES)}{hint})")
+        if service not in chosen:
+            chosen.append(service)
+    return tuple(chosen)
+
+
 def _size_between(low: int, high: int, what: str) -> Callable[[object], int]:
     def check(value: object) -> int:
         size = as_bytes(value)
@@ -294,6 +312,7 @@ Timeout = Annotated[float, rule(_duration(0, inclusive=False)), PlainSerializer(
 QuietTime = Annotated[float, rule(_duration(1, inclusive=True)), PlainSerializer(format_duration)]
 Percent = Annotated[float, rule(_percent), PlainSerializer(format_percent)]
 Flag = Annotated[bool, rule(_boolean)]
+Services = Annotated[tuple[Service, ...], rule(_services)]
 Url = Annotated[str, rule(_url), PlainSerializer(redact_url)]
 OptionalUrl = Annotated[
     str | None, rule(_url, optional=True), PlainSerializer(_redact_optional_url)

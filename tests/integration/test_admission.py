@@ -7,8 +7,17 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from pynetdicom import AE, build_role
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 
 from tests.support import dcmtk
 from tests.support.agent import Agent
@@ -79,3 +88,66 @@ def test_half_open_connections_neither_stop_intake_nor_keep_a_thread(
         )
         assert dcmtk.echoscu(agent.port).returncode == 0
         assert len(agent.rows("SELECT 1 FROM instances")) == len(files)
+
+
+ALL_SERVICES = {
+    Verification: "echo",
+    CTImageStorage: "store",
+    StudyRootQueryRetrieveInformationModelFind: "find",
+    StudyRootQueryRetrieveInformationModelMove: "move",
+    StudyRootQueryRetrieveInformationModelGet: "get",
+}
+
+
+def negotiate(
+    port: int, calling_ae: str, sop_classes: Iterable[str], roles: Iterable[str] = ()
+) -> tuple[set[str], dict[str, int]]:
+    """Associate as `calling_ae` proposing `sop_classes` (taking the SCP role for `roles`, as
+    a C-GET requestor does); return the services accepted and {service: result} refused."""
+    ae = AE(ae_title=calling_ae)
+    for sop_class in sop_classes:
+        ae.add_requested_context(sop_class)
+    role_items = [build_role(sop_class, scp_role=True) for sop_class in roles]
+    assoc = ae.associate(LOOPBACK, port, ae_title="DIRIGO", ext_neg=role_items)
+    assert assoc.is_established, f"{calling_ae} was not admitted"
+    try:
+        accepted = {ALL_SERVICES[str(cx.abstract_syntax)] for cx in assoc.accepted_contexts}
+        refused = {
+            ALL_SERVICES[str(cx.abstract_syntax)]: cx.result for cx in assoc.rejected_contexts
+        }
+    finally:
+        assoc.release()
+    return accepted, refused
+
+
+def test_a_peer_may_use_only_its_services_and_learns_it_at_negotiation(
+    tmp_data_dir: Path, tmp_path: Path
+) -> None:
+    peers = (
+        {"ae_title": "PACS", "host": LOOPBACK},
+        {"ae_title": "VIEWER", "host": LOOPBACK, "services": ["echo", "find", "get"]},
+        {"ae_title": "CT1"},
+    )
+    user_rejection = 0x01
+    with Agent(tmp_data_dir, peers=peers) as agent:
+        accepted, refused = negotiate(agent.port, "PACS", ALL_SERVICES)
+        assert (accepted, refused) == (set(ALL_SERVICES.values()), {})
+
+        accepted, refused = negotiate(agent.port, "CT1", ALL_SERVICES)
+        assert accepted == {"echo", "store"}
+        assert refused == dict.fromkeys(("find", "move", "get"), user_rejection)
+
+        accepted, refused = negotiate(agent.port, "VIEWER", ALL_SERVICES)
+        assert accepted == {"echo", "find", "get"}
+        assert refused == dict.fromkeys(("store", "move"), user_rejection)
+        # the storage context a C-GET brings its instances back on (the peer as SCP) is a get
+        get = [StudyRootQueryRetrieveInformationModelGet, CTImageStorage]
+        accepted, refused = negotiate(agent.port, "VIEWER", get, roles=[CTImageStorage])
+        assert (accepted, refused) == ({"get", "store"}, {})
+
+        files = ct_series(tmp_path / "ct", slices=2, rows=64, cols=64)
+        sent = dcmtk.storescu(files, agent.port, calling_ae="VIEWER", timeout=60)
+        assert sent.returncode != 0
+        assert dcmtk.acknowledged(sent) == []
+        assert agent.rows("SELECT 1 FROM instances") == []
+        assert "presentation context(s) for store: not among its services" in agent.log_tail()

@@ -82,6 +82,19 @@ def test_check_config_warns_about_a_plain_http_cloud_url_and_still_exits_0(
     )
 
 
+def test_check_config_warns_about_peers_admitted_on_their_ae_title_alone(tmp_path: Path) -> None:
+    peers = [{"ae_title": "PACS", "host": LOOPBACK}, {"ae_title": "CT1"}]
+    config = minimal(tmp_path, peers=peers, accept_unknown_peers=True)
+    result = dirigo("check-config", "--config", str(write_config(tmp_path / "c.yaml", config)))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert [w.split(":", 2)[1].strip() for w in warnings] == [
+        "At 'dicom.peers[1]'",
+        "At 'dicom.accept_unknown_peers'",
+    ]
+    assert yaml.safe_load(result.stdout)["dicom"]["peers"][1]["services"] == ["store", "echo"]
+
+
 def test_a_broken_config_reports_every_problem_by_key_and_exits_78(tmp_path: Path) -> None:
     config = minimal(tmp_path, port=70000, max_associations="ten")
     config["study"] = {"stable_after": "soon"}

@@ -479,6 +479,49 @@ def test_peers_keep_host_and_port() -> None:
     ]
 
 
+def test_peer_services_default_to_all_with_a_host_and_to_store_and_echo_without() -> None:
+    peers = [{"ae_title": "PACS", "host": "pacs.hospital.local"}, {"ae_title": "CT1"}]
+    found = parse_config(minimal(dicom__peers=peers)).dicom.peers
+    assert [p.services for p in found] == [
+        ("store", "echo", "find", "get", "move"),
+        ("store", "echo"),
+    ]
+
+
+def test_peer_services_are_kept_as_given_without_repeats_and_may_be_empty() -> None:
+    peers = [
+        {"ae_title": "VIEWER", "services": ["Find", "get", "find"]},
+        {"ae_title": "DEST", "host": "10.0.0.9", "services": []},
+    ]
+    found = parse_config(minimal(dicom__peers=peers)).dicom.peers
+    assert [p.services for p in found] == [("find", "get"), ()]
+
+
+@pytest.mark.parametrize(
+    ("given", "reason"),
+    [
+        (["store", "stor"], "'stor' is not a service (store, echo, find, get, move; did you mean"),
+        ("store", "'store' is not a list of services"),
+        ([1], "1 is not a service (put it in quotes)"),
+    ],
+)
+def test_peer_services_name_the_bad_one(given: object, reason: str) -> None:
+    message = only_problem(minimal(dicom__peers=[{"ae_title": "PACS", "services": given}]))
+    assert message.startswith(f"At 'dicom.peers[0].services': {reason}")
+
+
+def test_peers_admitted_on_their_ae_title_alone_are_warnings_naming_their_keys() -> None:
+    peers = [{"ae_title": "PACS", "host": "10.0.0.9"}, {"ae_title": "CT1"}]
+    settings = parse_config(minimal(dicom__peers=peers, dicom__accept_unknown_peers=True))
+    assert settings.warnings() == [
+        "At 'dicom.peers[1]': 'CT1' has no host, so any machine calling as this AE title is"
+        " admitted (to store, echo); set its host",
+        "At 'dicom.accept_unknown_peers': any AE title from any address is admitted (to store,"
+        " echo); list the senders in dicom.peers instead",
+    ]
+    assert parse_config(minimal(dicom__peers=peers[:1])).warnings() == []
+
+
 def test_duplicate_peer_ae_title_names_the_second_entry() -> None:
     message = only_problem(minimal(dicom__peers=[{"ae_title": "PACS"}, {"ae_title": "PACS "}]))
     assert message == "At 'dicom.peers[1].ae_title': duplicate AE title 'PACS'"
