@@ -277,6 +277,8 @@ class Settings(BaseModel):
 
 SECRET_FILE_KEYS = frozenset({"key", "client_key", "token_file"})
 """Keys, in any section, whose file holds a secret: the agent refuses one others may read."""
+KEY_IN_CERT = {"cert": "key", "client_cert": "client_key"}
+"""A certificate key whose file holds the private key too when its key file is not set."""
 
 
 def _secret_files(model: BaseModel, prefix: str) -> Iterator[tuple[str, Path]]:
@@ -287,7 +289,10 @@ def _secret_files(model: BaseModel, prefix: str) -> Iterator[tuple[str, Path]]:
             key = f"{prefix}{name}" if index is None else f"{prefix}{name}[{index}]"
             if isinstance(item, BaseModel):
                 yield from _secret_files(item, f"{key}.")
-            elif name in SECRET_FILE_KEYS and isinstance(item, Path):
+            elif isinstance(item, Path) and (
+                name in SECRET_FILE_KEYS
+                or (name in KEY_IN_CERT and getattr(model, KEY_IN_CERT[name], "") is None)
+            ):
                 yield key, item
 
 

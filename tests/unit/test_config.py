@@ -999,3 +999,24 @@ def test_an_unknown_upload_protocol_is_named() -> None:
     assert only_problem(minimal(upload__protocol="ftp")) == (
         "At 'upload.protocol': 'ftp' is not one of tus, stow-rs"
     )
+
+
+def test_secret_files_others_may_read_are_named_with_their_mode(tmp_path: Path) -> None:
+    files = {name: tmp_path / name for name in ("token", "cert", "key", "ca")}
+    for path in files.values():
+        path.write_text("x")
+        path.chmod(0o644)
+    files["key"].chmod(0o600)
+
+    def exposed(**cloud: object) -> list[str]:
+        settings = parse_config(minimal(**{f"cloud__{k}": str(v) for k, v in cloud.items()}))
+        return [problem.split(" is ")[0] for problem in settings.exposed_secret_files()]
+
+    # A CA bundle and a certificate are public; a token, and a certificate file that holds
+    # the private key (no client_key given), are not.
+    assert exposed(ca_file=files["ca"], token_file=files["token"]) == [
+        f"At 'cloud.token_file': {files['token']}"
+    ]
+    assert exposed(client_cert=files["cert"], client_key=files["key"]) == []
+    assert exposed(client_cert=files["cert"]) == [f"At 'cloud.client_cert': {files['cert']}"]
+    assert exposed(token_file=tmp_path / "missing") == []
