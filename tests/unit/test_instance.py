@@ -251,3 +251,26 @@ def test_a_file_cut_at_any_byte_passes_or_is_named_never_a_crash(
         path.write_bytes(data[:cut])
         with contextlib.suppress(InvalidInstance):
             inspect(path)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.data())
+def test_any_corruption_of_the_file_meta_is_named_never_a_crash(
+    tmp_path: Path, data: st.DataObject
+) -> None:
+    ds = make_dataset(
+        SOPInstanceUID="1.2.3.4", StudyInstanceUID="1.2.3.5", SeriesInstanceUID="1.2.3.6"
+    )
+    raw = bytearray(write(tmp_path / "a.dcm", ds).read_bytes())
+    meta_end = dataset_offset(bytes(raw))
+    for _ in range(data.draw(st.integers(1, 6))):
+        raw[data.draw(st.integers(128, meta_end - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(128, len(raw)))
+    path = tmp_path / "fuzz.dcm"
+    path.write_bytes(bytes(raw[:cut]))
+    with contextlib.suppress(InvalidInstance):
+        inspect(path)
+    with path.open("rb") as f, contextlib.suppress(InvalidInstance, ValueError):
+        instance.layout(f, len(raw[:cut]), {0x00080018})
