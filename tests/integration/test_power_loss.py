@@ -5,10 +5,11 @@ was not fsynced when the power goes (see tests/support/lazyfs.py).
 test cuts the power the faithful way: SIGKILL the agent and everything it started, drop LazyFS's
 cache, mount again and start the agent on what the disk really held. The promises under test are
 the first two: every instance acknowledged with Success is intact and counted after the power
-comes back (at the moment of the last Success, while a part is packed, while it is uploaded),
-and the cloud ends up with each instance exactly once.
+comes back (at the moment of the last Success, in the middle of a study, while a part is packed,
+while it is uploaded), and the cloud ends up with each instance exactly once.
 
-The cut points while packing and uploading are random; each test prints its seed, and
+Removing the spool file's fsync, or SQLite's synchronous=FULL, fails these tests: that is what
+they are for. The cut points but the first are random; each test prints its seed, and
 DIRIGO_FAULT_SEED=<seed> repeats it.
 """
 
@@ -18,6 +19,7 @@ import collections
 import functools
 import os
 import random
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,11 @@ def agent_on(disk: LazyFS, **settings: Any) -> Agent:
     return Agent(disk.mount_dir, **settings)
 
 
+def send(agent: Agent, files: Sequence[Path]) -> None:
+    result = dcmtk.storescu(files, agent.port)
+    assert len(dcmtk.acknowledged(result)) == len(files), result.stdout + result.stderr
+
+
 def power_loss(disk: LazyFS, agent: Agent) -> None:
     """Cut the power under a running agent: SIGKILL it with every process it started, drop
     every write not fsynced, and mount the disk again (the machine boots)."""
@@ -97,12 +104,13 @@ def sent(path: Path) -> tuple[str, str]:
     return uid, datasets.dataset_sha256(path)
 
 
-def assert_every_instance_intact(agent: Agent, files: Sequence[Path]) -> None:
+def assert_every_instance_intact(agent: Agent, files: Sequence[Path], in_flight: int = 0) -> None:
     """Each file has exactly one current row whose spool file holds the very dataset sent, and
-    the agent counts no instance more."""
+    the agent counts no instance more (but `in_flight`: committed, the power cut its answer)."""
     rows = agent.rows("SELECT sop_instance_uid, path, sha256 FROM instances WHERE superseded = 0")
     found = {uid: (path, sha) for uid, path, sha in rows}
-    assert len(rows) == len(found) == len(files), f"{len(rows)} rows for {len(files)} sent"
+    assert len(rows) == len(found), "two current rows for one instance"
+    assert len(files) <= len(rows) <= len(files) + in_flight, f"{len(rows)} rows, {len(files)} sent"
     damaged = []
     for path in files:
         uid, sha = sent(path)
@@ -116,7 +124,15 @@ def assert_every_instance_intact(agent: Agent, files: Sequence[Path]) -> None:
         except (OSError, ValueError) as exc:  # missing, or cut before its File Meta ends
             damaged.append(f"{path.name} ({type(exc).__name__})")
     assert not damaged, f"{len(damaged)} acknowledged instance(s) damaged: {damaged[:5]}"
-    assert sum(agent.status()["instances"].values()) == len(files)
+    assert sum(agent.status()["instances"].values()) == len(rows)
+
+
+def assert_no_leftovers(agent: Agent) -> None:
+    """Nothing half-received is left, and the spool holds exactly the files rows refer to."""
+    assert not any((agent.data_dir / "incoming").iterdir()), "partial receives left in incoming/"
+    spool = agent.data_dir / "spool"
+    on_disk = {path.relative_to(agent.data_dir).as_posix() for path in spool.rglob("*.dcm")}
+    assert on_disk == {path for (path,) in agent.rows("SELECT path FROM instances")}
 
 
 # What reached the cloud ------------------------------------------------------------------------
@@ -130,18 +146,21 @@ def cloud_agent(disk: LazyFS, cloud: DevCloud, **upload: Any) -> Agent:
     return agent_on(disk, stable_after="1s", extra={"cloud": cloud_settings, "upload": settings})
 
 
-def send(agent: Agent, files: Sequence[Path]) -> None:
-    result = dcmtk.storescu(files, agent.port)
-    assert len(dcmtk.acknowledged(result)) == len(files), result.stdout + result.stderr
-
-
 def wait_for_sent(agent: Agent, count: int) -> None:
+    """Wait until the agent counts `count` instances sent; on a timeout, say what it counts."""
+    status: dict[str, Any] = {}
+
     def all_sent() -> bool:
         if agent.proc is not None and agent.proc.poll() is not None:
             raise PeerExited(f"dirigo exited with {agent.proc.returncode}:\n{agent.log_tail()}")
-        return bool(agent.status()["instances"].get("sent") == count)
+        status.update(agent.status())
+        return bool(status["instances"].get("sent") == count)
 
-    wait_until(all_sent, WAIT, 0.2, what=f"the agent counting {count} instances sent")
+    try:
+        wait_until(all_sent, WAIT, 0.2, what=f"the agent counting {count} instances sent")
+    except TimeoutError as exc:
+        counts = {key: status.get(key) for key in ("studies", "instances", "jobs", "last_error")}
+        raise TimeoutError(f"{exc}; it counts {counts}") from None
 
 
 def assert_in_the_cloud_once(cloud: DevCloud, files: Sequence[Path]) -> None:
@@ -171,7 +190,7 @@ def assert_in_the_cloud_once(cloud: DevCloud, files: Sequence[Path]) -> None:
     assert archived == {sent(path)[0] for path in files}
 
 
-# 1. right after the last Success ---------------------------------------------------------------
+# 1. while a study is received -----------------------------------------------------------------
 
 
 def test_power_lost_right_after_the_last_success_keeps_every_acknowledged_instance(
@@ -191,6 +210,29 @@ def test_power_lost_right_after_the_last_success_keeps_every_acknowledged_instan
         agent.start()
         assert_every_instance_intact(agent, study)
         assert agent.status()["instances"] == {**agent.status()["instances"], "received": SLICES}
+
+
+def test_power_lost_mid_study_keeps_what_was_acknowledged_and_a_resend_completes_it(
+    disk: LazyFS, study: list[Path], rng: random.Random
+) -> None:
+    target = rng.randrange(10, len(study) - 10)
+    delay = rng.uniform(0.0, 0.015)
+    with agent_on(disk) as agent:
+        with WatchedSender(study, agent.port) as sender:
+            sender.wait_for_file(target, timeout=WAIT)
+            time.sleep(delay)  # not a readiness wait: where in the instance the power goes
+            power_loss(disk, agent)
+            result = sender.wait(timeout=WAIT)
+        acknowledged = dcmtk.acknowledged(result)
+        print(f"cut the power {delay * 1000:.1f} ms into file {target}: {len(acknowledged)} acked")
+        assert len(acknowledged) < len(study), "the cut did not interrupt the transfer"
+        agent.start()
+        # storescu sends one instance at a time: at most one was committed but not answered.
+        assert_every_instance_intact(agent, acknowledged, in_flight=1)
+        assert_no_leftovers(agent)
+        send(agent, study)
+        assert_every_instance_intact(agent, study)
+        assert_no_leftovers(agent)
 
 
 # 2. while a part is packed ---------------------------------------------------------------------
@@ -220,8 +262,8 @@ def test_power_lost_while_packing_loses_nothing_and_the_cloud_gets_each_instance
         print(f"cut the power with {cut_at} of about {total} bytes packed")
         power_loss(disk, agent)
         agent.start()
-        wait_for_sent(agent, len(study))
         assert_every_instance_intact(agent, study)
+        wait_for_sent(agent, len(study))
         assert_in_the_cloud_once(cloud, study)
 
 
@@ -251,6 +293,6 @@ def test_power_lost_while_uploading_loses_nothing_and_the_cloud_gets_each_instan
         print(f"cut the power with {offset} bytes uploaded ({fraction:.0%} asked)")
         power_loss(disk, agent)
         agent.start()
-        wait_for_sent(agent, len(study))
         assert_every_instance_intact(agent, study)
+        wait_for_sent(agent, len(study))
         assert_in_the_cloud_once(cloud, study)
