@@ -29,7 +29,7 @@ from agent.pynetdicom_internals import quiet_identifiers
 from agent.receive import Receiver
 from agent.serve.cache import InstanceCache
 from agent.serve.query import QueryError, Scope, study_scope
-from agent.serve.retrieve import Counts, Item, Retriever, push
+from agent.serve.retrieve import Counts, Item, Listing, Retriever, push
 from agent.spool import SWEEP_LOCK, Spool
 from agent.store import JobState, Store, StoreError
 
@@ -376,14 +376,19 @@ def _retrieve(settings: Settings, args: argparse.Namespace) -> int:
 def _push_study(
     settings: Settings, retriever: Retriever, scope: Scope, study_uid: str, peer: Peer
 ) -> int:
-    from pynetdicom import AE
-
     try:
         refs = retriever.instances(scope)
     except CloudError as exc:
         raise CommandError(f"cannot list the study in the cloud archive: {exc}") from exc
-    if not refs:
-        raise CommandError(f"the cloud archive has no instances of study {study_uid}")
+    with contextlib.closing(refs):
+        if not refs:
+            raise CommandError(f"the cloud archive has no instances of study {study_uid}")
+        return _push_listed(settings, retriever, refs, peer)
+
+
+def _push_listed(settings: Settings, retriever: Retriever, refs: Listing, peer: Peer) -> int:
+    from pynetdicom import AE
+
     ae = AE(ae_title=settings.dicom.ae_title)
     ae.acse_timeout = settings.dicom.acse_timeout
     ae.dimse_timeout = settings.dicom.dimse_timeout

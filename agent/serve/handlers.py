@@ -53,7 +53,7 @@ from agent.serve.query import (
     scope_for,
     search_for,
 )
-from agent.serve.retrieve import Counts, Failed, Item, Retriever
+from agent.serve.retrieve import Counts, Failed, Item, Listing, Retriever, TooManyInstances
 from agent.serve.syntax import Accepted, accepted_by, proposals
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,10 @@ class QueryRetrieve:
             assoc = store.get("assoc")
             return accepted_by(assoc.accepted_contexts) if assoc is not None else {}
 
-        yield from self._deliver(event, peer, "C-MOVE", where, plan, accepted)
+        try:
+            yield from self._deliver(event, peer, "C-MOVE", where, plan, accepted)
+        finally:
+            _close(plan)
 
     # --- C-GET -----------------------------------------------------------------------------
 
@@ -235,7 +238,10 @@ class QueryRetrieve:
         def accepted() -> Accepted:
             return accepted_by(event.assoc.accepted_contexts)
 
-        yield from self._deliver(event, peer, "C-GET", f"to {peer}", plan, accepted)
+        try:
+            yield from self._deliver(event, peer, "C-GET", f"to {peer}", plan, accepted)
+        finally:
+            _close(plan)
 
     # --- shared by C-MOVE and C-GET --------------------------------------------------------
 
@@ -247,11 +253,18 @@ class QueryRetrieve:
                 return Refusal(QRStatus.NOT_CONFIGURED, _NOT_CONFIGURED)
             model = MODELS[event.context.abstract_syntax]
             scope = scope_for(_identifier(event), model)
-            refs = self.retriever.instances(scope)
-            contexts = proposals(self.retriever.known_syntaxes(refs)) if propose else []
+            refs = self.retriever.instances(scope, most=MAX_SUB_OPERATIONS)
+            try:
+                contexts = proposals(self.retriever.known_syntaxes(refs)) if propose else []
+            except BaseException:
+                refs.close()
+                raise
             return _Plan(scope, refs, contexts or [build_context(Verification)])
         except QueryError as exc:
             return Refusal(QRStatus.IDENTIFIER_MISMATCH, str(exc))
+        except TooManyInstances as exc:
+            logger.warning("%s from %s refused: %s", kind, peer, exc)
+            return Refusal(QRStatus.UNABLE_TO_PROCESS, f"{exc}: retrieve by study or series")
         except CloudError as exc:
             logger.error("%s from %s: cannot list the instances: %s", kind, peer, exc)
             return _cloud_refusal(exc, QRStatus.CANNOT_COUNT_MATCHES)
@@ -329,13 +342,21 @@ class QueryRetrieve:
 
 
 _NOT_CONFIGURED = "Query/Retrieve needs cloud.dicomweb_url"
+MAX_SUB_OPERATIONS = 65535
+"""The most instances one C-MOVE or C-GET can count (its counts are US); pynetdicom refuses
+more, but only once every one was listed."""
 
 
 @dataclass(frozen=True)
 class _Plan:
     scope: Scope
-    refs: list[InstanceRef]
+    refs: Listing
     contexts: list[PresentationContext]
+
+
+def _close(plan: _Plan | Refusal) -> None:
+    if isinstance(plan, _Plan):
+        plan.refs.close()
 
 
 def _next_item(items: Generator[Item, None, None], ref: InstanceRef) -> Item:

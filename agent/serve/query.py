@@ -189,15 +189,21 @@ def search_for(identifier: Dataset, model: Model, retrieve_ae: str = "") -> Sear
 def matching_value(element: DataElement) -> str | None:
     """Return the QIDO-RS value of a matching key, or None for universal matching (an empty
     value, a lone `*`, a sequence, binary data)."""
-    if element.VR == "SQ" or element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
-        return None
-    value = element.value
-    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
-    texts = [str(v).strip() for v in values if v is not None and not isinstance(v, bytes)]
-    texts = [text for text in texts if text]
+    texts = _texts(element)
     if not texts or texts == ["*"]:
         return None
     return ",".join(texts)
+
+
+def _texts(element: DataElement) -> list[str]:
+    """Return the values of a text element, each without its padding, empty ones left out (none
+    for a sequence or binary data)."""
+    if element.VR == "SQ" or element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+        return []
+    value = element.value
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    texts = [str(v).strip() for v in values if v is not None and not isinstance(v, bytes)]
+    return [text for text in texts if text]
 
 
 def answer(search: Search, result: Mapping[str, Any]) -> Dataset:
@@ -234,25 +240,43 @@ def instance_ref(result: Mapping[str, Any]) -> InstanceRef | None:
 
 def scope_for(identifier: Dataset, model: Model) -> Scope:
     """Return what a C-MOVE or C-GET identifier asks for. Raise QueryError if the level's unique
-    key is missing, or a UID is not a UID (PS3.4 C.4.2.2.1: a list of UIDs at the level of
-    the retrieval, one value above it)."""
+    key is missing or empty, or a unique key holds a wildcard or a range, or a UID is not a UID
+    (PS3.4 C.4.2.2.1: unique keys only, no wildcards or ranges; a list of UIDs at the level of
+    the retrieval, one value above it; one Patient ID)."""
     level = level_of(identifier, model)
     params: list[tuple[str, str]] = []
     for tag in _unique_keys(level, model):
         element = identifier.get(BaseTag(tag))
-        value = matching_value(element) if element is not None else None
+        value = _retrieve_value(element, tag) if element is not None else None
         if value is None:
             if tag == UNIQUE_KEY[level]:
                 name = _keyword(tag)
                 raise QueryError(f"a {level} level retrieval needs {name}")
             continue
-        if tag != PATIENT_ID:
-            if not all(_UID.fullmatch(uid) for uid in value.split(",")):
-                raise QueryError(f"{_keyword(tag)} {value!r} is not a UID or a list of UIDs")
-            if tag != UNIQUE_KEY[level] and "," in value:
-                raise QueryError(f"{_keyword(tag)} above the {level} level must be one UID")
+        if tag != UNIQUE_KEY[level] and "," in value:
+            raise QueryError(f"{_keyword(tag)} above the {level} level must be one UID")
         params.append((_hex(tag), value))
     return Scope(level, tuple(params))
+
+
+def _retrieve_value(element: DataElement, tag: int) -> str | None:
+    """Return the QIDO-RS value of a retrieval's unique key, or None if it is empty. Raise
+    QueryError if it is a wildcard or range (even a lone `*`, universal matching in a C-FIND),
+    more than one Patient ID, or a UID that is not a UID. The message never quotes a Patient
+    ID: it goes to the log."""
+    texts = _texts(element)
+    if tag == PATIENT_ID:
+        if any("*" in text or "?" in text for text in texts):
+            raise QueryError("PatientID holds a wildcard: a retrieval names its patient exactly")
+        if len(texts) > 1:
+            raise QueryError("PatientID must be one value in a retrieval")
+    elif not all(_UID.fullmatch(text) for text in texts):
+        value = ",".join(texts)
+        raise QueryError(
+            f"{_keyword(tag)} {value!r} is not a UID or a list of UIDs"
+            " (a retrieval takes no wildcards or ranges)"
+        )
+    return ",".join(texts) or None
 
 
 def study_scope(study_uid: str) -> Scope:

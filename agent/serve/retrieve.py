@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
+import os
+import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,24 +89,35 @@ class Retriever:
         self.cache = cache
         self.page_size = page_size
 
-    def instances(self, scope: Scope) -> list[InstanceRef]:
-        """Return the instances `scope` names, each once, in the archive's order. Raise
-        CloudError if the archive cannot be asked."""
-        found: dict[str, InstanceRef] = {}
-        params = instance_search(scope)
-        for page in self.dicomweb.pages("instances", params, self.page_size):
-            for result in page:
-                ref = instance_ref(result)
-                if ref is None:
-                    logger.warning("skipped an instance the archive listed without valid UIDs")
-                elif ref.sop_instance not in found:
-                    found[ref.sop_instance] = ref
-        return list(found.values())
+    def instances(self, scope: Scope, most: int | None = None) -> Listing:
+        """Return the instances `scope` names, each once, in the archive's order, as they
+        stream in page by page: kept in a temporary file under the cache, never in a list.
+        Raise CloudError if the archive cannot be asked, TooManyInstances as soon as more than
+        `most` (if given) are listed."""
+        listing = Listing(self.cache.root / "tmp")
+        try:
+            seen: set[str] = set()
+            params = instance_search(scope)
+            for page in self.dicomweb.pages("instances", params, self.page_size):
+                for result in page:
+                    ref = instance_ref(result)
+                    if ref is None:
+                        logger.warning("skipped an instance the archive listed without valid UIDs")
+                    elif ref.sop_instance not in seen:
+                        seen.add(ref.sop_instance)
+                        listing.add(ref)
+                if most is not None and len(listing) > most:
+                    raise TooManyInstances(f"more than {most} instances match")
+        except BaseException:
+            listing.close()
+            raise
+        return listing
 
-    def known_syntaxes(self, refs: Sequence[InstanceRef]) -> dict[str, list[str | None]]:
-        """Return, per SOP class, the syntax of each instance as far as it is known before
-        fetching it: from its cached file, else from the archive's listing, else None."""
-        known: dict[str, list[str | None]] = {}
+    def known_syntaxes(self, refs: Iterable[InstanceRef]) -> dict[str, list[str | None]]:
+        """Return, per SOP class, the syntaxes of its instances as far as they are known before
+        fetching them (each once): from the cached file, else from the archive's listing, else
+        None."""
+        known: dict[str, dict[str | None, None]] = {}
         for ref in refs:
             syntax = ref.transfer_syntax
             path = self.cache.path(ref.sop_instance)
@@ -111,11 +125,11 @@ class Retriever:
                 # a file another process is replacing or removing: go by the listing
                 with contextlib.suppress(OSError, InvalidDicomError, AttributeError):
                     syntax = str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID)
-            known.setdefault(ref.sop_class, []).append(syntax)
-        return known
+            known.setdefault(ref.sop_class, {})[syntax] = None
+        return {sop_class: list(syntaxes) for sop_class, syntaxes in known.items()}
 
     def items(
-        self, refs: Sequence[InstanceRef], accepted: Callable[[], Accepted], counts: Counts
+        self, refs: Iterable[InstanceRef], accepted: Callable[[], Accepted], counts: Counts
     ) -> Generator[Item, None, None]:
         """Yield each instance of `refs`, fetched and ready to send, or failed, in order.
         `accepted` says what the destination took (asked once, when the first instance is
@@ -211,6 +225,45 @@ class Retriever:
         return _Fetched(self.cache.put(ref.sop_instance, write), from_cache=False)
 
 
+class TooManyInstances(Exception):
+    """A retrieval names more instances than one C-MOVE or C-GET can count (65535)."""
+
+
+class Listing:
+    """The instances of one retrieval, in order, one line of JSON each in an unnamed temporary
+    file (gone when closed, or when the process ends however it ends). Iterating reads the file
+    block by block; several iterations may run at once."""
+
+    def __init__(self, directory: Path) -> None:
+        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed in close())
+        self._count = 0
+
+    def add(self, ref: InstanceRef) -> None:
+        line = json.dumps(
+            [ref.study, ref.series, ref.sop_instance, ref.sop_class, ref.transfer_syntax]
+        )
+        self._file.write(line.encode("ascii") + b"\n")
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[InstanceRef]:
+        self._file.flush()
+        fd, offset, rest = self._file.fileno(), 0, b""
+        while block := os.pread(fd, _LISTING_BLOCK, offset):
+            offset += len(block)
+            *lines, rest = (rest + block).split(b"\n")
+            for line in lines:
+                yield InstanceRef(*json.loads(line))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+_LISTING_BLOCK = 64 * 1024
+
+
 @dataclass(frozen=True)
 class _Fetched:
     path: Path
@@ -232,7 +285,7 @@ def push(
     port: int,
     ae_title: str,
     retriever: Retriever,
-    refs: Sequence[InstanceRef],
+    refs: Iterable[InstanceRef],
     progress: Callable[[Item], None],
     counts: Counts,
 ) -> Pushed:

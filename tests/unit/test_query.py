@@ -344,3 +344,33 @@ def test_an_instance_result_without_valid_uids_is_skipped() -> None:
     assert instance_ref({"0020000D": {"vr": "UI", "Value": [STUDY]}}) is None
     bad = {tag: {"vr": "UI", "Value": ["x/../y"]} for tag in ("0020000D", "0020000E", "00080018")}
     assert instance_ref({**bad, "00080016": {"vr": "UI", "Value": [CT]}}) is None
+
+
+@pytest.mark.parametrize("patient_id", ["*", "**", "P*", "P?1", "*1"])
+def test_a_patient_retrieval_by_a_wildcard_is_a_query_error_that_never_quotes_it(
+    patient_id: str,
+) -> None:
+    with pytest.raises(QueryError, match="wildcard") as refused:
+        scope_for(identifier("PATIENT", PatientID=patient_id), Model.PATIENT_ROOT)
+    assert patient_id not in str(refused.value)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_wildcard_in_a_unique_key_above_the_level_is_a_query_error_not_dropped() -> None:
+    with pytest.raises(QueryError, match="wildcard"):
+        scope_for(identifier(PatientID="*", StudyInstanceUID=STUDY), Model.PATIENT_ROOT)
+    with pytest.raises(QueryError, match="not a UID"):
+        scope_for(
+            identifier("SERIES", StudyInstanceUID="*", SeriesInstanceUID=SERIES), Model.STUDY_ROOT
+        )
+
+
+def test_a_patient_retrieval_names_one_patient() -> None:
+    with pytest.raises(QueryError, match="one value"):
+        scope_for(identifier("PATIENT", PatientID=["P1", "P2"]), Model.PATIENT_ROOT)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_uid_range_in_a_retrieval_is_a_query_error() -> None:
+    with pytest.raises(QueryError, match="no wildcards or ranges"):
+        scope_for(identifier(StudyInstanceUID="1.2-1.3"), Model.STUDY_ROOT)
