@@ -278,6 +278,22 @@ class Spool:
             logger.warning("removed %d stale partial receive(s) from incoming/", removed)
         return removed
 
+    def sweep_quarantine(self, recorded: Iterable[str]) -> int:
+        """Delete quarantined copies (and notes) no quarantine row records; return how many
+        copies. Such a copy was moved in by a run that died, or failed to record it, before
+        its row was committed: outside the rows, no limit on the quarantine would count it."""
+        known = set(recorded)
+        removed = 0
+        for entry in os.scandir(self.quarantine_dir):
+            copy = f"{QUARANTINE}/{Path(entry.name).with_suffix('.dcm')}"
+            if copy not in known:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += entry.name.endswith(".dcm")
+        if removed:
+            logger.warning("removed %d quarantined file(s) no row records", removed)
+        return removed
+
     def sweep(self, referenced: Iterable[str]) -> int:
         """Delete files that were never acknowledged; return how many.
 

@@ -397,6 +397,11 @@ class Store:
             )
             return {path for (path,) in rows}
 
+    def quarantine_paths(self) -> set[str]:
+        """Return the path of every quarantined copy a row records."""
+        with self.read() as db:
+            return {path for (path,) in db.execute("SELECT path FROM quarantine")}
+
     def spool_paths(self) -> set[str]:
         """Return every spool path an instance row references, superseded ones included."""
         with self.read() as db:

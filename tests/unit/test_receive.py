@@ -293,3 +293,17 @@ def test_the_quarantine_keeps_within_quarantine_max_the_newest_first(
         assert sorted(p.read_bytes() for p in quarantined(spool)) == sorted(newest)
     finally:
         receiver.close()
+
+
+def test_the_start_up_sweep_removes_quarantined_files_no_row_records(
+    receiver: Receiver, spool: Spool, store: Store
+) -> None:
+    arrive(receiver, malformed())
+    kept = sorted(spool.quarantine_dir.iterdir())
+    # A run that died between moving a copy in and recording it, and a stray note.
+    (spool.quarantine_dir / "20260101T000000-0123456789ab.dcm").write_bytes(malformed())
+    (spool.quarantine_dir / "20260101T000000-0123456789ab.json").write_text("{}\n")
+    (spool.quarantine_dir / "20260101T000001-ba9876543210.json").write_text("{}\n")
+    assert spool.sweep_quarantine(store.quarantine_paths()) == 1
+    assert sorted(spool.quarantine_dir.iterdir()) == kept
+    assert len(kept) == 2  # the recorded copy and its note
