@@ -23,6 +23,7 @@ from agent.config import ConfigError, Peer, Settings, load_config
 from agent.daemon import CACHE, DATABASE, Daemon, StartupError
 from agent.dicom import peer_by_title
 from agent.dicomweb import DicomWeb
+from agent.dimse import Status
 from agent.health import job_document, render, render_jobs, snapshot
 from agent.importer import Imported, Importer, Source, Tally, collect
 from agent.pynetdicom_internals import quiet_identifiers
@@ -337,7 +338,7 @@ def _echo(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         assoc.release()
     elapsed = (time.monotonic() - started) * 1000
-    if not status or status.Status != 0:
+    if not status or status.Status != Status.SUCCESS:
         code = f"0x{status.Status:04X}" if status else "no response"
         raise CommandError(f"C-ECHO to {peer.ae_title} failed: {code}")
     print(f"C-ECHO to {peer.ae_title} at {peer.host}:{peer.port}: Success ({elapsed:.0f} ms)")

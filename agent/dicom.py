@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -34,6 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from agent import pynetdicom_internals as internals
 from agent.config import DicomSettings, Peer
 from agent.config.models import HOSTLESS_SERVICES
+from agent.dimse import RejectReason, RejectResult, RejectSource, Status
 from agent.pynetdicom_internals import quiet_identifiers
 
 logger = logging.getLogger(__name__)
@@ -50,26 +50,6 @@ QUERY_RETRIEVE_SOP_CLASSES = (
     StudyRootQueryRetrieveInformationModelGet,
 )
 """The Query/Retrieve services Dirigo offers (agent.serve answers them)."""
-
-
-class Status(IntEnum):
-    """DIMSE statuses Dirigo returns (PS3.4 B.2.3 for storage; 0xC2xx are ours, in the
-    'Cannot understand' range so senders treat them as permanent failures for that instance)."""
-
-    SUCCESS = 0x0000
-    OUT_OF_RESOURCES = 0xA700
-    MALFORMED_DATASET = 0xC210
-    MISSING_ATTRIBUTE = 0xC211
-    SOP_INSTANCE_MISMATCH = 0xC212
-    PROCESSING_FAILURE = 0x0110
-
-
-class RejectReason(IntEnum):
-    """A-ASSOCIATE-RJ diagnostics that Dirigo uses."""
-
-    CALLING_AE_NOT_RECOGNIZED = 0x03
-    LOCAL_LIMIT_EXCEEDED = 0x02
-    """With source 0x03 (service provider, presentation related function)."""
 
 
 @dataclass(frozen=True)
@@ -311,7 +291,12 @@ class Gate:
         admission = self.policy.admit(calling_ae, assoc.requestor.address)
         if not admission.accepted:
             logger.warning("rejected association: %s", admission.reason)
-            _reject(assoc, 0x01, 0x01, RejectReason.CALLING_AE_NOT_RECOGNIZED)
+            _reject(
+                assoc,
+                RejectResult.PERMANENT,
+                RejectSource.SERVICE_USER,
+                RejectReason.CALLING_AE_NOT_RECOGNIZED,
+            )
             return
         limit = self.settings.max_associations
         with self._lock:
@@ -328,7 +313,12 @@ class Gate:
                 calling_ae.strip(),
                 limit,
             )
-            _reject(assoc, 0x02, 0x03, RejectReason.LOCAL_LIMIT_EXCEEDED)
+            _reject(
+                assoc,
+                RejectResult.TRANSIENT,
+                RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                RejectReason.LOCAL_LIMIT_EXCEEDED,
+            )
             return
         if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
             assoc.dul.socket.socket.settimeout(self.settings.network_timeout)

@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.dicom import Status
+from agent.dimse import Status
 from agent.receive import Arrival, Receiver
 from agent.spool import Spool
 from agent.store import Outcome

@@ -21,6 +21,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.presentation import PresentationContext
 
+from agent.dimse import ContextResult
+
 _CONFIG_FLAGS = (
     "STORE_RECV_CHUNKED_DATASET",
     "UNRESTRICTED_STORAGE_SERVICE",
@@ -128,12 +130,12 @@ def _judged(negotiate: Callable[..., Any]) -> Callable[..., Any]:
         judge, report = judging
         reasons = []
         for cx in result:
-            reason = judge(cx) if cx.result == 0x00 else None
+            reason = judge(cx) if cx.result == ContextResult.ACCEPTANCE else None
             if reason is not None:
-                cx.result = 0x01
+                cx.result = ContextResult.USER_REJECTION
                 reasons.append(reason)
         if reasons:
-            kept = {cx.abstract_syntax for cx in result if cx.result == 0x00}
+            kept = {cx.abstract_syntax for cx in result if cx.result == ContextResult.ACCEPTANCE}
             reply_roles = [role for role in reply_roles if role.sop_class_uid in kept]
             report(reasons)
         return result, reply_roles

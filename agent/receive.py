@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 
 from agent.config import SpoolSettings
 from agent.config.units import format_duration, format_size
-from agent.dicom import Status
+from agent.dimse import Status
 from agent.instance import InstanceHeader, InvalidInstance, Problem, inspect
 from agent.spool import Spool
 from agent.store import NewInstance, Outcome, Store, StoreError

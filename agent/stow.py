@@ -31,6 +31,7 @@ import requests
 
 from agent.cloud import CloudError, Throttle, check_answer, unanswered
 from agent.connections import BUFFER_SIZE, PACED_BLOCK
+from agent.dimse import Status, describe, is_out_of_resources
 from agent.spool import SpoolFileError, open_received
 from agent.store.uploads import PartFile
 
@@ -42,41 +43,6 @@ FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
 FAILURE_REASON = "00081197"
 WARNING_REASON = "00081196"
-
-PROCESSING_FAILURE = 0x0110
-DUPLICATE_SOP_INSTANCE = 0x0111
-"""Refused as a duplicate: the archive already holds the instance, which is what we want."""
-_REASONS = {
-    0x0110: "processing failure",
-    0x0111: "duplicate SOP instance",
-    0x0112: "no such SOP instance",
-    0x0117: "invalid SOP instance",
-    0x0122: "SOP class not supported",
-    0x0124: "not authorized",
-    0x0210: "duplicate invocation",
-    0x0211: "unrecognized operation",
-    0x0212: "mistyped argument",
-    0x0213: "resource limitation",
-    0xA700: "out of resources",
-    0xA900: "data set does not match SOP class",
-    0xB000: "coercion of data elements",
-    0xB006: "elements discarded",
-    0xB007: "data set does not match SOP class",
-    0xC000: "cannot understand",
-    0xC122: "referenced transfer syntax not supported",
-}
-
-
-def describe(code: int) -> str:
-    """Return a DICOM status as `0x0110 (processing failure)`."""
-    name = _REASONS.get(code) or ("out of resources" if code & 0xFF00 == 0xA700 else None)
-    return f"0x{code:04X}" + (f" ({name})" if name else "")
-
-
-def transient(code: int) -> bool:
-    """Return True if an instance refused with `code` may be stored if sent again later: the
-    archive was out of resources. Anything else is about the instance and will not change."""
-    return code == 0x0213 or code & 0xFF00 == 0xA700
 
 
 @dataclass(frozen=True)
@@ -94,7 +60,7 @@ class StowAnswer:
         duplicates), and the error for the rest, if any: retryable when every one was refused
         for a transient reason, or went unmentioned in a successful answer."""
         held = {uid for uid in sent if uid in self.stored}
-        held |= {uid for uid in sent if self.failed.get(uid) == DUPLICATE_SOP_INSTANCE}
+        held |= {uid for uid in sent if self.failed.get(uid) == Status.DUPLICATE_SOP_INSTANCE}
         refused = {
             uid: code for uid, code in self.failed.items() if uid in sent and uid not in held
         }
@@ -110,7 +76,7 @@ class StowAnswer:
             f"the archive did not store {len(problems)} of {len(sent)} instance(s)"
             f" (HTTP {self.status}): {shown}"
         )
-        retryable = all(transient(code) for code in refused.values()) and (
+        retryable = all(is_out_of_resources(code) for code in refused.values()) and (
             not unmentioned or 200 <= self.status < 300
         )
         return held, CloudError(message, retryable=retryable, status=self.status)
@@ -140,7 +106,7 @@ def parse_answer(status: int, body: bytes) -> StowAnswer:
         uid = _first(item, REFERENCED_SOP_INSTANCE_UID)
         if isinstance(uid, str):
             reason = _first(item, FAILURE_REASON)
-            failed[uid.strip()] = reason if isinstance(reason, int) else PROCESSING_FAILURE
+            failed[uid.strip()] = reason if isinstance(reason, int) else Status.PROCESSING_FAILURE
     return StowAnswer(status, frozenset(stored), failed, warnings)
 
 

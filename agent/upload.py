@@ -36,6 +36,7 @@ from agent.cloud import CloudError, OffsetConflict, TusClient, UploadGone
 from agent.config import Settings
 from agent.confirm import check_held
 from agent.dicomweb import DicomWeb
+from agent.dimse import describe
 from agent.pack import Compression, PackError, PartInfo, pack, sent_hashes
 from agent.retry import Backoff
 from agent.spool import Spool, SpoolFileError
@@ -319,7 +320,7 @@ class Uploader:
             stored, error = answer.verdict({f.sop_instance_uid for f in batch})
             self.store.uploads.record_stored(job.study_id, stored, job.lease, self.clock())
             for uid, warning in answer.warnings.items():
-                logger.warning("instance %s stored with warning %s", uid, stow.describe(warning))
+                logger.warning("instance %s stored with warning %s", uid, describe(warning))
             if error is not None:
                 raise error
             logger.info(

@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -41,6 +40,7 @@ from agent.cloud import CloudError, UploadGone
 from agent.config import Peer, Settings
 from agent.dicom import peer_by_title, tune
 from agent.dicomweb import DicomWeb, IncompleteListing
+from agent.dimse import QRStatus
 from agent.serve.query import (
     MODELS,
     InstanceRef,
@@ -60,23 +60,6 @@ logger = logging.getLogger(__name__)
 
 _MISSING_CLASS = "Unable to send the dataset as one or more required element are missing"
 """How pynetdicom's C-STORE refuses a dataset without SOP Class UID (see `_failed_marker`)."""
-
-
-class QRStatus(IntEnum):
-    """Query/Retrieve statuses Dirigo answers with (PS3.4 C.4; 0xC0Dx are ours)."""
-
-    SUCCESS = 0x0000
-    PENDING = 0xFF00
-    CANCEL = 0xFE00
-    SUB_OPERATIONS_FAILED = 0xB000
-    FIND_OUT_OF_RESOURCES = 0xA700
-    CANNOT_COUNT_MATCHES = 0xA701
-    CANNOT_PERFORM_SUB_OPERATIONS = 0xA702
-    MOVE_DESTINATION_UNKNOWN = 0xA801
-    IDENTIFIER_MISMATCH = 0xA900
-    UNABLE_TO_PROCESS = 0xC000
-    NOT_CONFIGURED = 0xC0D1
-    CLOUD_REFUSED = 0xC0D2
 
 
 @dataclass(frozen=True)

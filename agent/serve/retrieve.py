@@ -32,6 +32,7 @@ from pynetdicom.association import Association
 from agent.cloud import CloudError, UploadGone
 from agent.dicom import tune
 from agent.dicomweb import DicomWeb
+from agent.dimse import STORAGE_WARNINGS, Status
 from agent.serve.cache import InstanceCache, NotDicom
 from agent.serve.query import InstanceRef, Scope, instance_ref, instance_search
 from agent.serve.syntax import Accepted, Action, accepted_by, decompress, plan, proposals
@@ -322,9 +323,9 @@ def _send(assoc: Association, item: Ready, result: Pushed) -> None:
         result.failures.append(f"{uid}: {exc}")
         return
     code = int(getattr(status, "Status", -1)) if status else -1
-    if code == 0:
+    if code == Status.SUCCESS:
         result.completed += 1
-    elif code in (0xB000, 0xB006, 0xB007):
+    elif code in STORAGE_WARNINGS:
         result.warnings += 1
     else:
         answer = f"status 0x{code:04X}" if code >= 0 else "no answer"

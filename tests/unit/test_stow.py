@@ -11,6 +11,7 @@ import pytest
 from pydicom import dcmread
 
 from agent.cloud import Throttle
+from agent.dimse import describe, is_out_of_resources
 from agent.spool import SpoolFileError
 from agent.store.uploads import PartFile
 from agent.stow import (
@@ -19,9 +20,7 @@ from agent.stow import (
     StowAnswer,
     batches,
     check_file,
-    describe,
     parse_answer,
-    transient,
 )
 from tests.support import datasets
 
@@ -193,7 +192,7 @@ def test_reasons_are_named_and_only_resource_shortages_are_transient() -> None:
     assert describe(0xA900) == "0xA900 (data set does not match SOP class)"
     assert describe(0xA7FF) == "0xA7FF (out of resources)"
     assert describe(0x1234) == "0x1234"
-    assert [transient(c) for c in (0xA700, 0xA7FF, 0x0213, 0x0110, 0xC000, 0xA900)] == [
+    assert [is_out_of_resources(c) for c in (0xA700, 0xA7FF, 0x0213, 0x0110, 0xC000, 0xA900)] == [
         True,
         True,
         True,
