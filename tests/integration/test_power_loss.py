@@ -273,7 +273,7 @@ def test_power_lost_while_packing_loses_nothing_and_the_cloud_gets_each_instance
 def test_power_lost_while_uploading_loses_nothing_and_the_cloud_gets_each_instance_once(
     tmp_path: Path, disk: LazyFS, study: list[Path], rng: random.Random
 ) -> None:
-    fraction = rng.uniform(0.05, 0.95)
+    fraction = rng.uniform(0.05, 0.9)
 
     def uploaded_so_far() -> int:
         found = cloud.tus.uploads()
@@ -283,7 +283,8 @@ def test_power_lost_while_uploading_loses_nothing_and_the_cloud_gets_each_instan
             raise PeerExited("the part was uploaded before the cut")
         return found[0].offset if found[0].offset >= fraction * found[0].size else 0
 
-    # At most 8 MB/s: the ~15 MB bundle takes about two seconds, time enough to cut anywhere.
+    # At most 8 MB/s: the ~15 MB bundle takes about two seconds, and the cut leaves at least a
+    # tenth of it (~190 ms) for a poll that a loaded machine delays to land in time.
     with (
         DevCloud(tmp_path / "cloud") as cloud,
         cloud_agent(disk, cloud, max_bandwidth="8MB") as agent,
