@@ -362,7 +362,8 @@ def _retrieve(settings: Settings, args: argparse.Namespace) -> int:
     _check_owner(settings.data_dir, "retrieve")
     cache_dir = settings.data_dir / CACHE
     try:
-        cache = InstanceCache(cache_dir, settings.serve.cache_size).open()
+        spool = Spool(settings.data_dir, settings.spool.high_water)
+        cache = InstanceCache(cache_dir, settings.serve.cache_size, spool.above_high_water).open()
     except OSError as exc:
         raise CommandError(f"cannot prepare the cache {cache_dir}: {exc}") from exc
     dicomweb = DicomWeb.open(settings.cloud)

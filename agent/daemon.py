@@ -147,7 +147,9 @@ class Daemon:
             return None
         cache_dir = self.settings.data_dir / CACHE
         try:
-            cache = InstanceCache(cache_dir, self.settings.serve.cache_size).open()
+            cache = InstanceCache(
+                cache_dir, self.settings.serve.cache_size, self.spool.above_high_water
+            ).open()
         except OSError as exc:
             raise StartupError(f"cannot prepare the cache {cache_dir}: {exc}") from exc
         return Retriever(dicomweb, cache, self.settings.serve.page_size)
@@ -201,9 +203,9 @@ class Daemon:
         return workers
 
     def housekeeping(self, now: float) -> None:
-        """Close quiet studies, return expired job leases, revive dead upload workers, apply
-        the spool's retention, bound the quarantine and settle the files of failed commits;
-        at most once a second."""
+        """Close quiet studies, return expired job leases, revive dead upload workers, empty
+        the instance cache while the disk is above high water, apply the spool's retention,
+        bound the quarantine and settle the files of failed commits; at most once a second."""
         if now < self._next_housekeeping or self.store is None:
             return
         self._next_housekeeping = now + 1.0
@@ -215,6 +217,8 @@ class Daemon:
         self.store.jobs.requeue_expired(now)
         if self.workers is not None:
             self.workers.revive()
+        if self.query_retrieve is not None and self.query_retrieve.retriever is not None:
+            self.query_retrieve.retriever.cache.trim()  # a full disk empties the cache first
         purge(self.settings, self.store, self.spool, now)
         if self.receiver is not None:
             self.receiver.housekeeping(now)

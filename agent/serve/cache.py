@@ -3,27 +3,35 @@
 Each instance is written to a temporary name, fsynced and renamed into place (then its directory
 is fsynced), so a file under its final name is always whole: a crash leaves at most a temporary
 file, which the next start removes. A retrieval that was interrupted finds what it already
-fetched and resumes from there. When the cache passes its size limit, the least recently used
-files go first (their modification time records their last use, so the order survives a
-restart); files in use by a retrieval in progress are kept.
+fetched and resumes from there.
 
-Several processes may share the directory (the agent and `dirigo retrieve`): each keeps its own
-index of it, and a file another removed is simply fetched again.
+Several processes share the directory (the agent and `dirigo retrieve`), and with it one index
+and one limit: `index.sqlite` beside the files records each file's size and last use, and every
+change to the files and the index happens in one IMMEDIATE transaction, so one process sees what
+the other placed or removed, and the limit holds for both together. The index is only an index:
+each open rebuilds it from the files (their modification time records their last use, so the
+order survives a restart). A file in use is held by a shared `flock` on it; eviction takes only
+the files it can lock exclusively, so neither process removes what the other is sending, and a
+hold ends with its process however that ends.
+
+When the cache passes its size limit, or the disk passes `spool.high_water` (`pressure`), the
+least recently used files not in use go first: the spool's intake and uploads matter more than
+a copy the archive still holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import secrets
+import sqlite3
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,58 +41,83 @@ logger = logging.getLogger(__name__)
 
 SUFFIX = ".dcm"
 PARTIAL = ".partial"
+INDEX = "index.sqlite"
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _PREAMBLE = 128
+_BUSY_MS = 60_000
+"""How long one process waits for the other's transaction on the index."""
+_SCHEMA = "CREATE TABLE IF NOT EXISTS entries (uid TEXT PRIMARY KEY, size INTEGER, used REAL)"
 
 
 class NotDicom(ValueError):
     """What was fetched is not a DICOM Part-10 file."""
 
 
-@dataclass
-class _Entry:
-    size: int
-    used: float
-
-
 class InstanceCache:
-    """Instances under `root` (`root/ab/UID.dcm`), at most `limit` bytes of them (more only
-    while files in use need it). Thread-safe."""
+    """Instances under `root` (`root/ab/UID.dcm`), at most `limit` bytes of them across every
+    process using `root` (more only while files in use need it), fewer while `pressure()` says
+    the disk is too full. Thread-safe."""
 
-    def __init__(self, root: Path, limit: int) -> None:
+    def __init__(self, root: Path, limit: int, pressure: Callable[[], bool] | None = None) -> None:
         self.root = root
         self.limit = limit
+        self.pressure = pressure or (lambda: False)
         self._lock = threading.Lock()
-        self._entries: dict[str, _Entry] = {}
-        self._pins: Counter[str] = Counter()
-        self._total = 0
+        self._db: sqlite3.Connection | None = None
+        self._holds: dict[str, tuple[int, int]] = {}
+        """Per instance in use here: the descriptor holding its shared lock, and how many
+        uses."""
 
     def open(self) -> InstanceCache:
-        """Create the directory if needed, remove temporary files a crash left, index the
-        instances present and trim to the limit. Raise OSError if the directory is unusable."""
+        """Create the directory if needed, remove temporary files a crashed process left,
+        rebuild the index from the files present and trim to the limit. Raise OSError if the
+        directory or its index is unusable."""
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
-        for leftover in (self.root / "tmp").glob("*" + PARTIAL):
-            leftover.unlink(missing_ok=True)
-        entries: dict[str, _Entry] = {}
-        for path in self.root.glob("??/*" + SUFFIX):
-            with contextlib.suppress(FileNotFoundError):
-                stat = path.stat()
-                entries[path.name.removesuffix(SUFFIX)] = _Entry(stat.st_size, stat.st_mtime)
-        with self._lock:
-            self._entries = entries
-            self._total = sum(entry.size for entry in entries.values())
-            self._evict()
+        try:
+            db = sqlite3.connect(
+                self.root / INDEX,
+                timeout=_BUSY_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # an index rebuilt at each open
+            db.execute(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise OSError(f"cannot open the cache index {self.root / INDEX}: {exc}") from exc
+        self._db = db
+        with self._lock, self._transaction() as index:
+            _remove_orphans(self.root / "tmp")
+            index.execute("DELETE FROM entries")
+            for path in self.root.glob("??/*" + SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    stat = path.stat()
+                    index.execute(
+                        "INSERT OR REPLACE INTO entries VALUES (?, ?, ?)",
+                        (path.name.removesuffix(SUFFIX), stat.st_size, stat.st_mtime),
+                    )
+            self._evict(index)
         return self
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _uses in self._holds.values():
+                os.close(fd)
+            self._holds.clear()
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     @property
     def size(self) -> int:
-        """Bytes the cache holds, as far as this process knows."""
-        with self._lock:
-            return self._total
+        """Bytes the cache holds, in every process's files."""
+        with self._lock, self._transaction() as index:
+            return _total(index)
 
     def __contains__(self, sop_instance_uid: str) -> bool:
-        with self._lock:
-            return sop_instance_uid in self._entries
+        with self._lock, self._transaction() as index:
+            row = index.execute("SELECT 1 FROM entries WHERE uid = ?", (sop_instance_uid,))
+            return row.fetchone() is not None
 
     def path(self, sop_instance_uid: str) -> Path:
         """Return where the instance is (or would be) kept. Raise ValueError if the UID is not
@@ -95,20 +128,20 @@ class InstanceCache:
         return self.root / fan / (sop_instance_uid + SUFFIX)
 
     def get(self, sop_instance_uid: str) -> Path | None:
-        """Return the cached file of an instance, marked used and kept from eviction until
-        `release`, or None if it is not here."""
+        """Return the cached file of an instance, marked used and kept from eviction (in every
+        process) until `release`, or None if it is not here."""
         path = self.path(sop_instance_uid)
         now = time.time()
-        with self._lock:
-            self._forget(sop_instance_uid)
-            try:
-                os.utime(path, (now, now))
-                size = path.stat().st_size
-            except FileNotFoundError:
+        with self._lock, self._transaction() as index:
+            if not self._hold(sop_instance_uid, path):
+                index.execute("DELETE FROM entries WHERE uid = ?", (sop_instance_uid,))
                 return None
-            self._entries[sop_instance_uid] = _Entry(size, now)
-            self._total += size
-            self._pins[sop_instance_uid] += 1
+            fd, _uses = self._holds[sop_instance_uid]
+            os.utime(fd, (now, now))
+            size = os.fstat(fd).st_size
+            index.execute(
+                "INSERT OR REPLACE INTO entries VALUES (?, ?, ?)", (sop_instance_uid, size, now)
+            )
         return path
 
     def put(self, sop_instance_uid: str, write: Callable[[BinaryIO], object]) -> Path:
@@ -118,58 +151,150 @@ class InstanceCache:
         final = self.path(sop_instance_uid)
         temporary = self.root / "tmp" / f"{sop_instance_uid}.{secrets.token_hex(4)}{PARTIAL}"
         try:
-            with temporary.open("xb") as out:
+            with temporary.open("x+b") as out:
+                fcntl.flock(out.fileno(), fcntl.LOCK_SH)  # not an orphan while it is written
                 write(out)
                 out.flush()
                 os.fsync(out.fileno())
                 size = out.tell()
-            _check_part10(temporary)
-            final.parent.mkdir(exist_ok=True)
-            os.replace(temporary, final)
+                if os.pread(out.fileno(), 4, _PREAMBLE) != b"DICM":
+                    raise NotDicom("the archive's answer is not a DICOM Part-10 file")
+                final.parent.mkdir(exist_ok=True)
+                with self._lock, self._transaction() as index:
+                    os.replace(temporary, final)
+                    fsync_directory(final.parent)
+                    if not self._hold(sop_instance_uid, final):
+                        raise FileNotFoundError(f"{final} vanished as it was placed")
+                    index.execute(
+                        "INSERT OR REPLACE INTO entries VALUES (?, ?, ?)",
+                        (sop_instance_uid, size, time.time()),
+                    )
+                    self._evict(index)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        fsync_directory(final.parent)
-        with self._lock:
-            self._forget(sop_instance_uid)
-            self._entries[sop_instance_uid] = _Entry(size, time.time())
-            self._total += size
-            self._pins[sop_instance_uid] += 1
-            self._evict()
         return final
 
     def release(self, sop_instance_uid: str) -> None:
         """End the hold `get` or `put` took on an instance; it may be evicted again."""
         with self._lock:
-            self._pins[sop_instance_uid] -= 1
-            if self._pins[sop_instance_uid] <= 0:
-                del self._pins[sop_instance_uid]
-            self._evict()
+            fd, uses = self._holds.get(sop_instance_uid, (-1, 0))
+            if uses > 1:
+                self._holds[sop_instance_uid] = (fd, uses - 1)
+                return
+            if fd >= 0:
+                del self._holds[sop_instance_uid]
+                os.close(fd)
+            with self._transaction() as index:
+                self._evict(index)
 
-    def _forget(self, sop_instance_uid: str) -> None:
-        entry = self._entries.pop(sop_instance_uid, None)
-        if entry is not None:
-            self._total -= entry.size
+    def trim(self) -> None:
+        """Evict what the limit or the disk's pressure asks for (the agent's housekeeping calls
+        this, so a full disk empties the cache before anything else)."""
+        try:
+            with self._lock, self._transaction() as index:
+                self._evict(index)
+        except OSError as exc:
+            logger.warning("could not trim the cache %s: %s", self.root, exc)
 
-    def _evict(self) -> None:
-        """Remove least recently used instances not in use until the total fits the limit."""
-        if self._total <= self.limit:
+    # --- under self._lock ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Yield the index inside an IMMEDIATE transaction: the other processes wait until it
+        ends. Committed when the block ends, rolled back if it raises."""
+        if self._db is None:
+            raise OSError(f"the cache {self.root} is not open")
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise OSError(f"the cache index is unavailable: {exc}") from exc
+        try:
+            yield db
+        except sqlite3.Error as exc:
+            db.execute("ROLLBACK")
+            raise OSError(f"the cache index failed: {exc}") from exc
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise OSError(f"the cache index failed: {exc}") from exc
+
+    def _hold(self, uid: str, path: Path) -> bool:
+        """Take (or add to) this process's shared lock on the instance's file; return False if
+        there is no file."""
+        fd, uses = self._holds.get(uid, (-1, 0))
+        if fd >= 0:
+            self._holds[uid] = (fd, uses + 1)
+            return True
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_SH)  # an evictor holds its exclusive lock only to unlink
+        if os.fstat(fd).st_nlink == 0:  # evicted just before the lock was ours
+            os.close(fd)
+            return False
+        self._holds[uid] = (fd, 1)
+        return True
+
+    def _evict(self, index: sqlite3.Connection) -> None:
+        """Remove least recently used instances not in use, in any process, until the total
+        fits the limit and the disk is no longer under pressure."""
+        total = _total(index)
+        pressed = self.pressure()
+        if total <= self.limit and not pressed:
             return
-        for uid, _entry in sorted(self._entries.items(), key=lambda item: item[1].used):
-            if self._total <= self.limit:
+        rows = index.execute("SELECT uid, size FROM entries ORDER BY used").fetchall()
+        for uid, size in rows:
+            if total <= self.limit and not pressed:
                 break
-            if self._pins[uid]:
+            if uid in self._holds or not self._remove_unused(uid):
                 continue
+            index.execute("DELETE FROM entries WHERE uid = ?", (uid,))
+            total -= size
+            if pressed:
+                pressed = self.pressure()
+
+    def _remove_unused(self, uid: str) -> bool:
+        """Unlink the instance's file unless a process holds it; return True if it is gone."""
+        path = self.path(uid)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        try:
             try:
-                self.path(uid).unlink(missing_ok=True)
-            except OSError as exc:
-                logger.warning("could not remove cached instance %s: %s", uid, exc)
-                continue
-            self._forget(uid)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # in use by another process
+            path.unlink(missing_ok=True)
+            return True
+        except OSError as exc:
+            logger.warning("could not remove cached instance %s: %s", uid, exc)
+            return False
+        finally:
+            os.close(fd)
 
 
-def _check_part10(path: Path) -> None:
-    with path.open("rb") as f:
-        f.seek(_PREAMBLE)
-        if f.read(4) != b"DICM":
-            raise NotDicom("the archive's answer is not a DICOM Part-10 file")
+def _total(index: sqlite3.Connection) -> int:
+    return int(index.execute("SELECT COALESCE(SUM(size), 0) FROM entries").fetchone()[0])
+
+
+def _remove_orphans(tmp: Path) -> None:
+    """Remove the temporary files no running put holds (their process died mid-write)."""
+    for leftover in tmp.glob("*" + PARTIAL):
+        try:
+            fd = os.open(leftover, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            leftover.unlink(missing_ok=True)
+        except BlockingIOError:
+            continue  # another process is writing it
+        finally:
+            os.close(fd)

@@ -124,3 +124,71 @@ def test_only_uids_become_file_names(tmp_path: Path, bad: str) -> None:
     cache = InstanceCache(tmp_path / "cache", 10_000).open()
     with pytest.raises(ValueError, match="not a UID"):
         cache.path(bad)
+
+
+# --- two processes, one limit; the disk's high-water mark --------------------------------------
+# Two InstanceCache objects on one directory behave as two processes do: each has its own
+# connection to the index and its own open files, hence its own locks.
+
+
+def test_two_caches_on_one_directory_share_one_limit(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    agent, command = InstanceCache(root, 2500).open(), InstanceCache(root, 2500).open()
+    put(agent, UID1)
+    put(command, UID2)
+    put(agent, UID3)
+    on_disk = sum(p.stat().st_size for p in root.glob("??/*.dcm"))
+    assert on_disk <= 2500
+    assert not agent.path(UID1).exists()
+    assert agent.size == command.size == on_disk
+
+
+def test_an_instance_one_process_holds_is_never_evicted_by_the_other(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    agent = InstanceCache(root, 10_000).open()
+    path = agent.put(UID1, writer(part10(1000)))  # held: being sent
+    command = InstanceCache(root, 0).open()  # trims to nothing at open
+    assert path.exists()
+    agent.release(UID1)
+    command.trim()
+    assert not path.exists() and command.size == 0
+
+
+def test_a_put_in_progress_survives_another_process_opening_the_cache(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    agent = InstanceCache(root, 10_000).open()
+
+    def write_while_another_opens(out: BinaryIO) -> None:
+        out.write(part10(1000))
+        InstanceCache(root, 10_000).open()  # removes what crashed processes left, not this
+
+    path = agent.put(UID1, write_while_another_opens)
+    assert path.read_bytes() == part10(1000)
+
+
+def test_above_high_water_the_cache_evicts_first_and_keeps_only_what_is_in_use(
+    tmp_path: Path,
+) -> None:
+    full = [False]
+    cache = InstanceCache(tmp_path / "cache", 10_000, pressure=lambda: full[0]).open()
+    put(cache, UID1)
+    put(cache, UID2)
+    full[0] = True
+    path = cache.put(UID3, writer(part10(1000)))
+    assert UID1 not in cache and UID2 not in cache
+    assert path.exists(), "held for the retrieval that fetched it"
+    cache.release(UID3)
+    assert not path.exists() and cache.size == 0
+
+
+def test_housekeeping_empties_the_cache_while_the_disk_is_above_high_water(
+    tmp_path: Path,
+) -> None:
+    full = [False]
+    cache = InstanceCache(tmp_path / "cache", 10_000, pressure=lambda: full[0]).open()
+    put(cache, UID1)
+    cache.trim()
+    assert UID1 in cache
+    full[0] = True
+    cache.trim()
+    assert UID1 not in cache and not cache.path(UID1).exists()
