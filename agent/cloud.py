@@ -1,19 +1,27 @@
-"""HTTP mechanism for the state cloud: a tus 1.0 client, QIDO-RS listing, auth, and the one place
-where network and HTTP failures are classified as retryable or not.
+"""HTTP mechanism for the state cloud: the one HTTP edge (`CloudHttp`) that tus, DICOMweb and
+STOW-RS all speak through, and the tus 1.0 client on it.
+
+`CloudHttp` holds what every request to the cloud shares: the session (trust, client
+certificate, token: `build_session`), the timeout, the bandwidth budget (`Throttle`), and the
+one place where network and HTTP failures are classified as retryable or not (`check_answer`,
+`unanswered`). A caller names the statuses other than 2xx it reads itself (`accept`: 409 for
+tus, whose offset conflict is an answer; 400 and 409 for STOW-RS, which list per-instance
+reasons); every other status becomes a CloudError.
 
 Our own small tus client on requests rather than tuspy: tuspy keeps offsets in memory and pulls
 in aiohttp, while Dirigo must commit every offset to SQLite and validate the server's offset on
 resume (it never trusts an offset it did not send). The client speaks core, creation,
 termination and, when the server advertises it, checksum (sha256 per PATCH).
 
-Every request goes through requests except the PATCH, which carries nearly all the bytes: it is
-sent from the bundle file itself (`agent.connections`: `sendfile` on plain TCP, one reused buffer
-over TLS) on a kept-alive connection per worker thread, with the session's headers, token, trust
-and client certificate. requests cannot send a file without copying it through Python, and that
-copy kept uploads well below the server's own ceiling (docs/performance.md). When requests would
-reach the cloud through a proxy (the session's or the environment's, as requests reads them),
-the PATCH goes through requests after all, its body streamed from the file, so a site behind a
-proxy works as before. Either way its answer is classified by the same function, `check_answer`.
+Every request goes through requests except a file range sent as a body (the tus PATCH, which
+carries nearly all the bytes): `CloudHttp.send_range` sends it from the file itself
+(`agent.connections`: `sendfile` on plain TCP, one reused buffer over TLS) on a kept-alive
+connection per worker thread, with the session's headers, token, trust and client certificate.
+requests cannot send a file without copying it through Python, and that copy kept uploads well
+below the server's own ceiling (docs/performance.md). When requests would reach the cloud
+through a proxy (the session's or the environment's, as requests reads them), the range goes
+through requests after all, streamed from the file, so a site behind a proxy works as before.
+Either way its answer is classified by the same function, `check_answer`.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
@@ -40,9 +48,9 @@ import requests
 from agent.config import CloudSettings, redact_url
 from agent.connections import (
     BUFFER_SIZE,
+    Answer,
     Connections,
     FileEnded,
-    Pace,
     RangeBody,
     Tls,
     check_range,
@@ -55,6 +63,12 @@ logger = logging.getLogger(__name__)
 TUS_VERSION = "1.0.0"
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 460, 500, 502, 503, 504})
 _GONE_STATUS = frozenset({404, 410})
+_TUS = frozenset({409})
+"""What tus reads itself: a 409 is the server's offset differing from the PATCH's."""
+
+Body = RangeBody | Iterable[bytes | memoryview]
+"""A request body streamed block by block, of known length (`len()`): sent with a
+Content-Length, never held whole."""
 
 
 class CloudError(Exception):
@@ -172,28 +186,150 @@ class Throttle:
             time.sleep(wait)
 
 
-class TusClient:
-    """One tus endpoint. Thread-safe: each call is one request, on the shared session or, for a
-    PATCH, on the calling thread's own kept-alive connection.
+class CloudHttp:
+    """The HTTP edge to the cloud: one session, timeout and bandwidth budget, and every request
+    classified alike. Thread-safe: requests share the session; a file range goes on the
+    calling thread's own kept-alive connection.
 
-    `direct=False` sends every PATCH through requests, as when a proxy applies (for tests).
+    `direct=False` sends every file range through requests, as when a proxy applies (tests).
     """
 
     def __init__(
         self,
         session: requests.Session,
-        endpoint: str,
         timeout: float,
         throttle: Throttle | None = None,
         *,
         direct: bool = True,
     ) -> None:
         self.session = session
-        self.endpoint = endpoint
         self.timeout = timeout
         self.throttle = throttle or Throttle(None)
         self.direct = direct
         self._connections = Connections(timeout)
+
+    @classmethod
+    def open(cls, settings: CloudSettings, throttle: Throttle | None = None) -> CloudHttp:
+        """Return the edge with the configured trust, certificate, token and timeout. Raise
+        CloudConfigError if a file the settings name cannot be read."""
+        return cls(build_session(settings), settings.timeout, throttle)
+
+    def send(
+        self,
+        method: str,
+        url: str,
+        action: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        data: Body | None = None,
+        accept: Collection[int] = (),
+        stream: bool = False,
+    ) -> requests.Response:
+        """Make one request with requests; return the response if its status is 2xx or one of
+        `accept`. Raise CloudError, classified as `check_answer` and `unanswered` say. With
+        `stream`, the body is read as the caller iterates over it, never whole."""
+        try:
+            response = self.session.request(
+                method,
+                url,
+                headers=headers,
+                # urllib3 sends each block (a memoryview of a reused buffer) as it is, uncopied
+                data=cast("Iterable[bytes] | None", data),
+                timeout=self.timeout,
+                allow_redirects=method in ("GET", "HEAD", "OPTIONS"),
+                stream=stream,
+                # Explicit: requests lets REQUESTS_CA_BUNDLE and friends in the environment
+                # override a session's own trust settings, and cloud.ca_file must win.
+                verify=self.session.verify,
+                cert=self.session.cert,
+            )
+        except requests.exceptions.RequestException as exc:
+            raise unanswered(action, url, exc) from None
+        check_answer(
+            method,
+            url,
+            action,
+            response.status_code,
+            response.reason,
+            response.headers,
+            lambda: response.text,
+            accept,
+        )
+        return response
+
+    def send_range(
+        self,
+        method: str,
+        url: str,
+        action: str,
+        headers: Mapping[str, str],
+        body: tuple[io.BufferedIOBase, int, int],
+        accept: Collection[int] = (),
+    ) -> Answer:
+        """Send bytes [offset, offset + length) of the file in `body` = (f, offset, length) as
+        the request's body, paid for at the throttle; return the answer (its status 2xx or one
+        of `accept`). Raise CloudError as `send` does, FileEnded (an OSError: a local fault)
+        if the file is shorter than the range."""
+        f, offset, length = body
+        pace = self.throttle.take if self.throttle.rate else None
+        # Two ways: our own connection sends the range straight from the file (sendfile),
+        # which requests cannot; through a proxy, requests does the talking (CONNECT, proxy
+        # credentials), reading the range through one buffer as it sends.
+        tls = self._direct_tls(url)
+        if tls is None:
+            data = RangeBody(f, offset, length, pace)
+            response = self.send(method, url, action, headers=headers, data=data, accept=accept)
+            return Answer(response.status_code, response.reason, response.headers, "")
+        try:
+            # requests prepares the headers as for any request: the session's (User-Agent,
+            # token), credentials in the URL or .netrc, cookies.
+            prepared = self.session.prepare_request(
+                requests.Request(method, url, headers=dict(headers))
+            )
+            prepared.headers["Content-Length"] = str(length)
+            assert prepared.url is not None
+            answer = self._connections.send(method, prepared.url, prepared.headers, body, pace, tls)
+        except FileEnded:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            raise unanswered(action, url, exc) from None
+        check_answer(
+            method,
+            url,
+            action,
+            answer.status,
+            answer.reason,
+            answer.headers,
+            lambda: answer.text,
+            accept,
+        )
+        return answer
+
+    def close(self) -> None:
+        """Close the calling thread's own connections (another thread's go when it ends)."""
+        self._connections.close()
+
+    def _direct_tls(self, url: str) -> Tls | None:
+        """Return the trust settings requests would use for `url`, or None if it would go
+        through a proxy (set in the session or, with trust_env, in the environment)."""
+        if not self.direct:
+            return None
+        session = self.session
+        # What requests itself does per request: environment proxies (minus NO_PROXY) over
+        # the session's, and REQUESTS_CA_BUNDLE where the session trusts the default bundle.
+        settings = session.merge_environment_settings(url, {}, None, session.verify, session.cert)
+        if requests.utils.select_proxy(url, settings["proxies"]):
+            return None
+        verify = settings["verify"]
+        return Tls(verify if isinstance(verify, str) else bool(verify), settings["cert"])
+
+
+class TusClient:
+    """One tus endpoint on the cloud's HTTP edge. Thread-safe: each call is one request."""
+
+    def __init__(self, http: CloudHttp, endpoint: str) -> None:
+        self.http = http
+        self.endpoint = endpoint
         self._capabilities: Capabilities | None = None
 
     def capabilities(self) -> Capabilities:
@@ -272,21 +408,14 @@ class TusClient:
         headers = {
             "Upload-Offset": str(offset),
             "Content-Type": "application/offset+octet-stream",
+            "Tus-Resumable": TUS_VERSION,
         }
         if self.capabilities().sha256_checksums:
             headers["Upload-Checksum"] = f"sha256 {_range_sha256(f, offset, length)}"
-        pace = self.throttle.take if self.throttle.rate else None
-        # Two ways: our own connection sends the range straight from the file (sendfile),
-        # which requests cannot; through a proxy, requests does the talking (CONNECT, proxy
-        # credentials), reading the range through one buffer as it sends.
-        tls = self._direct_tls(url)
-        answer: Mapping[str, str]
-        if tls is None:
-            body = RangeBody(f, offset, length, pace)
-            answer = self._request("PATCH", url, "send a chunk", headers=headers, data=body).headers
-        else:
-            answer = self._patch_direct(url, headers, (f, offset, length), pace, tls)
-        new_offset = _int_or_none(answer.get("Upload-Offset"))
+        action = "send a chunk"
+        answer = self.http.send_range("PATCH", url, action, headers, (f, offset, length), _TUS)
+        _no_conflict(answer.status, action)
+        new_offset = _int_or_none(answer.headers.get("Upload-Offset"))
         if new_offset is None:
             raise CloudError("the tus server answered PATCH without Upload-Offset", retryable=True)
         return new_offset
@@ -300,64 +429,15 @@ class TusClient:
 
     def close(self) -> None:
         """Close the calling thread's PATCH connections (another thread's go when it ends)."""
-        self._connections.close()
-
-    def _direct_tls(self, url: str) -> Tls | None:
-        """Return the trust settings requests would use for `url`, or None if it would go
-        through a proxy (set in the session or, with trust_env, in the environment)."""
-        if not self.direct:
-            return None
-        session = self.session
-        # What requests itself does per request: environment proxies (minus NO_PROXY) over
-        # the session's, and REQUESTS_CA_BUNDLE where the session trusts the default bundle.
-        settings = session.merge_environment_settings(url, {}, None, session.verify, session.cert)
-        if requests.utils.select_proxy(url, settings["proxies"]):
-            return None
-        verify = settings["verify"]
-        return Tls(verify if isinstance(verify, str) else bool(verify), settings["cert"])
-
-    def _patch_direct(
-        self,
-        url: str,
-        headers: Mapping[str, str],
-        body: tuple[io.BufferedIOBase, int, int],
-        pace: Pace | None,
-        tls: Tls,
-    ) -> Mapping[str, str]:
-        action = "send a chunk"
-        try:
-            # requests prepares the headers as for any request: the session's (User-Agent,
-            # token), credentials in the URL or .netrc, cookies.
-            prepared = self.session.prepare_request(
-                requests.Request("PATCH", url, headers={**headers, "Tus-Resumable": TUS_VERSION})
-            )
-            prepared.headers["Content-Length"] = str(body[2])
-            assert prepared.url is not None
-            answer = self._connections.send(
-                "PATCH", prepared.url, prepared.headers, body, pace, tls
-            )
-        except FileEnded:
-            raise
-        except (OSError, http.client.HTTPException) as exc:
-            raise unanswered(action, url, exc) from None
-        check_answer(
-            "PATCH", url, action, answer.status, answer.reason, answer.headers, lambda: answer.text
-        )
-        _no_conflict(answer.status, action)
-        return answer.headers
+        self.http.close()
 
     def _request(
-        self,
-        method: str,
-        url: str,
-        action: str,
-        headers: Mapping[str, str] | None = None,
-        data: RangeBody | None = None,
+        self, method: str, url: str, action: str, headers: Mapping[str, str] | None = None
     ) -> requests.Response:
         all_headers = dict(headers or {})
         if method != "OPTIONS":
             all_headers["Tus-Resumable"] = TUS_VERSION
-        response = send(self.session, method, url, action, self.timeout, all_headers, data)
+        response = self.http.send(method, url, action, headers=all_headers, accept=_TUS)
         _no_conflict(response.status_code, action)
         return response
 
@@ -376,42 +456,6 @@ def _range_sha256(f: io.BufferedIOBase, offset: int, length: int) -> str:
     return base64.b64encode(digest.digest()).decode("ascii")
 
 
-def send(
-    session: requests.Session,
-    method: str,
-    url: str,
-    action: str,
-    timeout: float,
-    headers: Mapping[str, str] | None = None,
-    data: RangeBody | None = None,
-    params: Mapping[str, str] | None = None,
-) -> requests.Response:
-    """Make one request with requests; return the response if its status is 2xx (or 409, for
-    tus). Raise CloudError, classified as `check_answer` and `unanswered` say."""
-    try:
-        response = session.request(
-            method,
-            url,
-            headers=headers,
-            # urllib3 sends each block (a memoryview of a reused buffer) as it is, uncopied
-            data=cast("Iterable[bytes] | None", data),
-            params=params,
-            timeout=timeout,
-            allow_redirects=method in ("GET", "HEAD", "OPTIONS"),
-            # Explicit: requests lets REQUESTS_CA_BUNDLE and friends in the environment
-            # override a session's own trust settings, and cloud.ca_file must win.
-            verify=session.verify,
-            cert=session.cert,
-        )
-    except requests.exceptions.RequestException as exc:
-        raise unanswered(action, url, exc) from None
-    status = response.status_code
-    check_answer(
-        method, url, action, status, response.reason, response.headers, lambda: response.text
-    )
-    return response
-
-
 def check_answer(
     method: str,
     url: str,
@@ -420,23 +464,38 @@ def check_answer(
     reason: str | None,
     headers: Mapping[str, str],
     text: Callable[[], str],
+    accept: Collection[int] = (),
 ) -> None:
-    """Return if `status` answers `method` well: 2xx, or 409 (tus callers read it as an offset
-    conflict). Otherwise raise CloudError, classified: 5xx, 408, 425, 429 and 460 are
-    retryable (with the server's `Retry-After`, if any); 404/410 raise UploadGone; other 4xx
-    (401, 403, 413, …) are not retryable. `text()` gives the answer's body, quoted in the
-    message (not for HEAD); it is only asked for on failure.
+    """Return if `status` answers `method` well: 2xx, or one of `accept` (statuses the caller
+    reads itself, as tus a 409 offset conflict). Otherwise raise `bad_answer`'s CloudError.
+    `text()` gives the answer's body; it is only asked for on failure.
     """
-    if 200 <= status < 300 or status == 409:
+    if 200 <= status < 300 or status in accept:
         return
+    raise bad_answer(method, url, action, status, reason, headers, text)
+
+
+def bad_answer(
+    method: str,
+    url: str,
+    action: str,
+    status: int,
+    reason: str | None,
+    headers: Mapping[str, str],
+    text: Callable[[], str],
+) -> CloudError:
+    """Return the CloudError for an answer that failed, classified: 5xx, 408, 425, 429 and 460
+    are retryable (with the server's `Retry-After`, if any); 404/410 are UploadGone; other 4xx
+    (401, 403, 409, 413, …) are not retryable. `text()` gives the answer's body, quoted in the
+    message (not for HEAD)."""
     detail = _short(text()) if method != "HEAD" else ""
     message = f"cannot {action}: HTTP {status} {reason or ''}".rstrip()
     message += f" from {redact_url(url)}" + (f": {detail}" if detail else "")
     if status in _GONE_STATUS:
-        raise UploadGone(message, retryable=True, status=status)
+        return UploadGone(message, retryable=True, status=status)
     retry_after = _retry_after(headers.get("Retry-After"))
     retryable = status in _RETRYABLE_STATUS or status >= 500
-    raise CloudError(message, retryable=retryable, status=status, retry_after=retry_after)
+    return CloudError(message, retryable=retryable, status=status, retry_after=retry_after)
 
 
 def unanswered(action: str, url: str, exc: Exception) -> CloudError:

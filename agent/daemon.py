@@ -22,7 +22,7 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 
-from agent.cloud import Throttle, TusClient, build_session
+from agent.cloud import CloudHttp, Throttle, TusClient
 from agent.config import ConfigError, Settings
 from agent.dicom import Gate, PeerPolicy, build_ae
 from agent.dicomweb import DicomWeb
@@ -102,7 +102,10 @@ class Daemon:
         # a Unix socket allows, and the start-up sweep of incoming/ is no place for it.
         multiprocessing.util.get_temp_dir()
         tempfile.tempdir = str(self.spool.incoming)
-        session = build_session(self.settings.cloud)  # CloudConfigError: before anything starts
+        # CloudConfigError: before anything starts
+        http = CloudHttp.open(
+            self.settings.cloud, Throttle(self.settings.upload.max_bandwidth or None)
+        )
         if self.settings.upload.transcode != "none" and (problem := missing_codec()):
             raise StartupError(problem)
         self.store = Store.open(self.settings.data_dir / DATABASE)
@@ -116,7 +119,7 @@ class Daemon:
             logger.warning("returned %d interrupted job(s) to the queue", requeued)
         self.query_retrieve = QueryRetrieve(self.settings, self._retriever())
         self.server = self._start_server(self.store, self.query_retrieve)
-        self.workers = self._start_uploads(self.store, session)
+        self.workers = self._start_uploads(self.store, http)
         host, port = self.server.server_address[:2]
         logger.info(
             "listening as %s on %s:%d (data_dir %s)",
@@ -189,15 +192,10 @@ class Daemon:
             where = f"{dicom.bind}:{dicom.port}"
             raise StartupError(f"cannot listen on {where}: {exc.strerror}") from exc
 
-    def _start_uploads(self, store: Store, session: Any) -> UploadWorkers:
+    def _start_uploads(self, store: Store, http: CloudHttp) -> UploadWorkers:
         upload = self.settings.upload
-        client = TusClient(
-            session,
-            self.settings.cloud.upload_url,
-            self.settings.cloud.timeout,
-            Throttle(upload.max_bandwidth or None),
-        )
-        uploader = Uploader(self.settings, store, self.spool, client, session)
+        client = TusClient(http, self.settings.cloud.upload_url)
+        uploader = Uploader(self.settings, store, self.spool, client, http)
         workers = UploadWorkers(uploader, upload.concurrency)
         workers.start()
         return workers

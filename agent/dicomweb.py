@@ -1,10 +1,10 @@
 """DICOMweb mechanism on the cloud session: QIDO-RS searches page by page, and WADO-RS retrieval of
 one instance streamed into a file.
 
-Every request goes through `agent.cloud.send`, which classifies failures (`CloudError.retryable`);
-a body cut short while it streams is a retryable CloudError too. The session streams answers
-(`stream = True`), so an instance is copied to its file block by block and never held in memory
-whole: the multipart/related answer of WADO-RS is parsed as it arrives.
+Every request goes through the cloud's HTTP edge (`agent.cloud.CloudHttp`), which classifies
+failures (`CloudError.retryable`); a body cut short while it streams is a retryable CloudError
+too. Answers are streamed, so an instance is copied to its file block by block and never held
+in memory whole: the multipart/related answer of WADO-RS is parsed as it arrives.
 
 Query values are percent-encoded by this module, not by requests, so that the characters QIDO-RS
 gives a meaning to (`*`, `?` and `,`) go literally, as RFC 3986 allows in a query: some archives
@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import requests
 
-from agent.cloud import CloudError, build_session, send
+from agent.cloud import CloudError, CloudHttp
 from agent.config import CloudSettings, redact_url
 
 logger = logging.getLogger(__name__)
@@ -59,11 +59,10 @@ def query_string(params: Params) -> str:
 @dataclass(frozen=True)
 class DicomWeb:
     """One DICOMweb service (QIDO-RS and WADO-RS) at `base_url`. Thread-safe: each call is one
-    request on the shared session."""
+    request on the cloud's HTTP edge."""
 
-    session: requests.Session
+    http: CloudHttp
     base_url: str
-    timeout: float
 
     @classmethod
     def open(cls, settings: CloudSettings) -> DicomWeb | None:
@@ -72,12 +71,10 @@ class DicomWeb:
         settings name cannot be read."""
         if settings.dicomweb_url is None:
             return None
-        session = build_session(settings)
-        session.stream = True  # answers are read as they arrive, never whole
-        return cls(session, settings.dicomweb_url.rstrip("/"), settings.timeout)
+        return cls(CloudHttp.open(settings), settings.dicomweb_url.rstrip("/"))
 
     def close(self) -> None:
-        self.session.close()
+        self.http.session.close()
 
     # --- QIDO-RS ---------------------------------------------------------------------------
 
@@ -92,8 +89,8 @@ class DicomWeb:
         )
         url = f"{self.base_url}/{resource}?{query_string([*params, *paging])}"
         try:
-            response = send(
-                self.session, "GET", url, f"search {resource}", self.timeout, {"Accept": DICOM_JSON}
+            response = self.http.send(
+                "GET", url, f"search {resource}", headers={"Accept": DICOM_JSON}, stream=True
             )
         except CloudError as exc:
             raise _without_query(exc, url) from None
@@ -157,7 +154,7 @@ class DicomWeb:
         )
         url = f"{self.base_url}/studies{uids}"
         action = f"retrieve instance {instance}"
-        response = send(self.session, "GET", url, action, self.timeout, {"Accept": WADO_ACCEPT})
+        response = self.http.send("GET", url, action, headers={"Accept": WADO_ACCEPT}, stream=True)
         size = 0
         with contextlib.closing(response):
             try:

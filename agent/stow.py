@@ -22,14 +22,11 @@ import hashlib
 import io
 import json
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
-import requests
-
-from agent.cloud import CloudError, Throttle, check_answer, unanswered
+from agent.cloud import CloudError, CloudHttp, Throttle, bad_answer
 from agent.connections import BUFFER_SIZE, PACED_BLOCK
 from agent.dimse import Status, describe, is_out_of_resources
 from agent.spool import SpoolFileError, open_received
@@ -43,6 +40,9 @@ FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
 FAILURE_REASON = "00081197"
 WARNING_REASON = "00081196"
+
+_REASONED = frozenset({400, 409})
+"""Failure statuses whose answer may still list what the archive did with each instance."""
 
 
 @dataclass(frozen=True)
@@ -223,52 +223,29 @@ def _read(f: io.BufferedReader, view: memoryview) -> int:
     return f.readinto(view) or 0
 
 
-def store_instances(
-    session: requests.Session,
-    dicomweb_url: str,
-    files: Sequence[SpoolFile],
-    timeout: float,
-    throttle: Throttle | None = None,
-) -> StowAnswer:
-    """POST `files` to `{dicomweb_url}/studies` in one STOW-RS request; return the archive's
-    answer per instance. Raise CloudError (classified as `agent.cloud` does) if the request got
-    no usable answer, and SpoolFileError if a file cannot be sent as received."""
+def store_instances(http: CloudHttp, dicomweb_url: str, files: Sequence[SpoolFile]) -> StowAnswer:
+    """POST `files` to `{dicomweb_url}/studies` in one STOW-RS request, paid for at the edge's
+    bandwidth budget; return the archive's answer per instance. Raise CloudError (classified
+    by the edge) if the request got no usable answer, and SpoolFileError if a file cannot be
+    sent as received."""
     url = dicomweb_url.rstrip("/") + "/studies"
-    body = MultipartBody(files, throttle)
+    body = MultipartBody(files, http.throttle)
     headers = {"Content-Type": body.content_type, "Accept": "application/dicom+json"}
-    try:
-        response = session.request(
-            "POST",
-            url,
-            headers=headers,
-            # urllib3 sends each block (a memoryview of the reused buffer) as it is, uncopied
-            data=cast("Iterable[bytes]", body),
-            timeout=timeout,
-            allow_redirects=False,
-            # as agent.cloud.send: cloud.ca_file must win over the environment's bundle
-            verify=session.verify,
-            cert=session.cert,
-        )
-    except requests.exceptions.RequestException as exc:
-        raise unanswered(ACTION, url, exc) from None
-    status = response.status_code
     # 400 and 409 may carry the per-instance reasons (PS3.18 10.5.3); anything else that is
     # not 2xx is classified as every other request to the cloud.
-    if 200 <= status < 300 or status in (400, 409):
-        try:
-            return parse_answer(status, response.content)
-        except ValueError:
-            if 200 <= status < 300:
-                raise CloudError(
-                    f"cannot {ACTION}: HTTP {status} without a STOW-RS answer it could read",
-                    retryable=True,
-                    status=status,
-                ) from None
-    check_answer(
+    response = http.send("POST", url, ACTION, headers=headers, data=body, accept=_REASONED)
+    status = response.status_code
+    try:
+        return parse_answer(status, response.content)
+    except ValueError:
+        pass
+    if 200 <= status < 300:
+        raise CloudError(
+            f"cannot {ACTION}: HTTP {status} without a STOW-RS answer it could read",
+            retryable=True,
+            status=status,
+        )
+    # a 400 or 409 without per-instance reasons: as any other failed answer
+    raise bad_answer(
         "POST", url, ACTION, status, response.reason, response.headers, lambda: response.text
-    )
-    raise CloudError(  # a 409 (which check_answer lets through, for tus) without an answer
-        f"cannot {ACTION}: HTTP {status} {response.reason}: {response.text[:200]}",
-        retryable=False,
-        status=status,
     )

@@ -29,10 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import requests
-
 from agent import stow
-from agent.cloud import CloudError, OffsetConflict, TusClient, UploadGone
+from agent.cloud import CloudError, CloudHttp, OffsetConflict, TusClient, UploadGone
 from agent.config import Settings
 from agent.confirm import check_held
 from agent.dicomweb import DicomWeb
@@ -66,7 +64,7 @@ class Uploader:
         store: Store,
         spool: Spool,
         client: TusClient,
-        session: requests.Session,
+        http: CloudHttp,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -74,7 +72,7 @@ class Uploader:
         self.store = store
         self.spool = spool
         self.client = client
-        self.session = session
+        self.http = http
         self.stop = stop or threading.Event()
         self.clock = clock
         self.backoff = Backoff(settings.upload.retry_first, settings.upload.retry_max)
@@ -310,13 +308,7 @@ class Uploader:
             if self.stop.is_set():
                 raise Interrupted
             files = [stow.check_file(self.spool.path(f.path), f) for f in batch]
-            answer = stow.store_instances(
-                self.session,
-                dicomweb_url,
-                files,
-                self.settings.cloud.timeout,
-                self.client.throttle,
-            )
+            answer = stow.store_instances(self.http, dicomweb_url, files)
             stored, error = answer.verdict({f.sop_instance_uid for f in batch})
             self.store.uploads.record_stored(job.study_id, stored, job.lease, self.clock())
             for uid, warning in answer.warnings.items():
@@ -337,7 +329,7 @@ class Uploader:
         """Mark the part confirmed once the archive holds its content (`agent.confirm`)."""
         dicomweb_url = self.settings.cloud.dicomweb_url
         assert dicomweb_url is not None
-        archive = DicomWeb(self.session, dicomweb_url.rstrip("/"), self.settings.cloud.timeout)
+        archive = DicomWeb(self.http, dicomweb_url.rstrip("/"))
         check_held(
             archive,
             job.study_uid,

@@ -145,11 +145,11 @@ def tus_dirigo(url: str, path: Path, chunk_size: int, sha256: str) -> dict[str, 
     PATCH the byte range of the file from the confirmed offset, continue from the offset the
     server names. The store's bookkeeping between chunks is left out (the end-to-end run
     includes it)."""
-    from agent.cloud import TusClient, build_session
+    from agent.cloud import CloudHttp, TusClient, build_session
     from agent.config import CloudSettings
 
     settings = CloudSettings(upload_url=url)
-    client = TusClient(build_session(settings), url, settings.timeout)
+    client = TusClient(CloudHttp(build_session(settings), settings.timeout), url)
     size = path.stat().st_size
     metadata = {"filename": path.name, "sha256": sha256, "format": "dicom-tar+zstd"}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cloud import CloudError, TusClient, build_session
+from agent.cloud import CloudError, CloudHttp, TusClient, build_session
 from agent.config import CloudSettings
 from tests.support.httpfaults import HttpFaults
 from tests.support.tus import TusServer
@@ -22,7 +22,7 @@ def client_with_token(tmp_path: Path, endpoint: str) -> TusClient:
     token = tmp_path / "token"
     token.write_text("s3cr3t-token-for-tests\n")
     settings = CloudSettings(upload_url=endpoint, token_file=token)
-    return TusClient(build_session(settings), endpoint, timeout=10)
+    return TusClient(CloudHttp(build_session(settings), timeout=10), endpoint)
 
 
 @pytest.mark.parametrize("where", ["another port", "https on the same port", "another host"])

@@ -3,7 +3,7 @@ the file on a kept-alive connection (or through requests when a proxy applies), 
 checksums, bandwidth cap and failure classification either way.
 
 "direct" is the client's own connection (sendfile); "requests" is the path a PATCH takes when a
-proxy applies, forced here with `TusClient(direct=False)` unless a test sets a proxy itself.
+proxy applies, forced here with `CloudHttp(direct=False)` unless a test sets a proxy itself.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 
 from agent.cloud import (
     CloudError,
+    CloudHttp,
     OffsetConflict,
     Throttle,
     TusClient,
@@ -60,7 +61,8 @@ def clients() -> Iterator[Callable[..., TusClient]]:
         endpoint: str, path: str = "direct", timeout: float = 10, throttle: Throttle | None = None
     ) -> TusClient:
         session = build_session(CloudSettings(upload_url=endpoint))
-        client = TusClient(session, endpoint, timeout, throttle, direct=path == "direct")
+        http = CloudHttp(session, timeout, throttle, direct=path == "direct")
+        client = TusClient(http, endpoint)
         made.append(client)
         return client
 

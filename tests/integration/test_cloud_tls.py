@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from agent.cloud import CloudConfigError, CloudError, TusClient, build_session
+from agent.cloud import CloudConfigError, CloudError, CloudHttp, TusClient, build_session
 from agent.config import CloudSettings
 from tests.support.tlsfront import TlsFront
 from tests.support.tus import TusServer
@@ -59,7 +59,7 @@ def tus(tus_server: TusFactory) -> Iterator[TusServer]:
 
 def client_for(front: TlsFront, **settings: object) -> TusClient:
     cloud = CloudSettings.model_validate({"upload_url": front.url_for("/files/"), **settings})
-    return TusClient(build_session(cloud), cloud.upload_url, timeout=10)
+    return TusClient(CloudHttp(build_session(cloud), timeout=10), cloud.upload_url)
 
 
 def send_file(client: TusClient, path: Path, chunk: int) -> str:

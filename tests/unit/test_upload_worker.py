@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.cloud import TusClient, build_session
+from agent.cloud import CloudHttp, TusClient
 from agent.config import Settings, parse_config
 from agent.spool import Spool
 from agent.store import NewInstance, Store
@@ -62,9 +62,9 @@ def worker(tmp_path: Path) -> Iterator[Worker]:
         now - 120,
     )  # fmt: skip
     store.mark_stable(now - 60, settings.study.stable_after)
-    session = build_session(settings.cloud)
-    client = TusClient(session, settings.cloud.upload_url, settings.cloud.timeout)
-    workers = UploadWorkers(Uploader(settings, store, spool, client, session), count=1)
+    http = CloudHttp.open(settings.cloud)
+    client = TusClient(http, settings.cloud.upload_url)
+    workers = UploadWorkers(Uploader(settings, store, spool, client, http), count=1)
     yield Worker(settings, store, workers, database)
     workers.stop(timeout=10)
     store.close()
