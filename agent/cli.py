@@ -250,8 +250,17 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
                 interrupted = _import(Importer(spool, receiver), sources, tally, args.debug)
             finally:
                 receiver.close()
+                _reconcile(receiver)
     print(tally.summary() + (" (interrupted)" if interrupted else ""))
     return EXIT_OK if tally.ok and not interrupted else EXIT_FAILURE
+
+
+def _reconcile(receiver: Receiver) -> None:
+    """Settle the files of failed commits before exiting (the agent does it periodically)."""
+    try:
+        receiver.reconcile()
+    except StoreError as exc:
+        logger.warning("files of failed commits are left for the agent's start-up sweep: %s", exc)
 
 
 def _import(importer: Importer, sources: list[Source], tally: Tally, debug: bool) -> bool:
