@@ -62,19 +62,15 @@ def check_held(
             " instances so far",
             retryable=True,
         )
-    differing = [
-        uid
-        for uid in sorted(replaced)
-        if uid in sent
-        and archived_sha256(archive, study_uid, series_of[uid], uid, scratch) != sent[uid]
-    ]
-    if differing:
-        raise CloudError(
-            f"the archive holds other content than this part sent for {len(differing)} of its"
-            f" {len(replaced)} replaced instance(s), {differing[0]} among them: the corrected"
-            " version is not in the archive yet",
-            retryable=True,
-        )
+    # The first difference settles it: the rest are not fetched again on every retry.
+    for uid in sorted(set(replaced) & sent.keys()):
+        if archived_sha256(archive, study_uid, series_of[uid], uid, scratch) != sent[uid]:
+            raise CloudError(
+                f"the archive holds other content than this part sent for {uid} (one of its"
+                f" {len(replaced)} replaced instance(s)): the corrected version is not in the"
+                " archive yet",
+                retryable=True,
+            )
 
 
 def _listed(archive: DicomWeb, study_uid: str, page_size: int) -> dict[str, str]:
