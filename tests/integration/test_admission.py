@@ -90,6 +90,30 @@ def test_half_open_connections_neither_stop_intake_nor_keep_a_thread(
         assert len(agent.rows("SELECT 1 FROM instances")) == len(files)
 
 
+
+def test_a_peer_that_stalls_mid_message_gives_its_slot_back_after_network_timeout(
+    tmp_data_dir: Path,
+) -> None:
+    network_timeout = 4.0
+    dicom = {"max_associations": 1, "network_timeout": f"{network_timeout}s"}
+    with Agent(tmp_data_dir, extra={"dicom": dicom}) as agent:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(Verification)
+        stalled = ae.associate(LOOPBACK, agent.port, ae_title="DIRIGO")
+        assert stalled.is_established
+        try:
+            # a P-DATA-TF announcing 100 bytes, 10 of which arrive: the link then goes quiet
+            assert stalled.dul.socket is not None and stalled.dul.socket.socket is not None
+            stalled.dul.socket.socket.sendall(b"\x04\x00" + (100).to_bytes(4, "big") + bytes(10))
+            assert dcmtk.echoscu(agent.port).returncode != 0  # the one slot is taken
+            wait_until(
+                lambda: dcmtk.echoscu(agent.port).returncode == 0,
+                timeout=network_timeout + 20,
+                what="the stalled association's slot to come back",
+            )
+        finally:
+            stalled.abort()
+
 ALL_SERVICES = {
     Verification: "echo",
     CTImageStorage: "store",
