@@ -155,6 +155,17 @@ def tune(assoc: Association, *, sends_stores: bool = False) -> None:
         internals.keep_responses(assoc)
 
 
+class NoTimeoutTracebacks(logging.Filter):
+    """Drop the traceback pynetdicom logs, at ERROR, each time a read from a peer times out.
+
+    The line it logs just before ("Connection closed before the entire PDU was received") says
+    what happened; a traceback per silent connection would let a port scan fill the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], TimeoutError))
+
+
 def build_ae(settings: DicomSettings) -> AE:
     """Return an AE accepting every storage SOP class in every transfer syntax, Verification,
     and Query/Retrieve (FIND, MOVE, GET) in the Patient Root and Study Root models.
@@ -171,6 +182,9 @@ def build_ae(settings: DicomSettings) -> AE:
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     quiet_identifiers()
+    dul_log = logging.getLogger("pynetdicom.dul")
+    if not any(isinstance(f, NoTimeoutTracebacks) for f in dul_log.filters):
+        dul_log.addFilter(NoTimeoutTracebacks())
     ae = AE(ae_title=settings.ae_title)
     # pynetdicom counts every accepted connection against this, admitted or not; the Gate
     # keeps max_associations for admitted peers, so pynetdicom's own count must leave room

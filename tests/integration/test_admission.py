@@ -88,6 +88,7 @@ def test_half_open_connections_neither_stop_intake_nor_keep_a_thread(
         )
         assert dcmtk.echoscu(agent.port).returncode == 0
         assert len(agent.rows("SELECT 1 FROM instances")) == len(files)
+        assert "Traceback" not in agent.log_tail(100_000)
 
 
 
