@@ -6,7 +6,7 @@ syntaxes, and pushes them to Dirigo A by C-STORE through its REST API, as a PACS
 "send to" does. Dirigo A acknowledges each instance once it is durable, waits until each study is
 complete, packs it into a zstd bundle and uploads it with resumable tus chunks to the development
 cloud, whose ingest checks every bundle and stores its instances in the state archive (an Orthanc
-with DICOMweb). Dirigo A marks a study confirmed once the archive lists all its instances.
+with DICOMweb). Dirigo A marks a study confirmed once the archive holds all its instances.
 
 Hospital B's PACS (a second Orthanc) knows Dirigo B as one more DICOM node. As a radiologist's
 click would, it asks Dirigo B for a study (C-FIND, which Dirigo B answers from the archive by
