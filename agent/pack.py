@@ -18,7 +18,7 @@ import json
 import logging
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _COPY_BLOCK = 1024 * 1024
+
+
+def _go_on() -> None:
+    """The check of a pack nobody stops."""
 
 
 class PackError(Exception):
@@ -143,10 +147,17 @@ def member_name(index: int) -> str:
 
 
 def pack(
-    spool: Spool, info: PartInfo, files: Sequence[PartFile], compression: Compression
+    spool: Spool,
+    info: PartInfo,
+    files: Sequence[PartFile],
+    compression: Compression,
+    check: Callable[[], None] = _go_on,
 ) -> Bundle:
     """Pack `files` into a durable bundle in the spool and return it.
 
+    `check` is called between blocks and files (a study can take minutes to pack) and before
+    the bundle is made durable; whatever it raises ends the pack, leaving nothing behind (the
+    upload worker's lease was lost, say).
     Raise PackError if a file is missing, its size changed, or its dataset no longer has the
     recorded sha256; OSError if the bundle cannot be written (ENOSPC). Either way no bundle is
     left behind under a final name.
@@ -155,11 +166,14 @@ def pack(
     outcomes: list[Outcome | None] = [None] * len(files)
     try:
         if compression.transcode != "none":
-            outcomes = _transcode_all(spool, files, compression)
+            outcomes = _transcode_all(spool, files, compression, check)
         with temporary.open("wb") as raw:
             sink = _HashingWriter(raw)
-            _write_tar(sink, spool, info, files, compression, outcomes)
+            _write_tar(sink, spool, info, files, compression, outcomes, check)
             raw.flush()
+        # zstd's worker threads take in up to a whole job (megabytes) before compressing it,
+        # so the checks between blocks can all pass before the slow part of a small pack.
+        check()
         spool.commit_bundle(temporary, relative)
     except BaseException:
         spool.discard(temporary)
@@ -172,7 +186,7 @@ def pack(
 
 
 def _transcode_all(
-    spool: Spool, files: Sequence[PartFile], compression: Compression
+    spool: Spool, files: Sequence[PartFile], compression: Compression, check: Callable[[], None]
 ) -> list[Outcome | None]:
     """Re-encode every file into a temporary beside the bundle; the manifest, written first,
     must know each result. Raise PackError if a source changed since it was received."""
@@ -184,6 +198,7 @@ def _transcode_all(
         try:
             for part_file, outcome in zip(files, transcoder.run(sources), strict=True):
                 outcomes.append(outcome)
+                check()
                 if isinstance(outcome, AsItCame) and outcome.changed:
                     raise PackError(f"{part_file.sop_instance_uid}: spool file {outcome.reason}")
         except BaseException:
@@ -203,6 +218,7 @@ def _write_tar(
     files: Sequence[PartFile],
     compression: Compression,
     outcomes: Sequence[Outcome | None],
+    check: Callable[[], None],
 ) -> None:
     if compression.method == "zstd":
         threads = compression.threads or -1  # -1: zstd uses one worker per CPU
@@ -210,9 +226,9 @@ def _write_tar(
             level=compression.level, threads=threads, write_checksum=True
         )
         with compressor.stream_writer(cast(BinaryIO, sink), closefd=False) as zstd_out:
-            _tar_into(zstd_out, spool, info, files, compression, outcomes)
+            _tar_into(zstd_out, spool, info, files, compression, outcomes, check)
     else:
-        _tar_into(sink, spool, info, files, compression, outcomes)
+        _tar_into(sink, spool, info, files, compression, outcomes, check)
 
 
 def _tar_into(
@@ -222,6 +238,7 @@ def _tar_into(
     files: Sequence[PartFile],
     compression: Compression,
     outcomes: Sequence[Outcome | None],
+    check: Callable[[], None],
 ) -> None:
     spool_mtime = int(time.time())
     # Mode "w", not the stream mode "w|": the stream mode copies its write buffer over and
@@ -243,11 +260,16 @@ def _tar_into(
                     outcome.size,
                     outcome.sha256,
                 )
-            _add_instance(tar, spool, part_file, member_name(index), spool_mtime)
+            _add_instance(tar, spool, part_file, member_name(index), spool_mtime, check)
 
 
 def _add_instance(
-    tar: tarfile.TarFile, spool: Spool, part_file: PartFile, name: str, mtime: int
+    tar: tarfile.TarFile,
+    spool: Spool,
+    part_file: PartFile,
+    name: str,
+    mtime: int,
+    check: Callable[[], None],
 ) -> None:
     path = spool.path(part_file.path)
     try:
@@ -257,7 +279,7 @@ def _add_instance(
     with f:
         entry = tarfile.TarInfo(name)
         entry.size, entry.mtime, entry.mode = part_file.size, mtime, 0o644
-        reader = _VerifyingReader(f, offset)
+        reader = _VerifyingReader(f, offset, check)
         tar.addfile(entry, cast(BinaryIO, reader))
     if reader.sha256.hexdigest() != part_file.sha256:
         raise PackError(
@@ -287,15 +309,18 @@ class _HashingWriter:
 
 
 class _VerifyingReader:
-    """A read-only view of a spool file that re-hashes its dataset as tar copies it."""
+    """A read-only view of a spool file that re-hashes its dataset as tar copies it, calling
+    `check` before every block."""
 
-    def __init__(self, f: BinaryIO, offset: int) -> None:
+    def __init__(self, f: BinaryIO, offset: int, check: Callable[[], None]) -> None:
         self._f = f
         self._offset = offset
+        self._check = check
         self._position = 0
         self.sha256 = hashlib.sha256()
 
     def read(self, size: int = -1) -> bytes:
+        self._check()
         data = self._f.read(size)
         start = self._position
         self._position += len(data)

@@ -35,6 +35,7 @@ from agent.config import Settings
 from agent.confirm import check_held
 from agent.dicomweb import DicomWeb
 from agent.dimse import describe
+from agent.lease import LeaseKeeper
 from agent.pack import Compression, PackError, PartInfo, pack, sent_hashes
 from agent.retry import Backoff
 from agent.spool import Spool, SpoolFileError
@@ -44,7 +45,8 @@ from agent.store.uploads import Bundle, PartFile, Purgeable, UploadRecord
 logger = logging.getLogger(__name__)
 
 LEASE_SECONDS = 120.0
-"""A claimed part is renewed after every chunk; a worker silent this long is presumed dead."""
+"""A claimed part's lease, renewed by every write for it and by a `LeaseKeeper` in between; a
+worker silent this long is presumed dead."""
 
 
 class Interrupted(Exception):
@@ -67,6 +69,7 @@ class Uploader:
         http: CloudHttp,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -75,6 +78,7 @@ class Uploader:
         self.http = http
         self.stop = stop or threading.Event()
         self.clock = clock
+        self.lease_seconds = lease_seconds
         self.backoff = Backoff(settings.upload.retry_first, settings.upload.retry_max)
         upload = settings.upload
         self.compression = Compression(
@@ -88,11 +92,12 @@ class Uploader:
 
     def run_once(self, owner: str) -> bool:
         """Claim the next due part and take it as far as it goes; False if none was due."""
-        job = self.store.jobs.claim(UPLOAD, owner, LEASE_SECONDS, self.clock())
+        job = self.store.jobs.claim(UPLOAD, owner, self.lease_seconds, self.clock())
         if job is None:
             return False
         try:
-            self._process(job)
+            with LeaseKeeper(self.store.jobs, job.lease, self.clock) as keeper:
+                self._process(job, keeper)
             self.store.jobs.complete(job.lease, self.clock())
         except LeaseLost:
             logger.warning(
@@ -133,42 +138,40 @@ class Uploader:
         except StoreError as exc:
             logger.error("study %s part %d: %s", job.study_uid, job.part, exc)
 
-    def _process(self, job: Job) -> None:
+    def _process(self, job: Job, keeper: LeaseKeeper) -> None:
         record = self.store.uploads.get(job.study_id)
         if record.state not in (StudyState.SENT, StudyState.CONFIRMED):
-            self.store.uploads.begin_attempt(job.study_id, self.clock())
+            self.store.uploads.begin_attempt(job.study_id, job.lease, self.clock())
             files = self.store.uploads.part_files(job.study_id)
             if files and self.settings.upload.protocol == "stow-rs":
-                self._stow(job, len(files))
+                self._stow(job, len(files), keeper)
             elif files:
-                bundle = self._bundle(job, record, files)
-                self._renew(job)  # packing a large study may take a while
-                self._send(job, bundle)
-            self.store.uploads.mark_sent(job.study_id, self.clock())
+                bundle = self._bundle(job, record, files, keeper)
+                self._send(job, bundle, keeper)
+            self.store.uploads.mark_sent(job.study_id, job.lease, self.clock())
             logger.info("study %s part %d: sent", job.study_uid, job.part)
         if self.settings.cloud.dicomweb_url and record.state != StudyState.CONFIRMED:
             self._confirm(job)
 
-    def _renew(self, job: Job) -> None:
-        if not self.store.jobs.renew(job.lease, self.clock()):
-            raise LeaseLost(f"job {job.id} is not held by {job.lease.owner}")
-
     # -- pack -----------------------------------------------------------------------------
 
-    def _bundle(self, job: Job, record: UploadRecord, files: list[PartFile]) -> Bundle:
-        """Return the part's recorded bundle if its file is intact, else pack a new one."""
+    def _bundle(
+        self, job: Job, record: UploadRecord, files: list[PartFile], keeper: LeaseKeeper
+    ) -> Bundle:
+        """Return the part's recorded bundle if its file is intact, else pack a new one
+        (stopping as soon as the lease is lost)."""
         if record.bundle is not None:
             size = _size(self.spool.path(record.bundle.path))
             if size == record.bundle.size:
                 return record.bundle
             reason = f"bundle {record.bundle.path} is {size} bytes, not {record.bundle.size}"
-            self.store.uploads.forget_bundle(job.study_id, reason, self.clock())
+            self.store.uploads.forget_bundle(job.study_id, reason, job.lease, self.clock())
             if record.url is not None:
                 self._terminate(record.url)
         info = PartInfo(self.settings.site, job.study_uid, job.part)
         started = time.monotonic()
-        bundle = pack(self.spool, info, files, self.compression)
-        self.store.uploads.record_bundle(job.study_id, bundle, self.clock())
+        bundle = pack(self.spool, info, files, self.compression, keeper.check)
+        self.store.uploads.record_bundle(job.study_id, bundle, job.lease, self.clock())
         total = sum(f.size for f in files)
         logger.info(
             "study %s part %d: packed %d instance(s), %d → %d bytes in %.1fs",
@@ -183,7 +186,7 @@ class Uploader:
 
     # -- send -----------------------------------------------------------------------------
 
-    def _send(self, job: Job, bundle: Bundle) -> None:
+    def _send(self, job: Job, bundle: Bundle, keeper: LeaseKeeper) -> None:
         url, offset = self._resume(job, bundle)
         chunk_size = self.settings.upload.chunk_size
         committed_to = 0  # how far `sent_to` is already committed
@@ -191,9 +194,11 @@ class Uploader:
             while offset < bundle.size:
                 if self.stop.is_set():
                     raise Interrupted
+                keeper.check()
                 length = min(chunk_size, bundle.size - offset)
                 if committed_to < offset + length:
-                    self.store.uploads.record_sending(job.study_id, offset + length, self.clock())
+                    end = offset + length
+                    self.store.uploads.record_sending(job.study_id, end, job.lease, self.clock())
                 try:
                     new_offset = self.client.patch(url, offset, f, length)
                 except OffsetConflict as exc:
@@ -263,7 +268,7 @@ class Uploader:
             "format": bundle.format,
         }
         url = self.client.create(bundle.size, metadata)
-        self.store.uploads.record_url(job.study_id, url, self.clock())
+        self.store.uploads.record_url(job.study_id, url, job.lease, self.clock())
         return url, 0
 
     def _server_offset(self, job: Job, url: str, bundle: Bundle) -> int:
@@ -274,13 +279,13 @@ class Uploader:
             self._distrust(job, url, f"holds an upload of {length} bytes, not {bundle.size}")
         if offset > min(sent_to, bundle.size):
             self._distrust(job, url, f"reports offset {offset}, but we sent only {sent_to} bytes")
-        self.store.uploads.record_offset(job.study_id, offset, self.clock())
+        self.store.uploads.record_offset(job.study_id, offset, job.lease, self.clock())
         return offset
 
     def _distrust(self, job: Job, url: str, what: str) -> None:
         """Give up an upload whose server state is not ours: terminate it, forget its URL."""
         self._terminate(url)
-        self.store.uploads.record_url(job.study_id, None, self.clock())
+        self.store.uploads.record_url(job.study_id, None, job.lease, self.clock())
         raise NotOurOffset(f"the server {what}", retryable=True)
 
     def _terminate(self, url: str) -> None:
@@ -291,7 +296,7 @@ class Uploader:
 
     # -- or STOW-RS ------------------------------------------------------------------------
 
-    def _stow(self, job: Job, total: int) -> None:
+    def _stow(self, job: Job, total: int, keeper: LeaseKeeper) -> None:
         """Send the part's instances the archive has not acknowledged yet, batch by batch."""
         pending = self.store.uploads.stow_pending(job.study_id)
         if len(pending) < total:
@@ -307,6 +312,7 @@ class Uploader:
         for batch in stow.batches(pending, self.settings.upload.stow_batch):
             if self.stop.is_set():
                 raise Interrupted
+            keeper.check()
             files = [stow.check_file(self.spool.path(f.path), f) for f in batch]
             answer = stow.store_instances(self.http, dicomweb_url, files)
             stored, error = answer.verdict({f.sop_instance_uid for f in batch})
@@ -338,7 +344,7 @@ class Uploader:
             self.settings.serve.page_size,
             self.spool.bundles,
         )
-        self.store.uploads.mark_confirmed(job.study_id, self.clock())
+        self.store.uploads.mark_confirmed(job.study_id, job.lease, self.clock())
         logger.info("study %s part %d: confirmed by the archive", job.study_uid, job.part)
 
     def _sent_hashes(self, job: Job) -> dict[str, str]:

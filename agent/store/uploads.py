@@ -9,7 +9,8 @@ offset the uploader relies on after a restart is committed here before it is rel
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,10 +81,23 @@ class Purgeable:
 
 
 class Uploads:
-    """Upload bookkeeping; every method is one short transaction."""
+    """Upload bookkeeping; every method is one short transaction.
+
+    Each write a worker makes for a part names the job's `Lease`, and is made only while its
+    owner still holds it (renewing it on the way); otherwise it raises LeaseLost and writes
+    nothing, so a worker that lost its job can never overwrite what the job's next owner did.
+    """
 
     def __init__(self, store: Store) -> None:
         self._store = store
+
+    @contextmanager
+    def _held(self, lease: Lease, now: float) -> Iterator[sqlite3.Connection]:
+        """One write transaction on behalf of `lease`'s job: the lease is renewed first, or
+        LeaseLost is raised and nothing is written."""
+        with self._store.write() as db:
+            hold(db, lease, now)
+            yield db
 
     def part_files(self, study_id: int) -> list[PartFile]:
         """Return the current (not superseded) instances of a part, in arrival order."""
@@ -125,11 +139,8 @@ class Uploads:
         lease: Lease,
         now: float,
     ) -> None:
-        """In one transaction: record that the archive acknowledged these instances of the part
-        over STOW-RS, and renew the job's `lease`. Raise LeaseLost, changing nothing, if its
-        owner no longer holds the job."""
-        with self._store.write() as db:
-            hold(db, lease, now)
+        """Record that the archive acknowledged these instances of the part over STOW-RS."""
+        with self._held(lease, now) as db:
             db.executemany(
                 "UPDATE instances SET stow_stored_at = ? WHERE study_id = ? AND superseded = 0"
                 " AND sop_instance_uid = ? AND stow_stored_at IS NULL",
@@ -153,9 +164,9 @@ class Uploads:
         bundle = None if path is None else Bundle(path, size, sha256, fmt, instances)
         return UploadRecord(study_id, study_uid, part, state, bundle, url, offset, sent_to)
 
-    def begin_attempt(self, study_id: int, now: float) -> None:
+    def begin_attempt(self, study_id: int, lease: Lease, now: float) -> None:
         """Note that an upload attempt starts now (for its rate) and the part is uploading."""
-        with self._store.write() as db:
+        with self._held(lease, now) as db:
             db.execute(
                 "INSERT INTO uploads (study_id, created_at, updated_at, attempt_started_at)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (study_id) DO UPDATE SET"
@@ -168,10 +179,10 @@ class Uploads:
                 (StudyState.UPLOADING, study_id, StudyState.STABLE, StudyState.QUEUED),
             )
 
-    def record_bundle(self, study_id: int, bundle: Bundle, now: float) -> None:
+    def record_bundle(self, study_id: int, bundle: Bundle, lease: Lease, now: float) -> None:
         """Record a durable bundle for the part; any earlier upload URL is forgotten (its bytes
         were of another bundle), and the part's instances are `packed`."""
-        with self._store.write() as db:
+        with self._held(lease, now) as db:
             db.execute(
                 "UPDATE uploads SET bundle_path = ?, bundle_size = ?, bundle_sha256 = ?,"
                 " bundle_format = ?, instances = ?, url = NULL, confirmed_offset = 0,"
@@ -191,10 +202,10 @@ class Uploads:
                 (InstanceState.PACKED, study_id),
             )
 
-    def forget_bundle(self, study_id: int, reason: str, now: float) -> None:
+    def forget_bundle(self, study_id: int, reason: str, lease: Lease, now: float) -> None:
         """Forget the part's bundle and upload URL (the bundle file is gone or damaged): the
         next attempt packs again and starts a new upload. Logged as a warning event."""
-        with self._store.write() as db:
+        with self._held(lease, now) as db:
             db.execute(
                 "UPDATE uploads SET bundle_path = NULL, bundle_size = NULL, bundle_sha256 = NULL,"
                 " bundle_format = NULL, url = NULL, confirmed_offset = 0, sent_to = 0,"
@@ -203,27 +214,27 @@ class Uploads:
             )
             self._event(db, study_id, now, Level.WARNING, "bundle_discarded", reason)
 
-    def record_url(self, study_id: int, url: str | None, now: float) -> None:
+    def record_url(self, study_id: int, url: str | None, lease: Lease, now: float) -> None:
         """Record the tus upload URL just created for the part's bundle (None: forget it, so
         the next attempt creates a new upload); offsets start again at 0."""
-        with self._store.write() as db:
+        with self._held(lease, now) as db:
             db.execute(
                 "UPDATE uploads SET url = ?, confirmed_offset = 0, sent_to = 0,"
                 " attempt_offset = 0, updated_at = ? WHERE study_id = ?",
                 (url, now, study_id),
             )
 
-    def record_sending(self, study_id: int, end: int, now: float) -> None:
+    def record_sending(self, study_id: int, end: int, lease: Lease, now: float) -> None:
         """Commit, before a PATCH goes out, that bytes up to `end` may reach the server."""
-        with self._store.write() as db:
+        with self._held(lease, now) as db:
             db.execute(
                 "UPDATE uploads SET sent_to = max(sent_to, ?), updated_at = ? WHERE study_id = ?",
                 (end, now, study_id),
             )
 
-    def record_offset(self, study_id: int, offset: int, now: float) -> None:
+    def record_offset(self, study_id: int, offset: int, lease: Lease, now: float) -> None:
         """Record the offset the server reports it holds."""
-        with self._store.write() as db:
+        with self._held(lease, now) as db:
             db.execute(
                 "UPDATE uploads SET confirmed_offset = ?, updated_at = ? WHERE study_id = ?",
                 (offset, now, study_id),
@@ -237,20 +248,18 @@ class Uploads:
         lease: Lease,
         now: float,
     ) -> None:
-        """In one transaction: record the offset the server confirmed, commit that bytes up to
-        `sending_to` may go out next, and renew the job's `lease`. Raise LeaseLost, changing
-        nothing, if its owner no longer holds the job."""
-        with self._store.write() as db:
-            hold(db, lease, now)
+        """In one transaction: record the offset the server confirmed, and commit that bytes up
+        to `sending_to` may go out next."""
+        with self._held(lease, now) as db:
             db.execute(
                 "UPDATE uploads SET confirmed_offset = ?, sent_to = max(sent_to, ?),"
                 " updated_at = ? WHERE study_id = ?",
                 (offset, sending_to, now, study_id),
             )
 
-    def mark_sent(self, study_id: int, now: float) -> None:
+    def mark_sent(self, study_id: int, lease: Lease, now: float) -> None:
         """The whole bundle is in the cloud: the part and its instances are `sent`."""
-        with self._store.write() as db:
+        with self._held(lease, now) as db:
             db.execute(
                 "INSERT INTO uploads (study_id, created_at, updated_at, sent_at)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (study_id) DO UPDATE SET"
@@ -264,9 +273,9 @@ class Uploads:
             )
             self._event(db, study_id, now, Level.INFO, "sent", "uploaded to the cloud")
 
-    def mark_confirmed(self, study_id: int, now: float) -> None:
+    def mark_confirmed(self, study_id: int, lease: Lease, now: float) -> None:
         """The cloud lists every instance of the part: it is `confirmed`."""
-        with self._store.write() as db:
+        with self._held(lease, now) as db:
             db.execute(
                 "UPDATE uploads SET confirmed_at = ?, updated_at = ? WHERE study_id = ?",
                 (now, now, study_id),

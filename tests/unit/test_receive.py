@@ -174,8 +174,8 @@ def test_a_re_send_of_an_instance_the_cloud_confirmed_is_a_duplicate_even_withou
     assert store.mark_stable(NOW + 60, stable_after=60) != []
     job = store.jobs.claim(UPLOAD, "worker", 120, NOW + 60)
     assert job is not None
-    store.uploads.mark_sent(job.study_id, NOW + 61)
-    store.uploads.mark_confirmed(job.study_id, NOW + 62)
+    store.uploads.mark_sent(job.study_id, job.lease, NOW + 61)
+    store.uploads.mark_confirmed(job.study_id, job.lease, NOW + 62)
     spool.path(spool_path(store)).unlink()  # as retention would
     assert arrive(receiver, part10()).outcome is Outcome.DUPLICATE
     assert list(spool.data_dir.glob("spool/*/*")) == []

@@ -9,7 +9,7 @@ import pytest
 
 from agent.config import Settings, parse_config
 from agent.spool import Spool
-from agent.store import NewInstance, Store
+from agent.store import UPLOAD, NewInstance, Store
 from agent.upload import purge
 
 DAY = 86400.0
@@ -53,9 +53,9 @@ def sent_part(store: Store, spool: Spool, now: float) -> Path:
     )
     store.record_instance(new, now)
     assert store.mark_stable(now + 60, stable_after=60) == [("1.2", 1)]
-    with store.read() as db:
-        ((study_id,),) = db.execute("SELECT id FROM studies").fetchall()
-    store.uploads.mark_sent(study_id, now + 61)
+    job = store.jobs.claim(UPLOAD, "worker", 120, now + 60)
+    assert job is not None
+    store.uploads.mark_sent(job.study_id, job.lease, now + 61)
     return path
 
 
