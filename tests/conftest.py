@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from tests.support import datasets, dcmtk
 from tests.support.net import free_port
@@ -20,6 +21,11 @@ from tests.support.process import stop_process
 from tests.support.tus import TusServer, TusServerMissing
 
 OrthancFactory = Callable[..., Orthanc]
+
+# Hypothesis fails an example that takes over 200 ms by default: a deadline measures the machine's
+# load (CI shares two cores with Orthanc and the tus server), not the code under test.
+settings.register_profile("dirigo", deadline=None)
+settings.load_profile("dirigo")
 
 
 @dataclass(frozen=True)
