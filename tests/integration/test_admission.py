@@ -91,7 +91,6 @@ def test_half_open_connections_neither_stop_intake_nor_keep_a_thread(
         assert "Traceback" not in agent.log_tail(100_000)
 
 
-
 def test_a_peer_that_stalls_mid_message_gives_its_slot_back_after_network_timeout(
     tmp_data_dir: Path,
 ) -> None:
@@ -114,6 +113,7 @@ def test_a_peer_that_stalls_mid_message_gives_its_slot_back_after_network_timeou
             )
         finally:
             stalled.abort()
+
 
 ALL_SERVICES = {
     Verification: "echo",

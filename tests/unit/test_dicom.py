@@ -1,0 +1,55 @@
+"""Peer admission and the service each presentation context gives a peer."""
+
+from __future__ import annotations
+
+import pytest
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    Verification,
+)
+
+from agent.config import Peer
+from agent.dicom import PeerPolicy, service_of
+
+
+def negotiated(sop_class: str, as_scu: bool, as_scp: bool) -> PresentationContext:
+    context = build_context(sop_class)
+    context._as_scu, context._as_scp = as_scu, as_scp  # as negotiation leaves them
+    return context
+
+
+def test_an_admitted_peer_gets_its_own_services_and_an_unknown_caller_store_and_echo() -> None:
+    peers = [
+        Peer(ae_title="PACS", host="127.0.0.1"),
+        Peer(ae_title="VIEWER", host="127.0.0.1", services=["find", "get"]),
+        Peer(ae_title="CT1"),
+    ]
+    policy = PeerPolicy(peers, accept_unknown=True)
+    assert policy.admit("PACS ", "127.0.0.1").services == {"store", "echo", "find", "get", "move"}
+    assert policy.admit("VIEWER", "127.0.0.1").services == {"find", "get"}
+    assert policy.admit("CT1", "10.1.2.3").services == {"store", "echo"}
+    assert policy.admit("STRANGER", "10.1.2.3").services == {"store", "echo"}
+    refused = PeerPolicy(peers, accept_unknown=False).admit("VIEWER", "10.1.2.3")
+    assert (refused.accepted, refused.services) == (False, frozenset())
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "as_scu", "as_scp", "service"),
+    [
+        (Verification, False, True, "echo"),
+        (StudyRootQueryRetrieveInformationModelFind, False, True, "find"),
+        (PatientRootQueryRetrieveInformationModelMove, False, True, "move"),
+        (StudyRootQueryRetrieveInformationModelGet, False, True, "get"),
+        (CTImageStorage, True, True, "store"),  # no role selection: the peer sends to us
+        (CTImageStorage, True, False, "get"),  # the peer took the SCP role: a C-GET's way back
+        ("1.2.840.113619.4.2", True, True, "store"),  # a private storage class
+    ],
+)
+def test_each_negotiated_context_gives_one_service(
+    sop_class: str, as_scu: bool, as_scp: bool, service: str
+) -> None:
+    assert service_of(negotiated(sop_class, as_scu, as_scp)) == service
