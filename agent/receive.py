@@ -212,7 +212,8 @@ class Receiver:
             raise
         if result.obsolete_path is not None:
             self.spool.remove(result.obsolete_path)
-        log = logger.warning if result.outcome is Outcome.REPLACED else logger.info
+        notable = result.outcome in (Outcome.REPLACED, Outcome.REPAIRED)
+        log = logger.warning if notable else logger.info
         log(
             "%s %s study %s part %d (%d bytes) from %s",
             result.outcome,
@@ -246,7 +247,12 @@ class Receiver:
             # The sender tried this very input before: one copy is enough (the row counts).
             self.spool.release_quarantined(copy.path)
         else:
-            self.trim_quarantine(self.clock())
+            try:
+                self.trim_quarantine(self.clock())
+            except (OSError, StoreError) as trim_failed:
+                # The input is quarantined and recorded: that is the answer. The daemon's
+                # housekeeping trims again.
+                logger.warning("could not trim the quarantine: %s", trim_failed)
         logger.error(
             "quarantined %s from %s (%s): %s",
             arrival.sop_instance_uid,
