@@ -112,6 +112,7 @@ class Daemon:
         with self.spool.lock(SWEEP_LOCK, exclusive=True, wait=True):  # waits for `dirigo send`
             self.spool.sweep(self.store.spool_paths())
             self.spool.sweep_quarantine(self.store.quarantine_paths())
+            self.spool.lost(self.store.needed_copies())
         self.spool.sweep_bundles(self.store.uploads.bundle_paths())
         # One agent owns data_dir, so every job still claimed belongs to a run that is over.
         requeued = self.store.jobs.requeue_expired(time.time(), every_claim=True)

@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -293,6 +293,21 @@ class Spool:
         if removed:
             logger.warning("removed %d quarantined file(s) no row records", removed)
         return removed
+
+    def lost(self, needed: Mapping[str, str]) -> list[str]:
+        """Given {spool path: SOP Instance UID} of copies still needed, return the UIDs of
+        those whose file is gone, and log them: their parts cannot be packed until the
+        sender sends them again, which repairs them (`agent.receive`)."""
+        gone = [uid for path, uid in needed.items() if not (self.data_dir / path).is_file()]
+        if gone:
+            logger.error(
+                "%d acknowledged instance(s) have lost their spool copy (%s%s); their parts"
+                " cannot be packed until the sender sends them again, which repairs them",
+                len(gone),
+                ", ".join(gone[:3]),
+                ", …" if len(gone) > 3 else "",
+            )
+        return gone
 
     def sweep(self, referenced: Iterable[str]) -> int:
         """Delete files that were never acknowledged; return how many.

@@ -397,6 +397,18 @@ class Store:
             )
             return {path for (path,) in rows}
 
+    def needed_copies(self) -> dict[str, str]:
+        """Return {spool path: SOP Instance UID} of every current instance whose copy is still
+        needed: its part is neither confirmed nor purged by retention."""
+        with self.read() as db:
+            rows = db.execute(
+                "SELECT i.path, i.sop_instance_uid FROM instances i"
+                " JOIN studies s ON s.id = i.study_id LEFT JOIN uploads u ON u.study_id = s.id"
+                " WHERE i.superseded = 0 AND s.state != ? AND u.purged_at IS NULL",
+                (StudyState.CONFIRMED,),
+            )
+            return dict(rows.fetchall())
+
     def quarantine_paths(self) -> set[str]:
         """Return the path of every quarantined copy a row records."""
         with self.read() as db:

@@ -345,3 +345,15 @@ def test_a_sender_retrying_a_malformed_instance_leaves_one_quarantined_copy(
     assert len(list((agent.data_dir / "quarantine").glob("*.dcm"))) == 1
     assert agent.rows("SELECT calling_ae, repeats FROM quarantine") == [("PACS", 3)]
     assert agent.status()["instances"]["quarantined"] == 1
+
+
+def test_a_start_names_acknowledged_instances_whose_spool_copy_is_gone(
+    agent: Agent, tmp_path: Path
+) -> None:
+    uid = "1.2.826.0.1.3680043.10.3.1"
+    assert send_raw(agent.port, [ct_file(tmp_path / "a.dcm", uid)]) == [0]
+    assert agent.stop() == 0
+    ((lost, _),) = spooled(agent).values()
+    (agent.data_dir / lost).unlink()
+    agent.start()
+    assert f"1 acknowledged instance(s) have lost their spool copy ({uid})" in agent.log_tail()

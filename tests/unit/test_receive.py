@@ -307,3 +307,21 @@ def test_the_start_up_sweep_removes_quarantined_files_no_row_records(
     assert spool.sweep_quarantine(store.quarantine_paths()) == 1
     assert sorted(spool.quarantine_dir.iterdir()) == kept
     assert len(kept) == 2  # the recorded copy and its note
+
+
+def test_the_start_up_check_names_instances_whose_needed_copy_is_lost(
+    receiver: Receiver, spool: Spool, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    uids = [f"1.2.826.0.1.3680043.10.9.{index}" for index in range(3)]
+    for uid in uids:
+        assert arrive(receiver, part10(uid)).status == Status.SUCCESS
+    spool.path(spool_path(store, uids[1])).unlink()
+    assert spool.lost(store.needed_copies()) == [uids[1]]
+    assert f"1 acknowledged instance(s) have lost their spool copy ({uids[1]})" in caplog.text
+    # Once the cloud holds the part, a copy gone (retention) is no loss.
+    assert store.mark_stable(NOW + 60, stable_after=60) != []
+    job = store.jobs.claim(UPLOAD, "worker", 120, NOW + 60)
+    assert job is not None
+    store.uploads.mark_sent(job.study_id, job.lease, NOW + 61)
+    store.uploads.mark_confirmed(job.study_id, job.lease, NOW + 62)
+    assert spool.lost(store.needed_copies()) == []
