@@ -2,8 +2,9 @@
 
 The worker here is the agent's own (`Uploader.run_once`) with a lease of two seconds,
 while a housekeeping thread returns expired leases to the queue as the daemon does. The long
-steps are real: zstd at level 19 over a few MB of pixel data, one PATCH through a link squeezed
-to a few hundred kB/s by the fault proxy, to the real tus server.
+steps are real: zstd at level 19 over a few MB of pixel data, one PATCH (to the real tus server)
+or one STOW-RS batch (to a real Orthanc) through a link squeezed to a few hundred kB/s by the
+fault proxy.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from agent.upload import Uploader
 from tests.support import datasets
 from tests.support.faultproxy import FaultProxy
 from tests.support.net import wait_until
+from tests.support.orthanc import Orthanc
 from tests.support.tus import TusServer
 
 TusFactory = Callable[..., TusServer]
+OrthancFactory = Callable[..., Orthanc]
 
 LEASE = 2.0
 """Seconds; every long step below takes well over this (and says so if it did not). Not less:
@@ -88,12 +91,13 @@ class Site:
 
 
 @contextmanager
-def site(data_dir: Path, upload_url: str, **upload: object) -> Iterator[Site]:
+def site(data_dir: Path, cloud: str | dict[str, str | None], **upload: object) -> Iterator[Site]:
+    """An agent uploading to `cloud` (its tus endpoint, or its `cloud` settings)."""
     settings = parse_config(
         {
             "site": "lease-test",
             "data_dir": str(data_dir),
-            "cloud": {"upload_url": upload_url},
+            "cloud": {"upload_url": cloud} if isinstance(cloud, str) else cloud,
             "upload": {"compression": "zstd", "chunk_size": "8MiB", **upload},
         }
     )
@@ -128,15 +132,20 @@ def housekeeping(store: Store) -> Iterator[None]:
         thread.join()
 
 
-def sent_once_under_one_lease(agent: Site, tus: TusServer, slow_step: str) -> None:
+def done_under_one_lease(agent: Site, slow_step: str, state: str = "sent") -> None:
     """Run the job while housekeeping requeues expired leases: it must go through on its first
-    attempt, its lease never expiring, and the part reach the server once."""
+    attempt, its lease never expiring, and leave the part in `state`."""
     with housekeeping(agent.store):
         took = agent.run_once()
     assert took > 1.5 * LEASE, f"{slow_step} took {took:.1f}s, too quick to outlast the lease"
     assert agent.rows("SELECT state, attempts FROM jobs") == [("done", 1)]
     assert agent.rows("SELECT kind FROM events WHERE kind = 'lease_expired'") == []
-    assert agent.rows("SELECT state FROM studies") == [("sent",)]
+    assert agent.rows("SELECT state FROM studies") == [(state,)]
+
+
+def sent_once_under_one_lease(agent: Site, tus: TusServer, slow_step: str) -> None:
+    """As `done_under_one_lease`, and the part reached the tus server once."""
+    done_under_one_lease(agent, slow_step)
     (upload,) = tus.uploads()
     assert upload.complete
 
@@ -159,6 +168,19 @@ def test_one_patch_longer_than_the_lease_keeps_the_job_and_sends_the_part_once(
         with site(tmp_data_dir, proxy.url_for("/files/"), compression="none") as agent:
             agent.receive(big)
             sent_once_under_one_lease(agent, tus, "the PATCH")
+
+
+def test_one_stow_batch_longer_than_the_lease_keeps_the_job_and_stores_the_part_once(
+    tmp_data_dir: Path, orthanc: OrthancFactory, big: Path
+) -> None:
+    archive = orthanc("ARCHIVE")
+    with FaultProxy("127.0.0.1", archive.http_port) as proxy:
+        proxy.throttle(500_000)  # 3 MB in one STOW-RS request: about six seconds
+        cloud = {"upload_url": None, "dicomweb_url": proxy.url_for("/dicom-web")}
+        with site(tmp_data_dir, cloud, protocol="stow-rs", stow_batch="8MiB") as agent:
+            agent.receive(big)
+            done_under_one_lease(agent, "the STOW-RS batch", state="confirmed")
+    assert len(archive.get("/instances")) == 1
 
 
 def test_a_worker_whose_job_is_cancelled_while_packing_stops_there_and_records_nothing(
