@@ -170,7 +170,16 @@ class Uploader:
                 self._terminate(record.url)
         info = PartInfo(self.settings.site, job.study_uid, job.part)
         started = time.monotonic()
-        bundle = pack(self.spool, info, files, self.compression, keeper.check)
+        try:
+            bundle = pack(self.spool, info, files, self.compression, keeper.check)
+        except PackError:
+            # A sender may have re-sent a lost instance while this pack ran; the receiver then
+            # pointed its row at the new copy (and had no failed job to revive): once more.
+            recorded = self.store.uploads.part_files(job.study_id)
+            if recorded == files:
+                raise
+            files = recorded
+            bundle = pack(self.spool, info, files, self.compression, keeper.check)
         self.store.uploads.record_bundle(job.study_id, bundle, job.lease, self.clock())
         total = sum(f.size for f in files)
         logger.info(

@@ -7,17 +7,21 @@ import hashlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import dcmwrite
 
-from agent.config import SpoolSettings
+from agent.cloud import CloudHttp, TusClient
+from agent.config import SpoolSettings, parse_config
 from agent.dicom import Status
 from agent.pack import Compression, PackError, PartInfo, pack
 from agent.receive import Arrival, Receiver, Reply
 from agent.spool import Spool
 from agent.store import UPLOAD, JobState, NewInstance, Outcome, RecordResult, Store, StoreError
+from agent.store.uploads import Bundle
+from agent.upload import Uploader
 from tests.unit.test_instance import make_dataset
 
 NOW = 1_700_000_000.0
@@ -325,3 +329,44 @@ def test_the_start_up_check_names_instances_whose_needed_copy_is_lost(
     store.uploads.mark_sent(job.study_id, job.lease, NOW + 61)
     store.uploads.mark_confirmed(job.study_id, job.lease, NOW + 62)
     assert spool.lost(store.needed_copies()) == []
+
+
+def test_a_repair_that_lands_while_the_part_is_packed_is_packed_at_once(
+    receiver: Receiver, spool: Spool, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert arrive(receiver, part10()).status == Status.SUCCESS
+    spool.path(spool_path(store)).unlink()
+    assert store.mark_stable(NOW + 60, stable_after=60) != []
+    settings = parse_config(
+        {
+            "site": "t",
+            "data_dir": str(spool.data_dir),
+            "cloud": {"upload_url": "http://127.0.0.1:9/files/"},  # closed: sending fails
+            "upload": {"retry_first": "1h", "retry_max": "2h"},
+        }
+    )
+    http = CloudHttp.open(settings.cloud)
+    uploader = Uploader(settings, store, spool, TusClient(http, settings.cloud.upload_url), http)
+    packs = []
+
+    def pack_while_the_sender_resends(*args: Any) -> Bundle:
+        packs.append(args[2])
+        if len(packs) == 1:
+            # The re-send is answered (and repairs the row) while the packer is under way
+            # with the files it read before: it meets the lost one.
+            assert arrive(receiver, part10()).outcome is Outcome.REPAIRED
+        return pack(*args)
+
+    monkeypatch.setattr("agent.upload.pack", pack_while_the_sender_resends)
+    assert uploader.run_once("worker")
+    (job,) = store.jobs.in_states([JobState.FAILED])
+    assert job.last_error is not None and "cannot pack" not in job.last_error
+    assert job.next_attempt_at is not None  # the cloud's failure: retried by itself
+    assert len(packs) == 2 and packs[0] != packs[1]
+    assert store.uploads.get(job_study_id(store)).bundle is not None
+
+
+def job_study_id(store: Store) -> int:
+    with store.read() as db:
+        (study_id,) = db.execute("SELECT study_id FROM jobs").fetchone()
+    return int(study_id)
