@@ -14,6 +14,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 from pynetdicom import AE, _config, acse
@@ -29,6 +30,7 @@ _CONFIG_FLAGS = (
     "LOG_REQUEST_IDENTIFIERS",
     "LOG_RESPONSE_IDENTIFIERS",
     "LOG_HANDLER_LEVEL",
+    "STORE_SEND_CHUNKED_DATASET",
 )
 """The module-level switches of `pynetdicom._config` that Dirigo sets."""
 
@@ -82,6 +84,28 @@ def keep_responses(assoc: Association) -> None:
         serve(msg, context_id)
 
     assoc._serve_request = serve_or_put_back  # type: ignore[method-assign]
+
+
+def send_from_files(assoc: Association, file_of: Callable[[Any], Path | None]) -> None:
+    """Make `assoc.send_c_store` send each dataset that `file_of` maps to a Part-10 file from
+    that file, block by block as it goes on the wire, instead of encoding it in memory whole.
+
+    pynetdicom sends a C-STORE from a file when given its path and `STORE_SEND_CHUNKED_DATASET`
+    is set (it then uses the file's own transfer syntax, unconverted); its C-MOVE and C-GET
+    service classes pass on only datasets, so the association's `send_c_store` is wrapped to
+    hand it the path. Other datasets, and other callers' paths, are sent as before.
+    """
+    if getattr(assoc.send_c_store, "from_files", False):
+        return
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    send = assoc.send_c_store
+
+    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        path = file_of(dataset)
+        return send(path if path is not None else dataset, *args, **kwargs)
+
+    send_c_store.from_files = True  # type: ignore[attr-defined]
+    assoc.send_c_store = send_c_store  # type: ignore[method-assign]
 
 
 def partial_dataset_file(assoc: Association) -> IO[bytes] | None:

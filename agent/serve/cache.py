@@ -188,6 +188,17 @@ class InstanceCache:
             with self._transaction() as index:
                 self._evict(index)
 
+    def scratch(self, sop_instance_uid: str) -> BinaryIO:
+        """Return a new file under the cache (on the disk the high-water check watches), open
+        for writing and reading, for a form of the instance made to send it (an inflated copy);
+        no other process removes it as left over. The caller closes and unlinks it (its path
+        is its `name`)."""
+        self.path(sop_instance_uid)  # a UID, or ValueError: it becomes a file name
+        name = f"{sop_instance_uid}.{secrets.token_hex(4)}{PARTIAL}"
+        out = (self.root / "tmp" / name).open("x+b")
+        fcntl.flock(out.fileno(), fcntl.LOCK_SH)
+        return out
+
     def trim(self) -> None:
         """Evict what the limit or the disk's pressure asks for (the agent's housekeeping calls
         this, so a full disk empties the cache before anything else)."""

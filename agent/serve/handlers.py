@@ -41,6 +41,8 @@ from agent.config import Peer, Settings
 from agent.dicom import peer_by_title, tune
 from agent.dicomweb import DicomWeb, IncompleteListing
 from agent.dimse import QRStatus
+from agent.pynetdicom_internals import send_from_files
+from agent.serve.ondisk import file_of
 from agent.serve.query import (
     MODELS,
     InstanceRef,
@@ -187,6 +189,7 @@ class QueryRetrieve:
         def opened(store_event: evt.Event) -> None:
             store["assoc"] = store_event.assoc
             tune(store_event.assoc, sends_stores=True)
+            send_from_files(store_event.assoc, file_of)
 
         # a refusal still goes through the destination (pynetdicom's contract): propose
         # something every storage SCP takes
@@ -217,6 +220,7 @@ class QueryRetrieve:
         """Deliver a C-GET's instances over its own association."""
         peer = _peer(event)
         plan = self._plan(event, peer, "C-GET", propose=False)
+        send_from_files(event.assoc, file_of)
 
         def accepted() -> Accepted:
             return accepted_by(event.assoc.accepted_contexts)

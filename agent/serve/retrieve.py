@@ -3,8 +3,11 @@ already cached by WADO-RS, and prepare it in a syntax its destination accepted.
 
 C-MOVE, C-GET and `dirigo retrieve` share this path; they differ only in who sends the C-STOREs
 (pynetdicom for the first two, `push` for the command). Each instance is fetched into the cache
-before it is read: an interrupted retrieval that is asked again resumes where it stopped, and
-memory holds the instance being sent, never a study.
+before it is read: an interrupted retrieval that is asked again resumes where it stopped. An
+instance whose syntax the destination accepted goes from its file block by block (`ondisk`), and
+one that must be re-encoded is read with its large values left in the file until they are sent:
+memory never holds a study, nor an instance sent as the archive holds it. (Decompressing, and
+re-encoding between implicit and explicit VR, still hold that one instance in memory.)
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 import tempfile
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,16 +28,20 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
+from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dsutils import split_dataset
 
 from agent.cloud import CloudError, UploadGone
 from agent.dicom import tune
 from agent.dicomweb import DicomWeb
 from agent.dimse import STORAGE_WARNINGS, Status
+from agent.pynetdicom_internals import send_from_files
 from agent.serve.cache import InstanceCache, NotDicom
+from agent.serve.ondisk import OnDisk, file_of, inflate
 from agent.serve.query import InstanceRef, Scope, instance_ref, instance_search
 from agent.serve.syntax import Accepted, Action, accepted_by, decompress, plan, proposals
 
@@ -42,6 +50,8 @@ logger = logging.getLogger(__name__)
 PREFETCH = 4
 """Instances fetched ahead of the one being sent, each by its own thread: fetching (a WADO-RS
 request and an fsync) then overlaps sending instead of adding to it."""
+DEFER_SIZE = 64 * 1024
+"""Values larger than this stay in the file when an instance is read: read only when sent."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,7 @@ class Retriever:
         destination: Accepted | None = None
         upcoming = iter(refs)
         ahead: deque[tuple[InstanceRef, Future[_Fetched]]] = deque()
+        held: _Held | None = None  # the instance last yielded: its file is being sent
         with ThreadPoolExecutor(PREFETCH, thread_name_prefix="wado") as pool:
             try:
                 for ref in itertools.islice(upcoming, PREFETCH):
@@ -153,32 +164,64 @@ class Retriever:
                         ahead.append((following, pool.submit(self._fetched, following)))
                     if destination is None:
                         destination = accepted()
-                    item = self._item(ref, fetch, destination, counts)
+                    held = _Held(self.cache)
+                    item = self._item(ref, fetch, destination, counts, held)
                     if isinstance(item, Failed):
                         counts.failed += 1
                     elif item.action is Action.DECOMPRESS:
                         counts.decompressed += 1
                     yield item
+                    held.release()  # asked for the next one: this one was sent
+                    held = None
             finally:
+                if held is not None:
+                    held.release()
                 for ref, fetch in ahead:
                     if not fetch.cancel() and fetch.exception() is None:
                         self.cache.release(ref.sop_instance)
 
     def _item(
-        self, ref: InstanceRef, fetch: Future[_Fetched], accepted: Accepted, counts: Counts
+        self,
+        ref: InstanceRef,
+        fetch: Future[_Fetched],
+        accepted: Accepted,
+        counts: Counts,
+        held: _Held,
     ) -> Item:
         """Return one instance ready to send to a destination that accepted `accepted`, or why
-        it cannot be. Never raises for a failure of the cloud, the cache or the data."""
+        it cannot be; what it is sent from stays in `held` until released. Never raises for a
+        failure of the cloud, the cache or the data."""
         try:
-            dataset = self._read(ref, fetch, counts)
+            fetched = fetch.result()
+            held.uid = ref.sop_instance
+            if fetched.from_cache:
+                counts.cached += 1
+            else:
+                counts.fetched += 1
+            return self._prepare(ref, fetched.path, accepted, held)
         except UploadGone:
             return Failed(ref, "the archive no longer has it")
         except (CloudError, NotDicom) as exc:
             return Failed(ref, str(exc))
         except OSError as exc:
             return Failed(ref, f"cannot keep it in the cache: {exc.strerror or exc}")
-        except (InvalidDicomError, ValueError, EOFError) as exc:
+        except (InvalidDicomError, ValueError, EOFError, zlib.error) as exc:
             return Failed(ref, f"the archive's copy is not readable DICOM: {exc}")
+
+    def _prepare(self, ref: InstanceRef, path: Path, accepted: Accepted, held: _Held) -> Item:
+        """Return the instance in `path` ready to send: as a stand-in for its file when the
+        destination takes its syntax, else read (large values left in the file until sent) and
+        decompressed if the plan says so. A Deflated file is inflated into a scratch file first.
+        Raise what reading raises."""
+        meta, offset = split_dataset(path)
+        if meta.get("TransferSyntaxUID") == uid.DeflatedExplicitVRLittleEndian:
+            taken = accepted.get(str(meta.get("MediaStorageSOPClassUID", "")), frozenset())
+            if uid.DeflatedExplicitVRLittleEndian in taken and _sendable(meta, ref):
+                return Ready(ref, _stand_in(path, meta), Action.AS_IS)
+            held.scratch = self.cache.scratch(ref.sop_instance)
+            inflate(path, offset, meta, held.scratch)
+            path = Path(held.scratch.name)
+        dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE)
         if str(dataset.get("SOPInstanceUID", "")).strip() != ref.sop_instance:
             return Failed(ref, "the archive's copy is another instance")
         syntax = dataset.file_meta.get("TransferSyntaxUID")
@@ -193,25 +236,9 @@ class Retriever:
                 decompress(dataset)
             except Exception as exc:  # a codec's failure: this instance, not the retrieval
                 return Failed(ref, f"cannot decompress {syntax.name}: {exc}")
+        elif str(syntax) in accepted.get(sop_class, ()) and _sendable(dataset.file_meta, ref):
+            return Ready(ref, _stand_in(path, dataset.file_meta), delivery.action)
         return Ready(ref, dataset, delivery.action)
-
-    def _read(self, ref: InstanceRef, fetch: Future[_Fetched], counts: Counts) -> Dataset:
-        """Return the instance's dataset from the file `fetch` put in the cache. Raise what
-        fetching raised."""
-        fetched = fetch.result()
-        for attempt in range(2):  # another process may evict it between lookup and read
-            if fetched.from_cache:
-                counts.cached += 1
-            else:
-                counts.fetched += 1
-            try:
-                return pydicom.dcmread(fetched.path)
-            except FileNotFoundError:
-                if attempt == 0:
-                    fetched = self._fetched(ref)  # taken before the hold is released below
-            finally:
-                self.cache.release(ref.sop_instance)
-        raise OSError(f"the cached copy of {ref.sop_instance} keeps disappearing")
 
     def _fetched(self, ref: InstanceRef) -> _Fetched:
         """Return the instance's file in the cache, fetched first if it is not there; it is
@@ -265,6 +292,44 @@ class Listing:
 _LISTING_BLOCK = 64 * 1024
 
 
+@dataclass
+class _Held:
+    """What one instance being sent needs kept: its hold on the cache, and the scratch file it
+    is sent from, if one was made."""
+
+    cache: InstanceCache
+    uid: str | None = None
+    scratch: BinaryIO | None = None
+
+    def release(self) -> None:
+        if self.scratch is not None:
+            self.scratch.close()
+            Path(self.scratch.name).unlink(missing_ok=True)
+            self.scratch = None
+        if self.uid is not None:
+            self.cache.release(self.uid)
+            self.uid = None
+
+
+def _sendable(meta: Dataset, ref: InstanceRef) -> bool:
+    """Return True if the file with this file meta can go as it is: pynetdicom then takes the
+    SOP Class, Instance and syntax from the file meta, which must name this instance."""
+    return (
+        "MediaStorageSOPClassUID" in meta
+        and "TransferSyntaxUID" in meta
+        and str(meta.get("MediaStorageSOPInstanceUID", "")).strip() == ref.sop_instance
+    )
+
+
+def _stand_in(path: Path, meta: Dataset) -> OnDisk:
+    return OnDisk(
+        path,
+        str(meta.MediaStorageSOPClassUID).strip(),
+        str(meta.MediaStorageSOPInstanceUID).strip(),
+        str(meta.TransferSyntaxUID).strip(),
+    )
+
+
 @dataclass(frozen=True)
 class _Fetched:
     path: Path
@@ -301,6 +366,7 @@ def push(
     result = Pushed()
     try:
         tune(assoc, sends_stores=True)
+        send_from_files(assoc, file_of)
         for item in retriever.items(refs, lambda: accepted_by(assoc.accepted_contexts), counts):
             if isinstance(item, Ready):
                 _send(assoc, item, result)
