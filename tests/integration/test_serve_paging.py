@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
 
 from tests.conftest import OrthancFactory, StoreSCPFactory
 from tests.integration.test_serve import load, received, serve_agent, uid
+from tests.integration.test_upload import TusFactory, complete_uploads, confirming_agent
 from tests.support import datasets, dcmtk
+from tests.support.net import wait_until
 from tests.support.orthanc import Orthanc
 from tests.support.qidopaging import QidoPaging
 
@@ -93,3 +96,27 @@ def test_an_archive_that_ignores_offset_fails_the_find_and_the_move_instead_of_l
     assert dcmtk.final_status(moved) == UNABLE_TO_PROCESS, moved.stdout[-2000:] + log
     assert list(destination.out_dir.iterdir()) == []
     assert searches <= 4, "two pages each, then the repeat is seen"
+
+
+def test_confirmation_through_an_archive_that_caps_limit_sees_the_whole_part(
+    tmp_path: Path, tmp_data_dir: Path, tus_server: TusFactory, orthanc: OrthancFactory
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=5, rows=16, cols=16, seed=320)
+    archive = orthanc(aet="ARCHIVE")
+    load(archive, series)  # the archive already holds the part: only the listing is in doubt
+    tus = tus_server()
+    with QidoPaging("127.0.0.1", archive.http_port, cap=2) as capped:
+        agent = confirming_agent(tmp_data_dir, tus, archive)
+        config = yaml.safe_load(agent.config_path.read_text())
+        config["cloud"]["dicomweb_url"] = capped.url_for("/dicom-web")
+        config.setdefault("serve", {})["page_size"] = 4
+        agent.config_path.write_text(yaml.safe_dump(config))
+        with agent:
+            dcmtk.storescu(series, agent.port)
+            complete_uploads(tus, 1)
+            wait_until(
+                lambda: agent.status()["studies"]["confirmed"] == 1,
+                60,
+                what="the part confirmed through 2-result pages",
+            )
+        assert len(capped.searches()) >= 3
