@@ -9,6 +9,7 @@ from typing import Any
 
 from agent import __version__
 from agent.config import Settings
+from agent.config.units import rough_duration
 from agent.spool import Spool
 from agent.store import UPLOAD, JobRecord, JobState, Store
 
@@ -194,12 +195,5 @@ def _when(iso: str) -> str:
     """Return an ISO-8601 time as `2026-11-23 09:12:48 UTC (in 42s)` for people."""
     at = datetime.fromisoformat(iso)
     seconds = (at - datetime.now(tz=UTC)).total_seconds()
-    relative = "due now" if seconds <= 0 else f"in {_duration(seconds)}"
+    relative = "due now" if seconds <= 0 else f"in {rough_duration(seconds)}"
     return f"{at:%Y-%m-%d %H:%M:%S} UTC ({relative})"
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"

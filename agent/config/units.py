@@ -89,6 +89,14 @@ def format_duration(seconds: float) -> str | float:
     return seconds  # a bare number is seconds, and YAML keeps a float exactly
 
 
+def rough_duration(seconds: float) -> str:
+    """Return a span of time, rounded, as people read it: `42s`, `7min`, `3h`, `2d`."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
 def format_size(size: int) -> str | int:
     for unit, factor in _SIZE_UNITS:
         if size and size % factor == 0:

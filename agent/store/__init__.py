@@ -2,12 +2,12 @@
 
 This package holds all of the project's SQL: this module the connection, its transactions,
 instances and studies; `jobs` the job queue (`Store.jobs`); `uploads` the way of each study part
-to the cloud (`Store.uploads`). One connection serves the whole process: pynetdicom runs every
-association in its own thread, so the connection is shared behind a lock, and every write is one
-short `BEGIN IMMEDIATE` transaction (taking the write lock up front, so a transaction never fails
-half-way with SQLITE_BUSY after it has read). The database runs in WAL mode with
-`synchronous=FULL`, so a committed row survives power loss: the receiver answers a C-STORE with
-Success only after `record_instance` has returned.
+to the cloud (`Store.uploads`); `activity` what the status page shows (`Store.activity`). One
+connection serves the whole process: pynetdicom runs every association in its own thread, so the
+connection is shared behind a lock, and every write is one short `BEGIN IMMEDIATE` transaction
+(taking the write lock up front, so a transaction never fails half-way with SQLITE_BUSY after it
+has read). The database runs in WAL mode with `synchronous=FULL`, so a committed row survives power
+loss: the receiver answers a C-STORE with Success only after `record_instance` has returned.
 
 Every time is passed in as `now` (epoch seconds), so callers and tests control the clock.
 """
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from agent.store.activity import Activity, Bucket, PartSummary, Problem
 from agent.store.errors import JobStateError, LeaseLost, StoreError
 from agent.store.jobs import UPLOAD, Job, JobRecord, Jobs, Lease, enqueue, revive
 from agent.store.records import InstanceState, JobState, Level, Outcome, StudyState, event
@@ -36,6 +37,8 @@ from agent.store.uploads import Uploads
 __all__ = [
     "MIGRATIONS",
     "UPLOAD",
+    "Activity",
+    "Bucket",
     "InstanceState",
     "Job",
     "JobRecord",
@@ -49,6 +52,8 @@ __all__ = [
     "Migration",
     "NewInstance",
     "Outcome",
+    "PartSummary",
+    "Problem",
     "RecordResult",
     "StatusSnapshot",
     "Store",
@@ -147,6 +152,7 @@ class Store:
         self._lock = threading.Lock()
         self.jobs = Jobs(self)
         self.uploads = Uploads(self)
+        self.activity = Activity(self)
 
     # -- opening --------------------------------------------------------------------------
 
