@@ -33,6 +33,7 @@ from agent.serve.query import QueryError, Scope, study_scope
 from agent.serve.retrieve import Counts, Item, Listing, Retriever, push
 from agent.spool import SWEEP_LOCK, Spool
 from agent.store import JobState, Store, StoreError
+from agent.systemd import JournalFormatter, journal_stream
 
 logger = logging.getLogger("agent")
 
@@ -161,10 +162,15 @@ def _queue_parser(
 
 
 def _configure_logging(level: str, debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # Under systemd, journald stamps each line and reads its priority from a `<N>` prefix.
+    handler.setFormatter(
+        JournalFormatter()
+        if journal_stream(sys.stderr)
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     logging.basicConfig(
-        level=logging.DEBUG if debug else getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=logging.DEBUG if debug else getattr(logging, level.upper()), handlers=[handler]
     )
     # pynetdicom logs every PDU at DEBUG and request identifiers (patient data) at INFO.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing.util
-import os
 import signal
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ from agent.serve.handlers import QueryRetrieve
 from agent.serve.retrieve import Retriever
 from agent.spool import AGENT_LOCK, SWEEP_LOCK, Locked, Spool
 from agent.store import Store, StoreError
+from agent.systemd import notify
 from agent.transcode import missing_codec
 from agent.upload import Uploader, UploadWorkers, purge
 
@@ -129,7 +128,7 @@ class Daemon:
             port,
             self.settings.data_dir,
         )
-        notify_systemd("READY=1")
+        notify("READY=1")
 
     def _hold_agent_lock(self) -> None:
         """Hold data_dir's agent lock until the process ends: two agents on one data_dir would
@@ -246,7 +245,7 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop accepting, let in-flight associations finish (bounded), then close the store."""
-        notify_systemd("STOPPING=1")
+        notify("STOPPING=1")
         if self.workers is not None:
             # Each worker pauses after its current chunk and gives its job back.
             self.workers.stop(SHUTDOWN_GRACE)
@@ -276,17 +275,3 @@ class Daemon:
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
-
-
-def notify_systemd(message: str) -> None:
-    """Send `message` to systemd's notify socket when running under Type=notify; else do nothing."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(message.encode(), address)
-        except OSError as exc:
-            logger.warning("could not notify systemd: %s", exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -32,6 +33,7 @@ class Agent:
         high_water: str = "90%",
         extra: dict[str, Any] | None = None,
         probe_ae: str = "PACS",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.ae_title = ae_title
@@ -54,6 +56,8 @@ class Agent:
         for section, values in (extra or {}).items():
             config.setdefault(section, {}).update(values)
         self.config_path.write_text(yaml.safe_dump(config))
+        self.env = {**os.environ, **(env or {})}
+        """The environment `dirigo run` starts with (the test's own, plus `env`)."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
 
@@ -64,7 +68,11 @@ class Agent:
         """Start `dirigo run` and wait until it answers a C-ECHO from `probe_ae`."""
         self.log.write(b"--- start ---\n")
         self.proc = subprocess.Popen(
-            self.command("run"), stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL
+            self.command("run"),
+            stdout=self.log,
+            stderr=self.log,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
         )
         try:
             wait_until(self._answers_echo, timeout, what=f"dirigo on port {self.port} answering")
