@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import BinaryIO
 
@@ -192,3 +194,30 @@ def test_housekeeping_empties_the_cache_while_the_disk_is_above_high_water(
     full[0] = True
     cache.trim()
     assert UID1 not in cache and not cache.path(UID1).exists()
+
+
+def _hold_and_wait(root: Path, ready: Connection) -> None:
+    """In a child process: put an instance, keep holding it, say so, then wait to be killed."""
+    cache = InstanceCache(root, 10_000).open()
+    cache.put(UID1, writer(part10(1000)))
+    ready.send(True)
+    ready.recv()  # never comes: the parent kills this process
+
+
+def test_a_hold_ends_with_its_process_however_it_ends(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    InstanceCache(root, 10_000).open()
+    parent_end, child_end = multiprocessing.get_context("fork").Pipe()
+    child = multiprocessing.get_context("fork").Process(
+        target=_hold_and_wait, args=(root, child_end)
+    )
+    child.start()
+    try:
+        assert parent_end.poll(30) and parent_end.recv()
+        other = InstanceCache(root, 0).open()  # the limit says: nothing
+        assert other.path(UID1).exists(), "held by the other process"
+    finally:
+        child.kill()  # as kill -9: no release, no clean-up
+        child.join(30)
+    other.trim()
+    assert not other.path(UID1).exists() and other.size == 0
