@@ -72,13 +72,25 @@ def render(status: dict[str, Any], seen: dict[str, Any], now: float) -> str:
     )
     return _PAGE.format(
         site=site,
-        version=escape(str(status.get("version", ""))),
-        generated=_utc(now),
+        summary=_summary(status, now),
         refresh=REFRESH_SECONDS,
         style=_STYLE,
         script=_SCRIPT.replace("REFRESH_MS", str(REFRESH_SECONDS * 1000)),
         body=body,
     )
+
+
+def _summary(status: dict[str, Any], now: float) -> str:
+    words = [f"version {escape(str(status.get('version', '')))}"]
+    if "uptime_seconds" in status:
+        words.append(f"up {_ago(float(status['uptime_seconds']))}")
+    words.append(f"updated {_utc(now)}")
+    state = status.get("state")
+    badge = ""
+    if isinstance(state, str):
+        state = escape(state)
+        badge = f'<span class="badge {state}" data-state="{state}">{state}</span> '
+    return badge + " · ".join(words)
 
 
 # -- health lights ----------------------------------------------------------------------------
@@ -94,7 +106,14 @@ def lights(status: dict[str, Any]) -> list[tuple[str, str, str]]:
         words = "all parts running" if healthy else "failing: " + ", ".join(failing)
         found.append(("agent", "ok" if healthy else "bad", words))
     disk = status["disk"]
-    if disk["accepting"]:
+    readiness = status.get("readiness")
+    unready = []
+    if isinstance(readiness, dict):
+        checks = readiness.get("checks", {})
+        unready = [str(c.get("problem") or name) for name, c in checks.items() if not c.get("ok")]
+    if unready:
+        found.append(("receiving", "bad", "refusing: " + "; ".join(unready)))
+    elif disk["accepting"]:
         found.append(("receiving", "ok", f"disk {disk['used_percent']}% used"))
     else:
         found.append(("receiving", "bad", f"refusing: disk above {disk['high_water_percent']}%"))
@@ -341,7 +360,7 @@ _PAGE = """<!DOCTYPE html>
 <noscript><meta http-equiv="refresh" content="{refresh}"></noscript>
 <style>{style}</style></head>
 <body><header><h1>Dirigo <span>{site}</span></h1>
-<p>version {version} · <span id="updated">updated {generated}</span></p></header>
+<p id="summary">{summary}</p></header>
 <main id="content">{body}</main>
 <script>{script}</script></body></html>
 """
@@ -354,6 +373,9 @@ sans-serif;color:var(--ink);background:var(--bg)}
 header{display:flex;justify-content:space-between;align-items:baseline;padding:12px 24px;
 background:#1d2330;color:#fff}header h1{margin:0;font-size:20px}header h1 span{color:#9fb3d9;
 font-weight:400;margin-left:8px}header p{margin:0;color:#9fb3d9}header.stale{background:var(--bad)}
+.badge{border-radius:10px;padding:2px 10px;font-weight:600;color:#fff;background:#6b7384}
+.badge.healthy{background:var(--ok)}.badge.degraded{background:var(--warn)}
+.badge.unhealthy{background:var(--bad)}
 main{padding:16px 24px;max-width:1280px;margin:auto}
 .lights{display:flex;flex-wrap:wrap;gap:12px;list-style:none;padding:0;margin:0 0 16px}
 .light{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px 14px;
@@ -394,13 +416,13 @@ _SCRIPT = """
         var fresh = new DOMParser().parseFromString(text, "text/html");
         document.getElementById("content").innerHTML =
           fresh.getElementById("content").innerHTML;
-        document.getElementById("updated").textContent =
-          fresh.getElementById("updated").textContent;
+        document.getElementById("summary").innerHTML =
+          fresh.getElementById("summary").innerHTML;
         header.classList.remove("stale");
       })
       .catch(function (error) {
         header.classList.add("stale");
-        document.getElementById("updated").textContent =
+        document.getElementById("summary").textContent =
           "not updated: " + error.message + " (retrying)";
       })
       .then(function () { window.setTimeout(refresh, REFRESH_MS); });

@@ -192,3 +192,25 @@ def test_lights_name_what_is_wrong(store: Store, tmp_path: Path) -> None:
     assert levels["uploads"] == ("warn", "1 retrying")
     assert levels["cloud"][0] == "warn" and "connection refused" in levels["cloud"][1]
     assert levels["agent"] == ("bad", "failing: upload worker 2")
+
+
+def test_an_unready_agent_says_why_and_its_state_is_in_the_header(
+    store: Store, tmp_path: Path
+) -> None:
+    status = status_of(store, tmp_path)
+    status["state"] = "unhealthy"
+    status["uptime_seconds"] = 7200.0
+    status["readiness"] = {
+        "ready": False,
+        "checks": {
+            "store": {"ok": True, "problem": None},
+            "dicom": {"ok": False, "problem": "the DICOM port is closed"},
+        },
+    }
+
+    levels = {name: (level, words) for name, level, words in page.lights(status)}
+    html = page.status_page(status, store, NOW)
+
+    assert levels["receiving"] == ("bad", "refusing: the DICOM port is closed")
+    assert 'data-state="unhealthy"' in html
+    assert "up 2h" in html
