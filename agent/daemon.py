@@ -11,6 +11,7 @@ import logging
 import multiprocessing.util
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -22,8 +23,11 @@ from pynetdicom.events import EventHandlerType
 
 from agent.cloud import CloudHttp, Throttle, TusClient
 from agent.config import ConfigError, Settings
+from agent.config.rules import listen_address
 from agent.dicom import Gate, PeerPolicy, build_ae
 from agent.dicomweb import DicomWeb
+from agent.endpoints import Endpoints
+from agent.liveness import Liveness
 from agent.pynetdicom_internals import partial_dataset_file
 from agent.receive import Arrival, Receiver
 from agent.serve.cache import InstanceCache
@@ -34,6 +38,7 @@ from agent.store import Store, StoreError
 from agent.systemd import notify
 from agent.transcode import missing_codec
 from agent.upload import Uploader, UploadWorkers, purge
+from agent.web import HealthServer
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +49,10 @@ SHUTDOWN_GRACE = 30.0
 """Seconds in-flight associations get after a stop signal (the unit's TimeoutStopSec is longer)."""
 TICK = 0.25
 """How often the main loop checks its stop flag."""
+ACCEPTOR_DEADLINE = 30.0
+"""The most seconds the DICOM acceptor may go without looping (it loops twice a second)."""
+SUPERVISOR = "supervisor"
+ACCEPTOR = "dicom-acceptor"
 
 
 class StartupError(Exception):
@@ -65,14 +74,20 @@ class Daemon:
         self._stopping = False
         self._next_housekeeping = 0.0
         self.gate: Gate | None = None
+        self.liveness = Liveness()
+        """What `/healthz` (and the systemd watchdog) judge: the acceptor, workers, supervisor."""
+        self.health_server: HealthServer | None = None
 
     def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         self.start()
+        stall_after = self.settings.health.stall_after
+        self.liveness.watch(SUPERVISOR, stall_after, threading.current_thread())
         try:
             while not self._stopping:
+                self.liveness.beat(SUPERVISOR)
                 try:
                     self.housekeeping(time.time())
                 except (OSError, StoreError) as exc:
@@ -120,6 +135,7 @@ class Daemon:
         self.query_retrieve = QueryRetrieve(self.settings, self._retriever())
         self.server = self._start_server(self.store, self.query_retrieve)
         self.workers = self._start_uploads(self.store, http)
+        self.health_server = self._start_health(self.store)
         host, port = self.server.server_address[:2]
         logger.info(
             "listening as %s on %s:%d (data_dir %s)",
@@ -187,16 +203,54 @@ class Daemon:
         ]
         ae = build_ae(dicom)
         try:
-            return ae.start_server((dicom.bind, dicom.port), block=False, evt_handlers=handlers)
+            server = ae.start_server((dicom.bind, dicom.port), block=False, evt_handlers=handlers)
         except OSError as exc:
             where = f"{dicom.bind}:{dicom.port}"
             raise StartupError(f"cannot listen on {where}: {exc.strerror}") from exc
+        self._watch_acceptor(server)
+        return server
+
+    def _watch_acceptor(self, server: Any) -> None:
+        """Have the acceptor beat each time round its loop: socketserver's `serve_forever` calls
+        `service_actions` after every poll (half a second) and every accepted connection."""
+        deadline = min(ACCEPTOR_DEADLINE, self.settings.health.stall_after)
+        self.liveness.watch(ACCEPTOR, deadline)
+        loop_action = server.service_actions
+
+        def service_actions() -> None:
+            self.liveness.beat(ACCEPTOR)
+            loop_action()
+
+        server.service_actions = service_actions
+
+    def _start_health(self, store: Store) -> HealthServer | None:
+        """Start the health HTTP server, or return None when `health.listen` is off."""
+        health = self.settings.health
+        if listen_address(health.listen) is None:
+            logger.info("health.listen is off: no health endpoints")
+            return None
+        endpoints = Endpoints(
+            self.settings, store, self.spool, self.liveness, self._listening_socket
+        )
+        try:
+            server = HealthServer(health, endpoints.routes())
+            server.start()
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot serve health endpoints on {health.listen}: {exc}") from exc
+        return server
+
+    def _listening_socket(self) -> socket.socket | None:
+        server = self.server
+        return None if server is None else cast(socket.socket, server.socket)
 
     def _start_uploads(self, store: Store, http: CloudHttp) -> UploadWorkers:
         upload = self.settings.upload
         client = TusClient(http, self.settings.cloud.upload_url)
-        uploader = Uploader(self.settings, store, self.spool, client, http)
-        workers = UploadWorkers(uploader, upload.concurrency)
+        uploader = Uploader(
+            self.settings, store, self.spool, client, http, progress=self.liveness.beat
+        )
+        stall_after = self.settings.health.stall_after
+        workers = UploadWorkers(uploader, upload.concurrency, self.liveness, stall_after)
         workers.start()
         return workers
 
@@ -246,6 +300,9 @@ class Daemon:
     def stop(self) -> None:
         """Stop accepting, let in-flight associations finish (bounded), then close the store."""
         notify("STOPPING=1")
+        if self.health_server is not None:
+            self.health_server.stop()
+            self.health_server = None
         if self.workers is not None:
             # Each worker pauses after its current chunk and gives its job back.
             self.workers.stop(SHUTDOWN_GRACE)

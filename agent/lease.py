@@ -34,8 +34,15 @@ class LeaseKeeper:
     """Renews `lease` every `lease.seconds / RENEWALS_PER_LEASE` until the block ends; `check`
     raises LeaseLost once a renewal found the lease gone."""
 
-    def __init__(self, jobs: Jobs, lease: Lease, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        jobs: Jobs,
+        lease: Lease,
+        clock: Callable[[], float] = time.time,
+        progress: Callable[[], None] | None = None,
+    ) -> None:
         self._jobs = jobs
+        self._progress = progress
         self._lease = lease
         self._clock = clock
         self._done = threading.Event()
@@ -56,7 +63,10 @@ class LeaseKeeper:
         self._thread.join()
 
     def check(self) -> None:
-        """Raise LeaseLost if the job is no longer ours."""
+        """Report the worker's progress (its steps call this between blocks and chunks), then
+        raise LeaseLost if the job is no longer ours."""
+        if self._progress is not None:
+            self._progress()
         if self._lost.is_set():
             raise LeaseLost(f"job {self._lease.job_id} is not held by {self._lease.owner}")
 

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -137,6 +138,20 @@ class Spool:
                 created.append(path)
         for directory in {p.parent for p in created} | set(created):
             fsync_directory(directory)
+
+    def check_writable(self) -> None:
+        """Write, fsync and remove a small file in `incoming/`, where every arrival lands first.
+        Raise OSError if the spool cannot take a file (read-only, full, gone)."""
+        probe = self.incoming / f".writable-{os.getpid()}-{threading.get_ident()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"probe")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            probe.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def lock(self, name: str, *, exclusive: bool, wait: bool) -> Iterator[None]:

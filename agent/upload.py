@@ -36,6 +36,7 @@ from agent.confirm import check_held
 from agent.dicomweb import DicomWeb
 from agent.dimse import describe
 from agent.lease import LeaseKeeper
+from agent.liveness import Liveness
 from agent.pack import Compression, PackError, PartInfo, pack, sent_hashes
 from agent.retry import Backoff
 from agent.spool import Spool, SpoolFileError
@@ -70,8 +71,11 @@ class Uploader:
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
         lease_seconds: float = LEASE_SECONDS,
+        progress: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.progress = progress
+        """Called from a worker's thread between the blocks and chunks of a job (liveness)."""
         self.store = store
         self.spool = spool
         self.client = client
@@ -96,7 +100,7 @@ class Uploader:
         if job is None:
             return False
         try:
-            with LeaseKeeper(self.store.jobs, job.lease, self.clock) as keeper:
+            with LeaseKeeper(self.store.jobs, job.lease, self.clock, self.progress) as keeper:
                 self._process(job, keeper)
             self.store.jobs.complete(job.lease, self.clock())
         except LeaseLost:
@@ -420,9 +424,14 @@ class UploadWorkers:
     """How long a worker waits after `run_once` itself failed (the database refused the claim,
     say), by the number of failures in a row."""
 
-    def __init__(self, uploader: Uploader, count: int) -> None:
+    def __init__(
+        self, uploader: Uploader, count: int, liveness: Liveness | None = None, deadline: float = 0
+    ) -> None:
         self.uploader = uploader
         self.count = count
+        self.liveness = liveness
+        self.deadline = deadline
+        """Seconds a worker may go without progress before `liveness` reports it."""
         self._threads: dict[str, threading.Thread] = {}
         self._wake = threading.Event()
 
@@ -457,6 +466,8 @@ class UploadWorkers:
     def _spawn(self, name: str) -> None:
         thread = threading.Thread(target=self._loop, args=(name,), name=name, daemon=True)
         self._threads[name] = thread
+        if self.liveness is not None:
+            self.liveness.watch(name, self.deadline, thread)
         thread.start()
 
     def _loop(self, name: str) -> None:
@@ -464,6 +475,8 @@ class UploadWorkers:
         stop = self.uploader.stop
         failures = 0
         while not stop.is_set():
+            if self.liveness is not None:
+                self.liveness.beat(name)
             try:
                 busy = self.uploader.run_once(owner)
             except Exception:

@@ -10,6 +10,7 @@ from agent.config.loading import load_config, parse_config
 from agent.config.models import (
     CloudSettings,
     DicomSettings,
+    HealthSettings,
     Peer,
     ServeSettings,
     Settings,
@@ -25,6 +26,7 @@ __all__ = [
     "CloudSettings",
     "ConfigError",
     "DicomSettings",
+    "HealthSettings",
     "Peer",
     "ServeSettings",
     "Settings",

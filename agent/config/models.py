@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ from agent.config.rules import (
     Flag,
     Host,
     Level,
+    Listen,
     MiB,
     OptionalFile,
     OptionalPort,
@@ -56,6 +58,7 @@ from agent.config.rules import (
     check_ae_title,
     choice,
     empty_as_no_items,
+    listen_address,
     redact_url,
     rule,
 )
@@ -207,6 +210,33 @@ class ServeSettings(BaseModel):
     page_size: PageSize = 100
 
 
+class HealthSettings(BaseModel):
+    """The health HTTP server: /healthz, /readyz, /status, /metrics and the status page."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    listen: Listen = "127.0.0.1:8080"
+    cert: OptionalFile = None
+    key: OptionalFile = None
+    token_file: OptionalFile = None
+    stall_after: QuietTime = 300.0
+    """How long an upload worker or the supervisor may go without progress before /healthz
+    reports it (the DICOM acceptor beats twice a second and gets the lesser of this and 30s)."""
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> HealthSettings:
+        if self.key is not None and self.cert is None:
+            raise ValueError("'key' is set without 'cert'")
+        address = listen_address(self.listen)
+        if address and not ipaddress.ip_address(address[0]).is_loopback and not self.token_file:
+            raise ValueError(
+                f"'token_file' is required when 'listen' ({self.listen}) is not a loopback"
+                " address: /status, /metrics and the status page are shown only to a caller"
+                " with the token"
+            )
+        return self
+
+
 class Settings(BaseModel):
     """The whole validated configuration. Dumping it (`redacted`, `model_dump`) gives the YAML
     form: durations as ``90s``, sizes as ``1MiB``, percentages as ``90%``, URLs redacted."""
@@ -222,6 +252,7 @@ class Settings(BaseModel):
     cloud: Annotated[CloudSettings, Section]
     upload: Annotated[UploadSettings, Section] = Field(default_factory=UploadSettings)
     serve: Annotated[ServeSettings, Section] = Field(default_factory=ServeSettings)
+    health: Annotated[HealthSettings, Section] = Field(default_factory=HealthSettings)
 
     @model_validator(mode="wrap")
     @classmethod

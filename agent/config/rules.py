@@ -98,6 +98,37 @@ def _bind(value: object) -> str:
         ) from None
 
 
+LISTEN_OFF = "off"
+
+
+def _listen(value: object) -> str:
+    """Return `off` or `HOST:PORT` (an IPv6 host in brackets) with HOST an IP address."""
+    if value is False:  # YAML reads a bare `off` as false
+        return LISTEN_OFF
+    text = _text(value, "an address and port (e.g. 127.0.0.1:8080) or off").strip()
+    if text.lower() == LISTEN_OFF:
+        return LISTEN_OFF
+    problem = f"{show(text)} is not IP:PORT (e.g. 127.0.0.1:8080, [::1]:8080, 0.0.0.0:8080) or off"
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        raise ValueError(problem)
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(problem) from None
+    number = _bounded_int(1, 65535, "port")(port)
+    return f"[{address}]:{number}" if address.version == 6 else f"{address}:{number}"
+
+
+def listen_address(listen: str) -> tuple[str, int] | None:
+    """Return a `health.listen` value as (IP address, port), or None when it is `off`."""
+    if listen == LISTEN_OFF:
+        return None
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 
@@ -303,6 +334,7 @@ OptionalFile = Annotated[Path | None, BeforeValidator(_optional_path)]
 Level = Annotated[LogLevel, rule(_log_level)]
 AETitle = Annotated[str, rule(check_ae_title)]
 BindAddress = Annotated[str, rule(_bind)]
+Listen = Annotated[str, rule(_listen)]
 Host = Annotated[str | None, rule(_host, optional=True)]
 Port = Annotated[int, rule(_bounded_int(1, 65535, "port"))]
 OptionalPort = Annotated[int | None, rule(_bounded_int(1, 65535, "port"), optional=True)]

@@ -260,6 +260,12 @@ class Store:
         with self._transaction("BEGIN IMMEDIATE") as db:
             yield db
 
+    def check_writable(self) -> None:
+        """Take the database's write lock and commit nothing. Raise StoreError if it cannot
+        (locked for longer than the busy timeout, read-only, corrupt)."""
+        with self.write():
+            pass
+
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """Run the block in one read transaction, so several queries see one snapshot."""

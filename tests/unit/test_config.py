@@ -1020,3 +1020,32 @@ def test_secret_files_others_may_read_are_named_with_their_mode(tmp_path: Path) 
     assert exposed(client_cert=files["cert"], client_key=files["key"]) == []
     assert exposed(client_cert=files["cert"]) == [f"At 'cloud.client_cert': {files['cert']}"]
     assert exposed(token_file=tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("127.0.0.1:9100", "127.0.0.1:9100"),
+        ("[::1]:8080", "[::1]:8080"),
+        ("off", "off"),
+        (False, "off"),  # YAML reads a bare `off` as false
+    ],
+)
+def test_health_listen_accepts_an_address_and_port_or_off(given: object, kept: str) -> None:
+    assert parse_config(minimal(health__listen=given)).health.listen == kept
+
+
+@pytest.mark.parametrize("listen", ["localhost:8080", "127.0.0.1", "127.0.0.1:0", "8080"])
+def test_health_listen_rejects_anything_but_ip_and_port(listen: str) -> None:
+    assert only_problem(minimal(health__listen=listen)).startswith("At 'health.listen': ")
+
+
+def test_health_beyond_loopback_without_a_token_is_refused() -> None:
+    problem = only_problem(minimal(health__listen="0.0.0.0:8080"))
+    assert problem.startswith("At 'health': 'token_file' is required when 'listen'")
+
+
+def test_health_beyond_loopback_with_a_token_is_accepted(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    settings = parse_config(minimal(health__listen="0.0.0.0:8080", health__token_file=str(token)))
+    assert settings.health.token_file == token

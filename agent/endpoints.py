@@ -1,0 +1,158 @@
+"""What the health endpoints answer: liveness (/healthz), readiness (/readyz) and the status
+document (/status), each computed when asked, from the running agent's parts.
+
+Liveness asks whether the process should be restarted: a part stuck or dead. Readiness asks
+whether the PACS may send now: store writable, DICOM port listening, disk below high water. A
+cloud outage makes the agent neither: storing and forwarding later is its job; `/status` shows it
+as `degraded`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from agent.config import Settings
+from agent.health import snapshot
+from agent.liveness import Liveness
+from agent.spool import Spool
+from agent.store import Store, StoreError
+from agent.web import Response, Route
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """The checks of /readyz, each None when it passes or a sentence saying why not."""
+
+    checks: dict[str, str | None]
+
+    @property
+    def ready(self) -> bool:
+        return all(problem is None for problem in self.checks.values())
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "checks": {
+                name: {"ok": problem is None, "problem": problem}
+                for name, problem in self.checks.items()
+            },
+        }
+
+
+class Endpoints:
+    """The answers of /healthz, /readyz and /status for one running agent.
+
+    `listening` returns the DICOM server's listening socket, or None once it is closed; `extra`
+    returns what other parts add to the status document (cloud reachability, last transfers)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        spool: Spool,
+        liveness: Liveness,
+        listening: Callable[[], socket.socket | None],
+        extra: Callable[[], dict[str, Any]] = dict,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.spool = spool
+        self.liveness = liveness
+        self.listening = listening
+        self.extra = extra
+        self.clock = clock
+        self.started = clock()
+
+    def routes(self) -> dict[str, Route]:
+        """Return the routes of these endpoints (the server adds /metrics and the page)."""
+        return {
+            "/healthz": Route(self.healthz, private=False),
+            "/readyz": Route(self.readyz, private=False),
+            "/status": Route(self.status, private=True),
+        }
+
+    def healthz(self) -> Response:
+        health = self.liveness.check()
+        status = HTTPStatus.OK if health.healthy else HTTPStatus.SERVICE_UNAVAILABLE
+        return json_response(status, health.document())
+
+    def readyz(self) -> Response:
+        readiness = self.readiness()
+        status = HTTPStatus.OK if readiness.ready else HTTPStatus.SERVICE_UNAVAILABLE
+        return json_response(status, readiness.document())
+
+    def status(self) -> Response:
+        return json_response(HTTPStatus.OK, self.document())
+
+    def document(self) -> dict[str, Any]:
+        """Return `dirigo status --json`'s document plus health, readiness, uptime and what
+        `extra` adds; `state` sums them up as `healthy`, `degraded` or `unhealthy`."""
+        document = snapshot(self.settings, self.store, self.spool)
+        health = self.liveness.check()
+        readiness = self.readiness()
+        extra = self.extra()
+        cloud_up = extra.get("cloud", {}).get("up", True)
+        if not health.healthy:
+            state = "unhealthy"
+        elif not readiness.ready or not cloud_up:
+            state = "degraded"
+        else:
+            state = "healthy"
+        document.update(
+            state=state,
+            health=health.document(),
+            readiness=readiness.document(),
+            uptime_seconds=round(self.clock() - self.started, 1),
+            **extra,
+        )
+        return document
+
+    def readiness(self) -> Readiness:
+        return Readiness(
+            {
+                "store": self._store_problem(),
+                "dicom": self._listening_problem(),
+                "disk": self._disk_problem(),
+            }
+        )
+
+    def _store_problem(self) -> str | None:
+        try:
+            self.spool.check_writable()
+        except OSError as exc:
+            return f"the spool cannot take a file: {exc}"
+        try:
+            self.store.check_writable()
+        except StoreError as exc:
+            return f"the database cannot be written: {exc}"
+        return None
+
+    def _listening_problem(self) -> str | None:
+        sock = self.listening()
+        if sock is None or sock.fileno() < 0:
+            return "the DICOM port is closed"
+        try:
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                return "the DICOM socket is not listening"
+        except OSError as exc:
+            return f"the DICOM socket is unusable: {exc}"
+        return None
+
+    def _disk_problem(self) -> str | None:
+        if not self.spool.above_high_water():
+            return None
+        usage = self.spool.disk_usage()
+        high_water = self.settings.spool.high_water
+        return f"the disk is {usage.percent:.1f}% full, at or above high water ({high_water:g}%)"
+
+
+def json_response(status: int, document: dict[str, Any]) -> Response:
+    body = json.dumps(document, indent=2).encode()
+    return Response(status, body + b"\n", "application/json")
