@@ -10,6 +10,7 @@ import contextlib
 import logging
 import multiprocessing.util
 import signal
+import socket
 import tempfile
 import threading
 import time

@@ -20,6 +20,7 @@ from typing import Any
 from agent.config import Settings
 from agent.health import snapshot
 from agent.liveness import Liveness
+from agent.page import status_page
 from agent.spool import Spool
 from agent.store import Store, StoreError
 from agent.web import Response, Route
@@ -76,6 +77,7 @@ class Endpoints:
             "/healthz": Route(self.healthz, private=False),
             "/readyz": Route(self.readyz, private=False),
             "/status": Route(self.status, private=True),
+            "/": Route(self.page, private=True),
         }
 
     def healthz(self) -> Response:
@@ -90,6 +92,10 @@ class Endpoints:
 
     def status(self) -> Response:
         return json_response(HTTPStatus.OK, self.document())
+
+    def page(self) -> Response:
+        html = status_page(self.document(), self.store, time.time())
+        return Response(HTTPStatus.OK, html.encode(), "text/html; charset=utf-8")
 
     def document(self) -> dict[str, Any]:
         """Return `dirigo status --json`'s document plus health, readiness, uptime and what

@@ -59,6 +59,8 @@ def test_a_healthy_agent_is_live_ready_and_shows_its_status(
         assert status["state"] == "healthy"
         assert status["health"]["healthy"] is True and status["readiness"]["ready"] is True
         assert status["uptime_seconds"] > 0
+        page = get(f"{base}/")
+        assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
         assert get(f"{base}/no-such-page").status_code == 404
         assert requests.post(f"{base}/status", timeout=30).status_code == 405
 
