@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -113,15 +113,7 @@ class DicomSettings(BaseModel):
     def _unique_titles(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
         """Validate the peers and report every repeated AE title at its own index, together
         with the peers' other problems (pydantic would stop at the first)."""
-        details = _duplicate_titles(value)
-        try:
-            peers = handler(value)
-        except ValidationError as exc:
-            details = [_init_details(error) for error in exc.errors()] + details
-            raise ValidationError.from_exception_data(cls.__name__, details) from None
-        if details:
-            raise ValidationError.from_exception_data(cls.__name__, details)
-        return peers
+        return _with_problems(cls.__name__, _duplicate_titles(value), handler, value)
 
     def warnings(self) -> list[str]:
         """Return the admission rules that let a caller in on its AE title alone."""
@@ -259,14 +251,7 @@ class Settings(BaseModel):
     def _protocol_needs(cls, value: Any, handler: ModelWrapValidatorHandler[Settings]) -> Settings:
         """Report what the upload protocol needs (tus: `cloud.upload_url`; stow-rs:
         `cloud.dicomweb_url`) together with every other problem."""
-        details = _protocol_problems(value)
-        try:
-            settings = handler(value)
-        except ValidationError as exc:
-            details = [_init_details(error) for error in exc.errors()] + details
-            raise ValidationError.from_exception_data(cls.__name__, details) from None
-        if details:
-            raise ValidationError.from_exception_data(cls.__name__, details)
+        settings: Settings = _with_problems(cls.__name__, _protocol_problems(value), handler, value)
         return settings
 
     def warnings(self) -> list[str]:
@@ -325,6 +310,21 @@ def _secret_files(model: BaseModel, prefix: str) -> Iterator[tuple[str, Path]]:
                 or (name in KEY_IN_CERT and getattr(model, KEY_IN_CERT[name], "") is None)
             ):
                 yield key, item
+
+
+def _with_problems(
+    title: str, details: list[InitErrorDetails], handler: Callable[[Any], Any], value: object
+) -> Any:
+    """Validate `value` with `handler` and raise the problems it finds together with `details`
+    (found beforehand across several keys), so one run reports all of them."""
+    try:
+        validated = handler(value)
+    except ValidationError as exc:
+        details = [_init_details(error) for error in exc.errors()] + details
+        raise ValidationError.from_exception_data(title, details) from None
+    if details:
+        raise ValidationError.from_exception_data(title, details)
+    return validated
 
 
 def _duplicate_titles(value: object) -> list[InitErrorDetails]:
