@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from agent.cloud import CloudHttp
 from agent.dicomweb import DicomWeb
 from agent.serve.cache import InstanceCache
 from agent.serve.query import study_scope
@@ -54,7 +55,7 @@ def test_a_listing_streams_into_a_file_each_instance_once_and_stops_past_its_bou
     load(archive, series)
     session = requests.Session()
     session.stream = True
-    dicomweb = DicomWeb(session, archive.dicomweb_url, 30.0)
+    dicomweb = DicomWeb(CloudHttp(session, 30.0), archive.dicomweb_url)
     cache = InstanceCache(tmp_path / "cache", 10**9).open()
     retriever = Retriever(dicomweb, cache, page_size=2)
     scope = study_scope(uid(series[0]))
