@@ -125,16 +125,22 @@ def accepted_by(contexts: Iterable[PresentationContext]) -> dict[str, frozenset[
 def proposals(known: Mapping[str, Sequence[str | None]]) -> list[PresentationContext]:
     """Return the presentation contexts to propose for instances of the SOP classes in `known`
     (each with the syntaxes of its instances, where known): per class one context of the
-    uncompressed little-endian syntaxes, then one context per compressed syntax, the known ones
-    first, then the common ones while classes have unknown syntaxes. At most MAX_CONTEXTS: each
-    class gets its uncompressed context first, then the rest in turns."""
+    uncompressed little-endian syntaxes, one of Implicit VR Little Endian alone where it is
+    known or may be, then one context per compressed syntax, the known ones first, then the
+    common ones while classes have unknown syntaxes. At most MAX_CONTEXTS: each class gets its
+    uncompressed context first, then the rest in turns."""
     queues: list[list[PresentationContext]] = []
     for sop_class, syntaxes in known.items():
         named = [s for s in dict.fromkeys(syntaxes) if s is not None]
         wanted = [s for s in named if s not in UNCOMPRESSED_LE]
-        if len(named) < len(syntaxes):  # some instances' syntaxes are unknown
+        unknown = len(named) < len(syntaxes)  # some instances' syntaxes are unknown
+        if unknown:
             wanted += [s for s in COMMON_COMPRESSED if s not in wanted]
         queue = [build_context(sop_class, list(UNCOMPRESSED_LE))]
+        if unknown or uid.ImplicitVRLittleEndian in named:
+            # in a context of its own too, so that an implicit VR file goes as it is, from
+            # its file, to a destination whose choice in the first context was explicit VR
+            queue.append(build_context(sop_class, [uid.ImplicitVRLittleEndian]))
         queue += [build_context(sop_class, [syntax]) for syntax in wanted]
         queues.append(queue)
     chosen: list[PresentationContext] = []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tests.conftest import OrthancFactory, StoreSCP, StoreSCPFactory
 from tests.integration.test_serve import load, received, serve_agent, uid
@@ -85,3 +85,22 @@ def test_a_deflated_instance_is_inflated_into_a_file_not_into_memory(
     assert np.array_equal(delivered.pixel_array, plain.pixel_array)
     assert grown < INSTANCE, f"peak memory grew by {grown} bytes for a {INSTANCE}-byte instance"
     assert not list((tmp_data_dir / "cache" / "tmp").glob("*.partial")), "the inflated copy is gone"
+
+
+def test_an_implicit_vr_instance_goes_from_its_file_to_a_destination_preferring_explicit(
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, storescp: StoreSCPFactory
+) -> None:
+    archive = orthanc(aet="ARCHIVE")
+    plain = pydicom.dcmread(big_slice(tmp_path / "ct", seed=503))
+    plain.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit = tmp_path / "implicit.dcm"
+    plain.save_as(implicit, enforce_file_format=True)
+    load(archive, [implicit])
+    destination = storescp(ae="DEST", extra_args=())  # prefers explicit VR, takes implicit
+    grown, completed = move_and_measure(
+        tmp_data_dir, archive.dicomweb_url, destination, str(plain.StudyInstanceUID)
+    )
+    assert completed == 1
+    (got,) = received(destination.out_dir).values()
+    assert datasets.dataset_sha256(got) == datasets.dataset_sha256(implicit)
+    assert grown < INSTANCE, f"peak memory grew by {grown} bytes for a {INSTANCE}-byte instance"

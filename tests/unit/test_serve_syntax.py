@@ -112,3 +112,13 @@ def test_decompression_gives_the_very_pixels_and_keeps_the_instance_uid(
     assert ds.file_meta.TransferSyntaxUID == uid.ExplicitVRLittleEndian
     assert ds.SOPInstanceUID == original_uid
     assert np.array_equal(ds.pixel_array, expected)
+
+
+def test_implicit_vr_gets_a_context_of_its_own_where_an_instance_may_be_held_in_it() -> None:
+    for known in ([uid.ImplicitVRLittleEndian], [None]):
+        contexts = proposals({CT: known})
+        assert [uid.ImplicitVRLittleEndian] in [c.transfer_syntax for c in contexts[1:]]
+    explicit_only = proposals({CT: [uid.ExplicitVRLittleEndian]})
+    assert [c.transfer_syntax for c in explicit_only] == [
+        [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]
+    ]
