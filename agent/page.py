@@ -73,10 +73,21 @@ def render(status: dict[str, Any], seen: dict[str, Any], now: float) -> str:
     return _PAGE.format(
         site=site,
         summary=_summary(status, now),
+        icon=_icon(status),
         refresh=REFRESH_SECONDS,
         style=_STYLE,
         script=_SCRIPT.replace("REFRESH_MS", str(REFRESH_SECONDS * 1000)),
         body=body,
+    )
+
+
+def _icon(status: dict[str, Any]) -> str:
+    """Return the tab's icon, inline (the page loads nothing else): a dot of the state's colour."""
+    colour = {"healthy": "1e9e5a", "degraded": "e0a100", "unhealthy": "d4351c"}
+    fill = colour.get(str(status.get("state")), "6b7384")
+    return (
+        "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E"
+        f"%3Ccircle cx='8' cy='8' r='7' fill='%23{fill}'/%3E%3C/svg%3E"
     )
 
 
@@ -357,6 +368,7 @@ _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Dirigo · {site}</title>
+<link rel="icon" href="{icon}">
 <noscript><meta http-equiv="refresh" content="{refresh}"></noscript>
 <style>{style}</style></head>
 <body><header><h1>Dirigo <span>{site}</span></h1>
@@ -418,6 +430,8 @@ _SCRIPT = """
           fresh.getElementById("content").innerHTML;
         document.getElementById("summary").innerHTML =
           fresh.getElementById("summary").innerHTML;
+        document.querySelector("link[rel=icon]").setAttribute("href",
+          fresh.querySelector("link[rel=icon]").getAttribute("href"));
         header.classList.remove("stale");
       })
       .catch(function (error) {
