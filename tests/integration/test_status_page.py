@@ -144,6 +144,9 @@ def test_the_status_page_shows_what_status_says_and_follows_a_send_without_a_rel
         errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
         assert errors == []
 
+        # The whole page, not only what the window shows.
+        height = browser.execute_script("return document.documentElement.scrollHeight;")
+        browser.set_window_size(1280, int(height) + 140)
         screenshot = tmp_path / "status-page.png"
         assert browser.save_screenshot(str(screenshot))
         print(f"status page screenshot: {screenshot}")
