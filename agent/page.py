@@ -59,7 +59,7 @@ def render(status: dict[str, Any], seen: dict[str, Any], now: float) -> str:
         [
             _lights(status),
             '<div class="grid">',
-            _queue(status),
+            _queue(status, now),
             _oldest(seen["oldest_waiting"], now),
             "</div>",
             '<div class="grid">',
@@ -130,7 +130,8 @@ def lights(status: dict[str, Any]) -> list[tuple[str, str, str]]:
         found.append(("receiving", "bad", f"refusing: disk above {disk['high_water_percent']}%"))
     cloud = status.get("cloud")
     if isinstance(cloud, dict) and "up" in cloud:
-        found.append(("cloud", "ok" if cloud["up"] else "warn", _cloud_words(cloud)))
+        level = {True: "ok", False: "warn"}.get(cloud["up"], "unknown")
+        found.append(("cloud", level, _cloud_words(cloud)))
     failed = status["failed"]
     stuck = [item for item in failed if item["next_attempt_at"] is None]
     if stuck:
@@ -143,10 +144,12 @@ def lights(status: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def _cloud_words(cloud: dict[str, Any]) -> str:
+    if cloud["up"] is None:
+        return "not asked yet"
     if cloud["up"]:
         return "reachable"
-    error = cloud.get("error") or cloud.get("last_error")
-    return "unreachable: storing and forwarding later" + (f" ({error})" if error else "")
+    error = cloud.get("error")
+    return "unreachable: stored here, sent later" + (f" ({error})" if error else "")
 
 
 def _lights(status: dict[str, Any]) -> str:
@@ -161,7 +164,7 @@ def _lights(status: dict[str, Any]) -> str:
 # -- queue and oldest study -------------------------------------------------------------------
 
 
-def _queue(status: dict[str, Any]) -> str:
+def _queue(status: dict[str, Any], now: float) -> str:
     rows = []
     for group in ("studies", "instances", "jobs"):
         counts = status[group]
@@ -173,8 +176,20 @@ def _queue(status: dict[str, Any]) -> str:
         rows.append(f"<tr><th>{group}</th>{cells}</tr>")
     return (
         '<section class="card"><h2>Queue by state</h2>'
-        f'<table class="counts">{"".join(rows)}</table></section>'
+        f'<table class="counts">{"".join(rows)}</table>{_last_transfers(status, now)}</section>'
     )
+
+
+def _last_transfers(status: dict[str, Any], now: float) -> str:
+    """Return when the last upload and the last retrieve succeeded, where `/status` says."""
+    words = []
+    for key, what in (("last_upload_at", "upload"), ("last_retrieve_at", "retrieve")):
+        if key in status:
+            at = status[key]
+            when = "none since start-up" if at is None else f"{_ago(now - _epoch(at))} ago"
+            mark = escape(at or "")
+            words.append(f'last {what} <span data-{what}="{mark}">{when}</span>')
+    return f'<p class="quiet">{" · ".join(words)}</p>' if words else ""
 
 
 def _oldest(part: PartSummary | None, now: float) -> str:
@@ -320,7 +335,7 @@ def _problems(status: dict[str, Any], problems: list[Problem], now: float) -> st
 def _next(item: dict[str, Any], now: float) -> str:
     if item["next_attempt_at"] is None:
         return f"never by itself: <code>dirigo queue retry {item['id']}</code>"
-    at = datetime.fromisoformat(item["next_attempt_at"]).timestamp()
+    at = _epoch(item["next_attempt_at"])
     return "due now" if at <= now else f"in {_ago(at - now)}"
 
 
@@ -358,6 +373,10 @@ def _bytes(size: float) -> str:
 
 def _ago(seconds: float) -> str:
     return rough_duration(max(seconds, 0.0))
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def _utc(epoch: float) -> str:

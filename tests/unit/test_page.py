@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +219,20 @@ def test_an_unready_agent_says_why_and_its_state_is_in_the_header(
     assert levels["receiving"] == ("bad", "refusing: the DICOM port is closed")
     assert 'data-state="unhealthy"' in html
     assert "up 2h" in html
+
+
+def test_a_cloud_not_asked_yet_is_unknown_and_the_last_transfers_are_shown(
+    store: Store, tmp_path: Path
+) -> None:
+    status = status_of(store, tmp_path)
+    status["cloud"] = {"up": None}
+    status["last_upload_at"] = "2027-01-15T08:00:00+00:00"
+    status["last_retrieve_at"] = None
+    now = datetime.fromisoformat("2027-01-15T08:07:00+00:00").timestamp()
+
+    levels = {name: (level, words) for name, level, words in page.lights(status)}
+    html = page.status_page(status, store, now)
+
+    assert levels["cloud"] == ("unknown", "not asked yet")
+    assert '<span data-upload="2027-01-15T08:00:00+00:00">7min ago</span>' in html
+    assert '<span data-retrieve="">none since start-up</span>' in html
