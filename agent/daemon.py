@@ -29,6 +29,7 @@ from agent.dicom import Gate, PeerPolicy, build_ae
 from agent.dicomweb import DicomWeb
 from agent.endpoints import Endpoints
 from agent.liveness import Liveness
+from agent.importer import Importer
 from agent.pynetdicom_internals import partial_dataset_file
 from agent.receive import Arrival, Receiver
 from agent.serve.cache import InstanceCache
@@ -40,6 +41,7 @@ from agent.systemd import notify
 from agent.transcode import missing_codec
 from agent.upload import Uploader, UploadWorkers, purge
 from agent.web import HealthServer
+from agent.watch import FolderWatch
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class Daemon:
         self.server: Any = None
         self.workers: UploadWorkers | None = None
         self.query_retrieve: QueryRetrieve | None = None
+        self.watch: FolderWatch | None = None
         self._agent_lock: contextlib.ExitStack | None = None
         self._stopping = False
         self._next_housekeeping = 0.0
@@ -137,6 +140,9 @@ class Daemon:
         self.server = self._start_server(self.store, self.query_retrieve)
         self.workers = self._start_uploads(self.store, http)
         self.health_server = self._start_health(self.store)
+        if self.settings.watch.dirs and self.receiver is not None:
+            self.watch = FolderWatch(self.settings.watch, Importer(self.spool, self.receiver))
+            self.watch.start()
         host, port = self.server.server_address[:2]
         logger.info(
             "listening as %s on %s:%d (data_dir %s)",
@@ -270,6 +276,8 @@ class Daemon:
         self.store.jobs.requeue_expired(now)
         if self.workers is not None:
             self.workers.revive()
+        if self.watch is not None:
+            self.watch.revive()
         if self.query_retrieve is not None and self.query_retrieve.retriever is not None:
             self.query_retrieve.retriever.cache.trim()  # a full disk empties the cache first
         purge(self.settings, self.store, self.spool, now)
@@ -304,6 +312,10 @@ class Daemon:
         if self.health_server is not None:
             self.health_server.stop()
             self.health_server = None
+        if self.watch is not None:
+            # Before the receiver closes: the file in hand is accepted and moved, or left.
+            self.watch.stop(SHUTDOWN_GRACE)
+            self.watch = None
         if self.workers is not None:
             # Each worker pauses after its current chunk and gives its job back.
             self.workers.stop(SHUTDOWN_GRACE)

@@ -51,7 +51,8 @@ class Result(StrEnum):
     FAILED = "failed"
 
 
-_ACCEPTED = frozenset({Result.STORED, Result.DUPLICATE, Result.REPLACED})
+ACCEPTED = frozenset({Result.STORED, Result.DUPLICATE, Result.REPLACED})
+"""Results after which the gateway holds the file's instance."""
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,14 @@ def collect(paths: Sequence[Path]) -> tuple[list[Source], list[Imported]]:
     return sources, problems
 
 
-def _add(path: Path, sources: list[Source], problems: list[Imported]) -> None:
+def is_dicomdir(path: Path) -> bool:
+    """Return whether `path` names a DICOMDIR, a CD's index rather than an instance."""
     # ISO 9660 mounts may show a version suffix: DICOMDIR;1, or DICOMDIR. with no extension.
-    if path.name.upper().split(";")[0].rstrip(".") == DICOMDIR:
+    return path.name.upper().split(";")[0].rstrip(".") == DICOMDIR
+
+
+def _add(path: Path, sources: list[Source], problems: list[Imported]) -> None:
+    if is_dicomdir(path):
         return
     try:
         sources.append(Source(path, path.stat().st_size))
@@ -214,7 +220,7 @@ class Tally:
     @property
     def ok(self) -> bool:
         """True when every file was stored, replaced or a duplicate."""
-        return all(result in _ACCEPTED for result in +self.counts)
+        return all(result in ACCEPTED for result in +self.counts)
 
     def summary(self) -> str:
         """Return one line: each result's count, with the reasons for those not accepted."""

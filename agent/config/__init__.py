@@ -17,6 +17,8 @@ from agent.config.models import (
     SpoolSettings,
     StudySettings,
     UploadSettings,
+    WatchDir,
+    WatchSettings,
 )
 from agent.config.problems import ConfigError
 from agent.config.rules import redact_url
@@ -33,6 +35,8 @@ __all__ = [
     "SpoolSettings",
     "StudySettings",
     "UploadSettings",
+    "WatchDir",
+    "WatchSettings",
     "load_config",
     "parse_config",
     "parse_duration",

@@ -229,6 +229,40 @@ class HealthSettings(BaseModel):
         return self
 
 
+class WatchDir(BaseModel):
+    """A folder files are dropped into (a CD copied, an export from another hospital's
+    system), and where each file goes once taken: `done` when accepted, `rejected` (beside a
+    `.reason` text) when not. The three are distinct and none lies inside another."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: DataDir
+    done: DataDir
+    rejected: DataDir
+
+    @model_validator(mode="after")
+    def _apart(self) -> WatchDir:
+        folders = {"path": self.path, "done": self.done, "rejected": self.rejected}
+        for name, folder in folders.items():
+            for other, inner in folders.items():
+                if name != other and inner.is_relative_to(folder):
+                    where = "is" if inner == folder else "lies inside"
+                    raise ValueError(f"'{other}' {where} '{name}' ({folder}); keep them apart")
+        return self
+
+
+class WatchSettings(BaseModel):
+    """Watch folders: files dropped there are imported like `dirigo send`, then moved away."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dirs: Annotated[tuple[WatchDir, ...], BeforeValidator(empty_as_no_items)] = ()
+    settle: QuietTime = 5.0
+    """How long a file (or everything in a folder dropped in) must stay unchanged."""
+    poll: Flag = False
+    """Poll instead of inotify: network shares and mounted CDs send no inotify events."""
+
+
 class Settings(BaseModel):
     """The whole validated configuration. Dumping it (`redacted`, `model_dump`) gives the YAML
     form: durations as ``90s``, sizes as ``1MiB``, percentages as ``90%``, URLs redacted."""
@@ -245,6 +279,7 @@ class Settings(BaseModel):
     upload: Annotated[UploadSettings, Section] = Field(default_factory=UploadSettings)
     serve: Annotated[ServeSettings, Section] = Field(default_factory=ServeSettings)
     health: Annotated[HealthSettings, Section] = Field(default_factory=HealthSettings)
+    watch: Annotated[WatchSettings, Section] = Field(default_factory=WatchSettings)
 
     @model_validator(mode="wrap")
     @classmethod

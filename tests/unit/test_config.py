@@ -1049,3 +1049,33 @@ def test_health_beyond_loopback_with_a_token_is_accepted(tmp_path: Path) -> None
     token = tmp_path / "token"
     settings = parse_config(minimal(health__listen="0.0.0.0:8080", health__token_file=str(token)))
     assert settings.health.token_file == token
+
+
+# --- watch folders ----------------------------------------------------------------------------
+
+
+def test_watch_folders_default_to_none_settling_for_5s_with_inotify() -> None:
+    watch = parse_config(minimal()).watch
+    assert (watch.dirs, watch.settle, watch.poll) == ((), 5.0, False)
+
+
+def test_a_watch_folder_takes_three_paths_and_the_settle_time() -> None:
+    folder = {"path": "/srv/in", "done": "/srv/done", "rejected": "/srv/rejected"}
+    watch = parse_config(minimal(watch={"dirs": [folder], "settle": "2s", "poll": True})).watch
+    assert watch.dirs[0].path == Path("/srv/in")
+    assert (watch.dirs[0].done, watch.dirs[0].rejected) == (
+        Path("/srv/done"),
+        Path("/srv/rejected"),
+    )
+    assert (watch.settle, watch.poll) == (2.0, True)
+
+
+def test_watch_folders_that_overlap_or_lack_a_path_are_each_reported() -> None:
+    inside = {"path": "/srv/in", "done": "/srv/in/done", "rejected": "/srv/rejected"}
+    same = {"path": "/srv/a", "done": "/srv/b", "rejected": "/srv/b"}
+    found = problems(minimal(watch={"dirs": [inside, same, {"path": "/srv/c"}], "settle": "0s"}))
+    assert any(p.startswith("At 'watch.dirs[0]'") and "lies inside 'path'" in p for p in found)
+    assert any(p.startswith("At 'watch.dirs[1]'") and "'rejected' is 'done'" in p for p in found)
+    assert "At 'watch.dirs[2].done': required" in found
+    assert "At 'watch.dirs[2].rejected': required" in found
+    assert any(p.startswith("At 'watch.settle'") for p in found)
