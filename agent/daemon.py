@@ -28,8 +28,8 @@ from agent.config.rules import listen_address
 from agent.dicom import Gate, PeerPolicy, build_ae
 from agent.dicomweb import DicomWeb
 from agent.endpoints import Endpoints
-from agent.liveness import Liveness
 from agent.importer import Importer
+from agent.liveness import Liveness
 from agent.pynetdicom_internals import partial_dataset_file
 from agent.receive import Arrival, Receiver
 from agent.serve.cache import InstanceCache
@@ -40,8 +40,8 @@ from agent.store import Store, StoreError
 from agent.systemd import notify
 from agent.transcode import missing_codec
 from agent.upload import Uploader, UploadWorkers, purge
-from agent.web import HealthServer
 from agent.watch import FolderWatch
+from agent.web import HealthServer
 
 logger = logging.getLogger(__name__)
 
