@@ -52,6 +52,8 @@ class Agent:
             "study": {"stable_after": stable_after},
             "spool": {"high_water": high_water},
             "cloud": {"upload_url": "http://127.0.0.1:9/files/"},
+            # A free port, not the default 8080: tests run side by side (extra may override).
+            "health": {"listen": f"{LOOPBACK}:{free_port()}"},
         }
         for section, values in (extra or {}).items():
             config.setdefault(section, {}).update(values)
