@@ -437,28 +437,40 @@ svg .axis{fill:var(--muted);font-size:10px}meter{width:120px}
 _SCRIPT = """
 (function () {
   var header = document.querySelector("header");
+  function swap(fresh, selector) {
+    document.querySelector(selector).innerHTML = fresh.querySelector(selector).innerHTML;
+  }
   function refresh() {
-    fetch(window.location.href, {cache: "no-store", credentials: "same-origin"})
+    if (document.hidden) {  // a tab nobody looks at asks nothing
+      window.setTimeout(refresh, REFRESH_MS);
+      return;
+    }
+    var control = new AbortController();
+    var timer = window.setTimeout(function () { control.abort(); }, 3 * REFRESH_MS);
+    fetch(window.location.href,
+          {cache: "no-store", credentials: "same-origin", signal: control.signal})
       .then(function (answer) {
         if (!answer.ok) { throw new Error("HTTP " + answer.status); }
         return answer.text();
       })
       .then(function (text) {
         var fresh = new DOMParser().parseFromString(text, "text/html");
-        document.getElementById("content").innerHTML =
-          fresh.getElementById("content").innerHTML;
-        document.getElementById("summary").innerHTML =
-          fresh.getElementById("summary").innerHTML;
+        swap(fresh, "#content");
+        swap(fresh, "#summary");
         document.querySelector("link[rel=icon]").setAttribute("href",
           fresh.querySelector("link[rel=icon]").getAttribute("href"));
         header.classList.remove("stale");
       })
       .catch(function (error) {
+        var why = error.name === "AbortError" ? "no answer" : error.message;
         header.classList.add("stale");
-        document.getElementById("summary").textContent =
-          "not updated: " + error.message + " (retrying)";
+        document.querySelector("#summary").textContent =
+          "cannot reach the agent (" + why + "): what follows is old; trying again";
       })
-      .then(function () { window.setTimeout(refresh, REFRESH_MS); });
+      .then(function () {
+        window.clearTimeout(timer);
+        window.setTimeout(refresh, REFRESH_MS);
+      });
   }
   window.setTimeout(refresh, REFRESH_MS);
 })();

@@ -152,3 +152,25 @@ def test_the_status_page_shows_what_status_says_and_follows_a_send_without_a_rel
         print(f"status page screenshot: {screenshot}")
         if copy_to := os.environ.get("DIRIGO_PAGE_SCREENSHOT"):
             shutil.copyfile(screenshot, copy_to)
+
+        # The agent stops: the page says so and keeps what it showed; it follows again
+        # once the agent is back, still without a reload.
+        agent.stop()
+        header = browser.find_element(By.TAG_NAME, "header")
+        wait_until(
+            lambda: "stale" in (header.get_attribute("class") or ""),
+            60,
+            interval=0.5,
+            what="the page marked stale",
+        )
+        assert "cannot reach the agent" in header.text
+        assert shown_counts(browser)["instances"]["sent"] == len(series)
+        agent.start()
+        wait_until(
+            lambda: "stale" not in (header.get_attribute("class") or ""),
+            60,
+            interval=0.5,
+            what="the page following the restarted agent",
+        )
+        assert shown_counts(browser) == status_counts(status())
+        assert browser.execute_script("return window.notReloaded === true;")
