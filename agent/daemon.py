@@ -10,7 +10,6 @@ import contextlib
 import logging
 import multiprocessing.util
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -27,11 +26,14 @@ from agent.config import ConfigError, Settings
 from agent.config.rules import listen_address
 from agent.dicom import Gate, PeerPolicy, build_ae
 from agent.dicomweb import DicomWeb
+from agent.dimse import Status
 from agent.endpoints import Endpoints
 from agent.importer import Importer
 from agent.liveness import Liveness
+from agent.metrics import Metrics
+from agent.probe import CloudProbe
 from agent.pynetdicom_internals import partial_dataset_file
-from agent.receive import Arrival, Receiver
+from agent.receive import Arrival, Receiver, Reply
 from agent.serve.cache import InstanceCache
 from agent.serve.handlers import QueryRetrieve
 from agent.serve.retrieve import Retriever
@@ -81,6 +83,8 @@ class Daemon:
         self.liveness = Liveness()
         """What `/healthz` (and the systemd watchdog) judge: the acceptor, workers, supervisor."""
         self.health_server: HealthServer | None = None
+        self.metrics = Metrics()
+        self.probe: CloudProbe | None = None
 
     def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
@@ -139,6 +143,9 @@ class Daemon:
         self.query_retrieve = QueryRetrieve(self.settings, self._retriever())
         self.server = self._start_server(self.store, self.query_retrieve)
         self.workers = self._start_uploads(self.store, http)
+        cloud = self.settings.cloud
+        self.probe = CloudProbe(CloudHttp.open(cloud), cloud.upload_url, DicomWeb.open(cloud))
+        self.probe.start()
         self.health_server = self._start_health(self.store)
         if self.settings.watch.dirs and self.receiver is not None:
             self.watch = FolderWatch(self.settings.watch, Importer(self.spool, self.receiver))
@@ -178,7 +185,9 @@ class Daemon:
             ).open()
         except OSError as exc:
             raise StartupError(f"cannot prepare the cache {cache_dir}: {exc}") from exc
-        return Retriever(dicomweb, cache, self.settings.serve.page_size)
+        retriever = Retriever(dicomweb, cache, self.settings.serve.page_size)
+        retriever.fetched = self.metrics.instance_retrieved
+        return retriever
 
     def _start_server(self, store: Store, query_retrieve: QueryRetrieve) -> Any:
         dicom = self.settings.dicom
@@ -200,7 +209,10 @@ class Daemon:
                 address=event.assoc.requestor.address,
                 sop_instance_uid=str(uid) if uid else None,
             )
-            return receiver.accept(arrival).as_dataset()
+            size = arrival.path.stat().st_size
+            reply = receiver.accept(arrival)
+            self._count(reply, size)
+            return reply.as_dataset()
 
         self.gate = Gate(dicom, policy)
         handlers: list[EventHandlerType] = [
@@ -216,6 +228,12 @@ class Daemon:
             raise StartupError(f"cannot listen on {where}: {exc.strerror}") from exc
         self._watch_acceptor(server)
         return server
+
+    def _count(self, reply: Reply, size: int) -> None:
+        if reply.status == Status.SUCCESS:
+            self.metrics.instance_received(size)
+        else:
+            self.metrics.instance_rejected(Status(reply.status).name.lower(), reply.quarantined)
 
     def _watch_acceptor(self, server: Any) -> None:
         """Have the acceptor beat each time round its loop: socketserver's `serve_forever` calls
@@ -237,7 +255,13 @@ class Daemon:
             logger.info("health.listen is off: no health endpoints")
             return None
         endpoints = Endpoints(
-            self.settings, store, self.spool, self.liveness, self._listening_socket
+            self.settings,
+            store,
+            self.spool,
+            self.liveness,
+            lambda: self.server,
+            self.metrics,
+            self.probe,
         )
         try:
             server = HealthServer(health, endpoints.routes())
@@ -246,15 +270,17 @@ class Daemon:
             raise StartupError(f"cannot serve health endpoints on {health.listen}: {exc}") from exc
         return server
 
-    def _listening_socket(self) -> socket.socket | None:
-        server = self.server
-        return None if server is None else cast(socket.socket, server.socket)
-
     def _start_uploads(self, store: Store, http: CloudHttp) -> UploadWorkers:
         upload = self.settings.upload
         client = TusClient(http, self.settings.cloud.upload_url)
         uploader = Uploader(
-            self.settings, store, self.spool, client, http, progress=self.liveness.beat
+            self.settings,
+            store,
+            self.spool,
+            client,
+            http,
+            progress=self.liveness.beat,
+            metrics=self.metrics,
         )
         stall_after = self.settings.health.stall_after
         workers = UploadWorkers(uploader, upload.concurrency, self.liveness, stall_after)
@@ -316,6 +342,9 @@ class Daemon:
             # Before the receiver closes: the file in hand is accepted and moved, or left.
             self.watch.stop(SHUTDOWN_GRACE)
             self.watch = None
+        if self.probe is not None:
+            self.probe.stop()
+            self.probe = None
         if self.workers is not None:
             # Each worker pauses after its current chunk and gives its job back.
             self.workers.stop(SHUTDOWN_GRACE)

@@ -18,9 +18,13 @@ from http import HTTPStatus
 from typing import Any
 
 from agent.config import Settings
-from agent.health import snapshot
+from agent.config.rules import SERVICES
+from agent.dicom import service_of
+from agent.health import iso_time, snapshot
 from agent.liveness import Liveness
+from agent.metrics import CONTENT_TYPE, Metrics, State
 from agent.page import status_page
+from agent.probe import CloudProbe
 from agent.spool import Spool
 from agent.store import Store, StoreError
 from agent.web import Response, Route
@@ -49,8 +53,8 @@ class Readiness:
 class Endpoints:
     """The answers of /healthz, /readyz and /status for one running agent.
 
-    `listening` returns the DICOM server's listening socket, or None once it is closed; `extra`
-    returns what other parts add to the status document (cloud reachability, last transfers)."""
+    `server` returns the DICOM server (None once it is closed): its listening socket and its
+    open associations."""
 
     def __init__(
         self,
@@ -58,18 +62,21 @@ class Endpoints:
         store: Store,
         spool: Spool,
         liveness: Liveness,
-        listening: Callable[[], socket.socket | None],
-        extra: Callable[[], dict[str, Any]] = dict,
+        server: Callable[[], Any],
+        metrics: Metrics,
+        probe: CloudProbe | None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.store = store
         self.spool = spool
         self.liveness = liveness
-        self.listening = listening
-        self.extra = extra
+        self.server = server
+        self.metrics = metrics
+        self.probe = probe
         self.clock = clock
         self.started = clock()
+        metrics.read_state(self.metric_state)
 
     def routes(self) -> dict[str, Route]:
         """Return the routes of these endpoints (the server adds /metrics and the page)."""
@@ -77,6 +84,7 @@ class Endpoints:
             "/healthz": Route(self.healthz, private=False),
             "/readyz": Route(self.readyz, private=False),
             "/status": Route(self.status, private=True),
+            "/metrics": Route(self.exposition, private=True),
             "/": Route(self.page, private=True),
         }
 
@@ -103,11 +111,10 @@ class Endpoints:
         document = snapshot(self.settings, self.store, self.spool)
         health = self.liveness.check()
         readiness = self.readiness()
-        extra = self.extra()
-        cloud_up = extra.get("cloud", {}).get("up", True)
+        reach = None if self.probe is None else self.probe.latest
         if not health.healthy:
             state = "unhealthy"
-        elif not readiness.ready or not cloud_up:
+        elif not readiness.ready or (reach is not None and not reach.up):
             state = "degraded"
         else:
             state = "healthy"
@@ -116,9 +123,42 @@ class Endpoints:
             health=health.document(),
             readiness=readiness.document(),
             uptime_seconds=round(self.clock() - self.started, 1),
-            **extra,
+            cloud=reach.document() if reach is not None else {"up": None},
+            last_upload_at=iso_time(self.metrics.last_upload),
+            last_retrieve_at=iso_time(self.metrics.last_retrieve),
         )
         return document
+
+    def exposition(self) -> Response:
+        return Response(HTTPStatus.OK, self.metrics.exposition(), CONTENT_TYPE)
+
+    def metric_state(self) -> State:
+        """Return what the state gauges of /metrics show now."""
+        status = self.store.status()
+        oldest = self.store.activity.oldest_waiting()
+        first = None if oldest is None else oldest.first_received_at
+        disk = self.spool.disk_usage()
+        reach = None if self.probe is None else self.probe.latest
+        return State(
+            studies=dict(status.studies),
+            instances=dict(status.instances),
+            jobs=dict(status.jobs),
+            oldest_unsent_age=None if first is None else max(time.time() - first, 0.0),
+            disk_free=disk.free,
+            disk_total=disk.total,
+            associations=self._associations(),
+            cloud_up=None if reach is None else reach.up,
+        )
+
+    def _associations(self) -> dict[str, int]:
+        """Return the open associations by the services they negotiated (one association may
+        count for several: a PACS that stores and queries on one)."""
+        counts: dict[str, int] = dict.fromkeys(SERVICES, 0)
+        server = self.server()
+        for assoc in [] if server is None else list(server.active_associations):
+            for service in {service_of(context) for context in assoc.accepted_contexts}:
+                counts[service] = counts.get(service, 0) + 1
+        return counts
 
     def readiness(self) -> Readiness:
         return Readiness(
@@ -141,7 +181,8 @@ class Endpoints:
         return None
 
     def _listening_problem(self) -> str | None:
-        sock = self.listening()
+        server = self.server()
+        sock = None if server is None else server.socket
         if sock is None or sock.fileno() < 0:
             return "the DICOM port is closed"
         try:

@@ -37,6 +37,7 @@ from agent.dicomweb import DicomWeb
 from agent.dimse import describe
 from agent.lease import LeaseKeeper
 from agent.liveness import Liveness
+from agent.metrics import Metrics
 from agent.pack import Compression, PackError, PartInfo, pack, sent_hashes
 from agent.retry import Backoff
 from agent.spool import Spool, SpoolFileError
@@ -72,8 +73,10 @@ class Uploader:
         clock: Callable[[], float] = time.time,
         lease_seconds: float = LEASE_SECONDS,
         progress: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.progress = progress
         """Called from a worker's thread between the blocks and chunks of a job (liveness)."""
         self.store = store
@@ -136,6 +139,8 @@ class Uploader:
         now = self.clock()
         next_at = now + self.backoff.delay(job.attempts, hint=hint) if retryable else None
         when = f"retry in {next_at - now:.0f}s" if next_at is not None else "not retrying"
+        if next_at is not None and self.metrics is not None:
+            self.metrics.upload_retry()
         logger.warning("study %s part %d: %s (%s)", job.study_uid, job.part, error, when)
         try:
             self.store.jobs.fail(job.lease, error, next_at, now)
@@ -145,15 +150,20 @@ class Uploader:
     def _process(self, job: Job, keeper: LeaseKeeper) -> None:
         record = self.store.uploads.get(job.study_id)
         if record.state not in (StudyState.SENT, StudyState.CONFIRMED):
+            started = time.monotonic()
             self.store.uploads.begin_attempt(job.study_id, job.lease, self.clock())
             files = self.store.uploads.part_files(job.study_id)
+            size = sum(file.size for file in files)
             if files and self.settings.upload.protocol == "stow-rs":
                 self._stow(job, len(files), keeper)
             elif files:
                 bundle = self._bundle(job, record, files, keeper)
                 self._send(job, bundle, keeper)
+                size = bundle.size
             self.store.uploads.mark_sent(job.study_id, job.lease, self.clock())
             logger.info("study %s part %d: sent", job.study_uid, job.part)
+            if self.metrics is not None:
+                self.metrics.part_uploaded(size, time.monotonic() - started)
         if self.settings.cloud.dicomweb_url and record.state != StudyState.CONFIRMED:
             self._confirm(job)
 

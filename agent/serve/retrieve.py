@@ -99,6 +99,8 @@ class Retriever:
         self.dicomweb = dicomweb
         self.cache = cache
         self.page_size = page_size
+        self.fetched: Callable[[int, float], None] | None = None
+        """Told the size and seconds of each instance fetched from the archive (metrics)."""
 
     def instances(self, scope: Scope, most: int | None = None) -> Listing:
         """Return the instances `scope` names, each once, in the archive's order, as they
@@ -247,10 +249,17 @@ class Retriever:
         if path is not None:
             return _Fetched(path, from_cache=True)
 
-        def write(out: BinaryIO) -> None:
-            self.dicomweb.retrieve_instance(ref.study, ref.series, ref.sop_instance, out)
+        size = 0
 
-        return _Fetched(self.cache.put(ref.sop_instance, write), from_cache=False)
+        def write(out: BinaryIO) -> None:
+            nonlocal size
+            size = self.dicomweb.retrieve_instance(ref.study, ref.series, ref.sop_instance, out)
+
+        started = time.monotonic()
+        fetched = _Fetched(self.cache.put(ref.sop_instance, write), from_cache=False)
+        if self.fetched is not None:
+            self.fetched(size, time.monotonic() - started)
+        return fetched
 
 
 class TooManyInstances(Exception):

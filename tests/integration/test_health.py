@@ -37,10 +37,11 @@ def get(url: str) -> requests.Response:
 
 
 def test_a_healthy_agent_is_live_ready_and_shows_its_status(
-    tmp_path: Path, tmp_data_dir: Path
+    tmp_path: Path, tmp_data_dir: Path, tus_server: Any
 ) -> None:
     series = datasets.ct_series(tmp_path / "ct", slices=3, rows=64, cols=64, seed=7)
-    agent, base = health_agent(tmp_data_dir)
+    tus: TusServer = tus_server()
+    agent, base = health_agent(tmp_data_dir, extra={"cloud": {"upload_url": tus.url}})
     with agent:
         live = get(f"{base}/healthz")
         assert live.status_code == 200, live.text
@@ -52,17 +53,44 @@ def test_a_healthy_agent_is_live_ready_and_shows_its_status(
         assert set(ready.json()["checks"]) == {"store", "dicom", "disk"}
         result = dcmtk.storescu(series, agent.port)
         assert len(dcmtk.acknowledged(result)) == 3, result.stdout + result.stderr
+        wait_until(
+            lambda: get(f"{base}/status").json()["cloud"]["up"] is not None,
+            WAIT,
+            0.1,
+            what="the first cloud probe",
+        )
         status = get(f"{base}/status").json()
         cli = agent.status()
         assert status["instances"] == cli["instances"] and status["instances"]["received"] == 3
         assert status["studies"] == cli["studies"]
-        assert status["state"] == "healthy"
+        assert status["state"] == "healthy", status
+        assert status["cloud"]["up"] is True
+        assert "1.0.0" in status["cloud"]["tus"]["versions"]
+        assert "creation" in status["cloud"]["tus"]["extensions"]
         assert status["health"]["healthy"] is True and status["readiness"]["ready"] is True
         assert status["uptime_seconds"] > 0
         page = get(f"{base}/")
         assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
         assert get(f"{base}/no-such-page").status_code == 404
         assert requests.post(f"{base}/status", timeout=30).status_code == 405
+
+
+def test_a_cloud_outage_leaves_the_agent_ready_but_degraded(tmp_data_dir: Path) -> None:
+    closed = f"http://{LOOPBACK}:{free_port()}/files/"  # nothing listens there
+    agent, base = health_agent(tmp_data_dir, extra={"cloud": {"upload_url": closed}})
+    with agent:
+
+        def probed() -> dict[str, Any] | None:
+            status: dict[str, Any] = get(f"{base}/status").json()
+            return status if status["cloud"]["up"] is not None else None
+
+        status = wait_until(probed, WAIT, 0.2, what="the first cloud probe")
+        assert isinstance(status, dict)
+        assert status["cloud"]["up"] is False and "connection failed" in status["cloud"]["error"]
+        assert status["state"] == "degraded"
+        assert get(f"{base}/readyz").status_code == 200
+        assert get(f"{base}/healthz").status_code == 200
+        assert "dirigo_cloud_up 0.0" in get(f"{base}/metrics").text
 
 
 def test_a_disk_above_high_water_makes_the_agent_unready_but_still_live(
