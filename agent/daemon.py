@@ -148,7 +148,9 @@ class Daemon:
         self.probe.start()
         self.health_server = self._start_health(self.store)
         if self.settings.watch.dirs and self.receiver is not None:
-            self.watch = FolderWatch(self.settings.watch, Importer(self.spool, self.receiver))
+            importer = Importer(self.spool, self.receiver)
+            stall_after = self.settings.health.stall_after
+            self.watch = FolderWatch(self.settings.watch, importer, self.liveness, stall_after)
             self.watch.start()
         host, port = self.server.server_address[:2]
         logger.info(

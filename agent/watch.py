@@ -47,10 +47,13 @@ from watchdog.observers.polling import PollingObserver
 
 from agent.config import WatchDir, WatchSettings
 from agent.importer import ACCEPTED, Importer, Result, is_dicomdir
+from agent.liveness import Liveness
 from agent.spool import fsync_directory
 
 logger = logging.getLogger(__name__)
 
+PART = "watch"
+"""The name the import thread has, and reports progress under (`/healthz`)."""
 REASON_SUFFIX = ".reason"
 RESCAN = 30.0
 """Seconds between scans with no event: an overflowing inotify queue drops events."""
@@ -65,11 +68,18 @@ class FolderWatch:
     """Watches `watch.dirs` with watchdog and imports each settled delivery, in a thread of its
     own; the supervisor calls `revive` to restart that thread if it dies."""
 
-    def __init__(self, settings: WatchSettings, importer: Importer) -> None:
+    def __init__(
+        self,
+        settings: WatchSettings,
+        importer: Importer,
+        liveness: Liveness | None = None,
+        deadline: float = 0.0,
+    ) -> None:
         self.settings = settings
         self.importer = importer
-        self.last_scan = 0.0
-        """time.monotonic() of the last finished scan (progress, for health checks)."""
+        self.liveness = liveness
+        self.deadline = deadline
+        """Seconds the thread may go without progress before `liveness` reports it."""
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,7 +94,9 @@ class FolderWatch:
         self._observer.start()
         self._watched = set()
         self._wake.set()
-        self._thread = threading.Thread(target=self._loop, name="watch", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=PART, daemon=True)
+        if self.liveness is not None:
+            self.liveness.watch(PART, self.deadline, self._thread)
         self._thread.start()
 
     def _new_observer(self) -> BaseObserver:
@@ -116,6 +128,8 @@ class FolderWatch:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.liveness is not None:
+            self.liveness.unwatch(PART)
         self._stop_observer(timeout)
 
     def _stop_observer(self, timeout: float) -> None:
@@ -125,11 +139,21 @@ class FolderWatch:
             self._observer = None
 
     def _loop(self) -> None:
+        # Idle, it still loops every second (a beat for /healthz) and scans every RESCAN.
+        next_rescan = 0.0
         while not self._stop.is_set():
-            self._wake.wait(min(self.settings.settle / 4, 1.0) if self._pending else RESCAN)
+            woken = self._wake.wait(min(self.settings.settle / 4, 1.0))
             self._wake.clear()
-            self.scan(time.monotonic())
+            now = time.monotonic()
+            if woken or self._pending or now >= next_rescan:
+                self.scan(now)
+                next_rescan = now + RESCAN
+            self._beat()
             self._stop.wait(MIN_SCAN_INTERVAL)
+
+    def _beat(self, _copied: int = 0) -> None:
+        if self.liveness is not None:
+            self.liveness.beat(PART)
 
     def scan(self, now: float) -> None:
         """Look at every watched folder; import each delivery unchanged for `watch.settle`."""
@@ -153,7 +177,6 @@ class FolderWatch:
                         self._pending[entry] = (signature, now)
         for gone in set(self._pending) - seen:
             del self._pending[gone]
-        self.last_scan = time.monotonic()
 
     def _watch(self, folder: WatchDir) -> bool:
         """Schedule the observer on `folder` once it exists; return whether it is watched.
@@ -245,7 +268,7 @@ class FolderWatch:
         with _locked(path) as locked:
             if not locked:
                 return not path.exists()
-            imported = self.importer.import_file(path)
+            imported = self.importer.import_file(path, self._beat)
             if imported.result in ACCEPTED:
                 self._move(folder, path, folder.done)
                 logger.info("watch: %s %s", imported.result, path)
@@ -336,7 +359,8 @@ def _locked(path: Path) -> Iterator[bool]:
     """Hold a non-blocking exclusive flock on `path` while in the block; yield False if another
     process holds a lock on it or it is gone."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO must not hang the thread (regular files ignore the flag).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         yield False
         return
@@ -365,9 +389,16 @@ def _folders(folder: WatchDir) -> tuple[Path, Path, Path]:
 
 
 def _entries(directory: Path) -> list[Path]:
+    """Return the files and directories at the top of `directory`, skipping dot names,
+    symbolic links and special files (a FIFO, a socket)."""
     try:
         with os.scandir(directory) as it:
-            return sorted(Path(e.path) for e in it if not e.name.startswith("."))
+            return sorted(
+                Path(e.path)
+                for e in it
+                if not e.name.startswith(".")
+                and (e.is_file(follow_symlinks=False) or e.is_dir(follow_symlinks=False))
+            )
     except OSError as exc:
         logger.error("cannot list watch folder %s: %s", directory, exc.strerror)
         return []

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from pydicom import dcmread
 from pydicom.fileset import FileSet
 
 from tests.support import datasets
 from tests.support.agent import Agent
 from tests.support.devcloud import DevCloud
-from tests.support.net import wait_until
+from tests.support.net import LOOPBACK, free_port, wait_until
 
 SETTLE = 1.0
 WAIT = 60.0
@@ -242,3 +243,19 @@ def test_files_already_in_the_folder_at_start_are_imported(
     with watching_agent(tmp_path, folders):
         # Sooner than the rescan without events (30 s): the start-up scan found it.
         wait_until((folders.done / "early.dcm").exists, 20, what="early.dcm in done/")
+
+
+def test_a_fifo_in_the_folder_neither_hangs_the_watch_nor_stops_the_next_file(
+    tmp_path: Path, folders: Folders
+) -> None:
+    os.mkfifo(folders.inbox / "a.fifo")  # opening it to read would block until a writer came
+    port = free_port()
+    agent = watching_agent(tmp_path, folders, health={"listen": f"{LOOPBACK}:{port}"})
+    with agent:
+        shutil.copyfile(cd_instances()[0], folders.staging / "b.dcm")
+        folders.deliver(folders.staging / "b.dcm")
+        wait_until((folders.done / "b.dcm").exists, WAIT, what="b.dcm in done/")
+        health = requests.get(f"http://{LOOPBACK}:{port}/healthz", timeout=30)
+    assert health.status_code == 200, health.text
+    assert health.json()["parts"]["watch"]["healthy"] is True
+    assert (folders.inbox / "a.fifo").exists()
