@@ -11,6 +11,7 @@ import pwd
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -20,19 +21,23 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from agent import __version__
 from agent.cloud import CloudConfigError, CloudError
 from agent.config import ConfigError, Peer, Settings, load_config
+from agent.config.units import parse_duration
 from agent.daemon import CACHE, DATABASE, Daemon, StartupError
-from agent.dicom import peer_by_title
+from agent.dicom import EchoFailed, echo, peer_by_title
 from agent.dicomweb import DicomWeb
-from agent.dimse import Status
+from agent.doctor import examine, failed
+from agent.doctor import render as render_findings
 from agent.health import job_document, render, render_jobs, snapshot
 from agent.importer import Imported, Importer, Source, Tally, collect
 from agent.pynetdicom_internals import quiet_identifiers
+from agent.quarantine import Quarantine, entry_document, render_entries, render_entry
 from agent.receive import Receiver
 from agent.serve.cache import InstanceCache
 from agent.serve.query import QueryError, Scope, study_scope
 from agent.serve.retrieve import Counts, Item, Listing, Retriever, push
 from agent.spool import SWEEP_LOCK, Spool
 from agent.store import JobState, Store, StoreError
+from agent.store.maintenance import backup
 from agent.systemd import JournalFormatter, journal_stream
 
 logger = logging.getLogger("agent")
@@ -135,21 +140,36 @@ def _parser() -> argparse.ArgumentParser:
         help="AE title of a peer in dicom.peers (default: the first with host and port)",
     )
     _queue_parser(commands, common)
+    _quarantine_parser(commands, common)
+    doctor = command("doctor", _doctor, "check configuration, disk, database, cloud and peers")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    copy = command("backup", _backup, "copy the database, consistent while the agent runs")
+    copy.add_argument("--to", required=True, type=Path, metavar="FILE", help="the copy to write")
     return parser
 
 
-def _queue_parser(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
-    text = "inspect the job queue, retry or cancel jobs"
-    queue = commands.add_parser("queue", help=text, description=text)
-    actions = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
+def _actions(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    name: str,
+    text: str,
+) -> Callable[[str, Handler, str], argparse.ArgumentParser]:
+    """Add the command `name` with actions of its own; return the function that adds one."""
+    parser = commands.add_parser(name, help=text, description=text)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def action(name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, parents=[common], help=text, description=text)
         sub.set_defaults(handler=handler)
         return sub
 
+    return action
+
+
+def _queue_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    action = _actions(commands, common, "queue", "inspect the job queue, retry or cancel jobs")
     listing = action("list", _queue_list, "list jobs (by default every job not done)")
     listing.add_argument(
         "--state", choices=[*JobState, "all"], help="only jobs in this state, or all of them"
@@ -159,6 +179,41 @@ def _queue_parser(
     retry.add_argument("ids", nargs="+", type=int, metavar="ID", help="job id (`queue list`)")
     cancel = action("cancel", _queue_cancel, "fail jobs for good (until retried)")
     cancel.add_argument("ids", nargs="+", type=int, metavar="ID", help="job id (`queue list`)")
+
+
+def _quarantine_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    action = _actions(
+        commands,
+        common,
+        "quarantine",
+        "inspect refused input kept in quarantine, release or purge it",
+    )
+    listing = action("list", _quarantine_list, "list kept input: when, sender, reason, size")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    show = action("show", _quarantine_show, "show one entry with its details")
+    show.add_argument("id", type=int, metavar="ID", help="entry id (`quarantine list`)")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    release = action(
+        "release", _quarantine_release, "accept kept input again; entries refused again stay"
+    )
+    release.add_argument("ids", nargs="+", type=int, metavar="ID", help="entry id")
+    purge = action("purge", _quarantine_purge, "delete entries and their kept copies")
+    purge.add_argument("ids", nargs="*", type=int, metavar="ID", help="entry id")
+    purge.add_argument(
+        "--older-than",
+        type=_duration,
+        metavar="DURATION",
+        help="every entry last seen longer ago than this (30d, 12h)",
+    )
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _configure_logging(level: str, debug: bool) -> None:
@@ -239,10 +294,20 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
         raise CommandError(f"cannot import {exc.filename}: {exc.strerror}") from exc
     if not sources and not unreadable:
         raise CommandError("no files to import (only DICOMDIR or empty folders)")
-    _check_owner(settings.data_dir, "send")
     tally = Tally()
     for item in unreadable:
         _report(tally, item)
+    with _acceptance(settings, "send") as (spool, _, receiver):
+        interrupted = _import(Importer(spool, receiver), sources, tally, args.debug)
+    print(tally.summary() + (" (interrupted)" if interrupted else ""))
+    return EXIT_OK if tally.ok and not interrupted else EXIT_FAILURE
+
+
+@contextlib.contextmanager
+def _acceptance(settings: Settings, command: str) -> Iterator[tuple[Spool, Store, Receiver]]:
+    """Yield the agent's spool, store and a receiver, to accept files as the agent does (the
+    agent may be running), with the sweep lock shared for the whole block."""
+    _check_owner(settings.data_dir, command)
     spool = Spool(settings.data_dir, settings.spool.high_water)
     with _opened_store(settings) as store:
         try:
@@ -253,12 +318,82 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
         # Shared with other imports; an agent starting up waits for it before its sweep.
         with spool.lock(SWEEP_LOCK, exclusive=False, wait=True):
             try:
-                interrupted = _import(Importer(spool, receiver), sources, tally, args.debug)
+                yield spool, store, receiver
             finally:
                 receiver.close()
                 _reconcile(receiver)
-    print(tally.summary() + (" (interrupted)" if interrupted else ""))
-    return EXIT_OK if tally.ok and not interrupted else EXIT_FAILURE
+
+
+def _quarantine_list(settings: Settings, args: argparse.Namespace) -> int:
+    with _opened_store(settings) as store:
+        entries = _quarantine(settings, store).entries()
+    documents = [entry_document(entry) for entry in entries]
+    print(json.dumps({"quarantine": documents}, indent=2) if args.json else render_entries(entries))
+    return EXIT_OK
+
+
+def _quarantine_show(settings: Settings, args: argparse.Namespace) -> int:
+    with _opened_store(settings) as store:
+        quarantine = _quarantine(settings, store)
+        entry = quarantine.entry(args.id)
+        if entry is None:
+            raise CommandError(f"no quarantine entry {args.id} (`dirigo quarantine list`)")
+        document = entry_document(entry, quarantine.note(entry))
+    print(json.dumps(document, indent=2) if args.json else render_entry(document))
+    return EXIT_OK
+
+
+def _quarantine_release(settings: Settings, args: argparse.Namespace) -> int:
+    with _acceptance(settings, "quarantine release") as (spool, store, receiver):
+        quarantine = Quarantine(spool, store)
+        results = [quarantine.release(receiver, i, time.time()) for i in args.ids]
+    for result in results:
+        verdict = "released" if result.released else "kept"
+        print(f"entry {result.entry_id}: {verdict} ({result.outcome})")
+    return EXIT_OK if all(result.released for result in results) else EXIT_FAILURE
+
+
+def _quarantine_purge(settings: Settings, args: argparse.Namespace) -> int:
+    if not args.ids and args.older_than is None:
+        raise CommandError("name the entries to purge, or --older-than DURATION")
+    with _opened_store(settings) as store:
+        quarantine = _quarantine(settings, store)
+        # All the entries named or none, as `queue retry` and `queue cancel` do.
+        if missing := [i for i in args.ids if quarantine.entry(i) is None]:
+            raise CommandError(f"no quarantine entry {', '.join(map(str, missing))}; none purged")
+        gone = quarantine.purge(time.time(), args.ids, args.older_than)
+    print(f"purged {len(gone)} quarantine entr{'y' if len(gone) == 1 else 'ies'}")
+    return EXIT_OK
+
+
+def _quarantine(settings: Settings, store: Store) -> Quarantine:
+    return Quarantine(Spool(settings.data_dir, settings.spool.high_water), store)
+
+
+def _doctor(settings: Settings, args: argparse.Namespace) -> int:
+    if not args.debug:
+        # An unreachable peer is a finding; pynetdicom's own error lines would only repeat it.
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    findings = examine(settings, args.config)
+    if args.json:
+        print(json.dumps({"checks": [asdict(f) for f in findings]}, indent=2))
+    else:
+        print(render_findings(findings))
+    return EXIT_FAILURE if failed(findings) else EXIT_OK
+
+
+def _backup(settings: Settings, args: argparse.Namespace) -> int:
+    target: Path = args.to
+    if target.is_dir():
+        raise CommandError(f"{target} is a folder: name the file to write")
+    try:
+        made = backup(settings.data_dir / DATABASE, target)
+    except StoreError as exc:
+        raise CommandError(f"backup failed: {exc}") from exc
+    except OSError as exc:
+        raise CommandError(f"cannot write {exc.filename or target}: {exc.strerror}") from exc
+    print(f"backup of {made.instances} instance rows written to {made.path} ({made.size} bytes)")
+    return EXIT_OK
 
 
 def _reconcile(receiver: Receiver) -> None:
@@ -331,32 +466,19 @@ def _check_owner(data_dir: Path, command: str) -> None:
 
 
 def _echo(settings: Settings, args: argparse.Namespace) -> int:
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
     peer = peer_by_title(settings.dicom.peers, args.peer)
     if peer is None or peer.host is None or peer.port is None:
         known = ", ".join(p.ae_title for p in settings.dicom.peers) or "none"
         raise CommandError(
             f"no peer {args.peer!r} with a host and port in dicom.peers (configured: {known})"
         )
-    ae = AE(ae_title=settings.dicom.ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.dicom.acse_timeout
-    ae.add_requested_context(Verification)
-    started = time.monotonic()
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        outcome = "rejected the association" if assoc.is_rejected else "could not be reached"
-        raise CommandError(f"{peer.ae_title} at {peer.host}:{peer.port} {outcome}")
     try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    elapsed = (time.monotonic() - started) * 1000
-    if not status or status.Status != Status.SUCCESS:
-        code = f"0x{status.Status:04X}" if status else "no response"
-        raise CommandError(f"C-ECHO to {peer.ae_title} failed: {code}")
-    print(f"C-ECHO to {peer.ae_title} at {peer.host}:{peer.port}: Success ({elapsed:.0f} ms)")
+        elapsed = echo(settings.dicom.ae_title, peer, settings.dicom.acse_timeout)
+    except EchoFailed as exc:
+        raise CommandError(str(exc)) from None
+    print(
+        f"C-ECHO to {peer.ae_title} at {peer.host}:{peer.port}: Success ({elapsed * 1000:.0f} ms)"
+    )
     return EXIT_OK
 
 

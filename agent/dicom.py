@@ -389,3 +389,30 @@ def _reject(assoc: Association, result: int, source: int, reason: int) -> None:
 def peer_by_title(peers: Iterable[Peer], ae_title: str) -> Peer | None:
     """Return the configured peer with this AE title, if any."""
     return next((peer for peer in peers if peer.ae_title == ae_title.strip()), None)
+
+
+class EchoFailed(Exception):
+    """A C-ECHO got no Success; the message says how far it got."""
+
+
+def echo(ae_title: str, peer: Peer, timeout: float) -> float:
+    """Send a C-ECHO as `ae_title` to `peer` (which has a host and port); return how long it
+    took in seconds. Raise EchoFailed if the peer cannot be reached, rejects the association
+    or answers with anything but Success."""
+    assert peer.host is not None and peer.port is not None
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    started = time.monotonic()
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        outcome = "rejected the association" if assoc.is_rejected else "could not be reached"
+        raise EchoFailed(f"{peer.ae_title} at {peer.host}:{peer.port} {outcome}")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not status or status.Status != Status.SUCCESS:
+        code = f"0x{status.Status:04X}" if status else "no response"
+        raise EchoFailed(f"C-ECHO to {peer.ae_title} failed: {code}")
+    return time.monotonic() - started

@@ -30,6 +30,7 @@ from urllib.parse import quote
 from agent.store.activity import Activity, Bucket, PartSummary, Problem
 from agent.store.errors import JobStateError, LeaseLost, StoreError
 from agent.store.jobs import UPLOAD, Job, JobRecord, Jobs, Lease, enqueue, revive
+from agent.store.quarantine import QuarantineEntry, QuarantineRows
 from agent.store.records import InstanceState, JobState, Level, Outcome, StudyState, event
 from agent.store.schema import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE, Migration
 from agent.store.uploads import Uploads
@@ -54,6 +55,8 @@ __all__ = [
     "Outcome",
     "PartSummary",
     "Problem",
+    "QuarantineEntry",
+    "QuarantineRows",
     "RecordResult",
     "StatusSnapshot",
     "Store",
@@ -153,6 +156,7 @@ class Store:
         self.jobs = Jobs(self)
         self.uploads = Uploads(self)
         self.activity = Activity(self)
+        self.quarantine = QuarantineRows(self)
 
     # -- opening --------------------------------------------------------------------------
 
