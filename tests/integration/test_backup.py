@@ -18,9 +18,6 @@ from tests.support import datasets
 from tests.support.agent import Agent
 from tests.support.net import LOOPBACK, wait_until
 
-NO_HEALTH_SERVER = {"health": {"listen": "off"}}
-"""Not under test here, and its default port is one for the whole machine."""
-
 
 def send_series(port: int, paths: list[Path], acknowledged: list[str]) -> None:
     """C-STORE each file on one association, appending each UID once its Success is in."""
@@ -46,7 +43,7 @@ def test_backup_while_receiving_is_consistent_and_holds_every_row_acknowledged_b
     target.parent.mkdir()
     target.write_bytes(b"an older backup, replaced whole")
     acknowledged: list[str] = []
-    with Agent(tmp_data_dir, extra=NO_HEALTH_SERVER) as agent:
+    with Agent(tmp_data_dir) as agent:
         sender = threading.Thread(target=send_series, args=(agent.port, series, acknowledged))
         sender.start()
         try:

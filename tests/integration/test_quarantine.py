@@ -10,7 +10,6 @@ from pathlib import Path
 
 from agent.spool import Spool
 from agent.store import Store
-from tests.integration.test_backup import NO_HEALTH_SERVER
 from tests.integration.test_receive import ct_file, send_raw
 from tests.support.agent import Agent
 
@@ -71,7 +70,7 @@ def test_quarantine_lists_shows_releases_and_purges_real_refusals(
 ) -> None:
     (tmp_path / "bad").mkdir()
     bad = [mismatched(tmp_path / "bad"), truncated(tmp_path / "bad")]
-    with Agent(tmp_data_dir, extra=NO_HEALTH_SERVER) as agent:
+    with Agent(tmp_data_dir) as agent:
         assert send_raw(agent.port, [bad[0], bad[1], bad[0]]) == [0xC212, 0xC210, 0xC212]
         fine = quarantined_by_an_older_check(agent, tmp_path)
 
