@@ -137,7 +137,11 @@ def test_the_status_page_shows_what_status_says_and_follows_a_send_without_a_rel
             light.get_attribute("data-light"): light.get_attribute("data-level")
             for light in browser.find_elements(By.CSS_SELECTOR, "[data-light]")
         }
-        assert lights["receiving"] == "ok" and lights["uploads"] == "ok"
+        assert lights == {"agent": "ok", "receiving": "ok", "cloud": "ok", "uploads": "ok"}
+        state = browser.find_element(By.CSS_SELECTOR, "[data-state]")
+        assert state.get_attribute("data-state") == status()["state"] == "healthy"
+        last_upload = browser.find_element(By.CSS_SELECTOR, "[data-upload]")
+        assert last_upload.get_attribute("data-upload") == status()["last_upload_at"]
         assert str(first.PatientName) not in browser.page_source
         assert str(first.PatientID) not in browser.page_source
 
