@@ -8,6 +8,8 @@
   REST API, `dicomweb_url` for QIDO-RS/WADO-RS/STOW-RS);
 - devcloud/ingest.py, as a subprocess: it checks each finished upload (sha256, manifest, every
   instance) and stores its instances in the archive. Its log is `ingest.log`.
+- devcloud/heartbeat.py, as a subprocess: the state monitoring's heartbeat receiver
+  (`heartbeat_url(site)` is a site's `cloud.heartbeat_url`, `heartbeats()` what it received).
 
 The ingest's state lives in the archive's own directory, so the two share a lifetime: a new
 archive on an existing upload store ingests every upload in it again.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -43,6 +46,7 @@ from tests.support.tus import TusServer
 
 REPO = Path(__file__).resolve().parents[2]
 INGEST_SCRIPT = REPO / "devcloud" / "ingest.py"
+HEARTBEAT_SCRIPT = REPO / "devcloud" / "heartbeat.py"
 
 
 class DevCloud:
@@ -78,6 +82,7 @@ class DevCloud:
         self._ingest: subprocess.Popen[bytes] | None = None
         self._ingest_log: IO[bytes] | None = None
         self._log_start = 0
+        self.heartbeat = HeartbeatReceiver(self.work_dir / "heartbeat.log", startup_timeout)
 
     @property
     def upload_url(self) -> str:
@@ -94,8 +99,25 @@ class DevCloud:
         """Return the archive's REST root."""
         return self.archive.http_url
 
+    @property
+    def monitor_url(self) -> str:
+        """Return the heartbeat receiver's page (every site's last heartbeat)."""
+        return self.heartbeat.url
+
+    def heartbeat_url(self, check: str) -> str:
+        """Return the heartbeat URL of one check (a site's `cloud.heartbeat_url`)."""
+        return f"{self.heartbeat.url}ping/{check}"
+
+    def heartbeats(self) -> dict[str, dict[str, Any]]:
+        """Return the last heartbeat of every check, as the receiver's `/checks` shows it."""
+        response = self.session.get(f"{self.heartbeat.url}checks", timeout=10)
+        response.raise_for_status()
+        result: dict[str, dict[str, Any]] = response.json()
+        return result
+
     def start(self) -> DevCloud:
-        """Start the tus server, the archive and the ingest; return once each is ready.
+        """Start the tus server, the archive, the ingest and the heartbeat receiver; return
+        once each is ready.
 
         Raise PeerExited or TimeoutError (with the peer's log) if one is not, having
         stopped the others.
@@ -105,6 +127,7 @@ class DevCloud:
             self.tus.start()
             self.archive.start()
             self.start_ingest()
+            self.heartbeat.start()
         except BaseException:
             self.stop()
             raise
@@ -247,8 +270,10 @@ class DevCloud:
         return found
 
     def stop(self) -> None:
-        """Stop the ingest, the tus server and the archive (deleting the archive)."""
+        """Stop the ingest, the heartbeat receiver, the tus server and the archive (deleting
+        the archive)."""
         self.stop_ingest()
+        self.heartbeat.stop()
         self.archive.terminate()  # Orthanc takes seconds to stop: meanwhile the rest
         self.tus.stop()
         self.archive.stop()
@@ -264,6 +289,56 @@ class DevCloud:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class HeartbeatReceiver:
+    """devcloud/heartbeat.py as a subprocess on a port the kernel picks; its log in `log_path`."""
+
+    def __init__(self, log_path: Path, startup_timeout: float = 30.0) -> None:
+        self.log_path = log_path
+        self.startup_timeout = startup_timeout
+        self.url = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
+
+    def start(self) -> None:
+        """Start the receiver; return once it listens (`url` is set)."""
+        with self.log_path.open("ab") as log:
+            start = log.tell()
+            self._proc = subprocess.Popen(
+                [sys.executable, str(HEARTBEAT_SCRIPT)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self._log_start = start
+        with stopped_on_failure("the heartbeat receiver", self.stop, self.log):
+            found = wait_until(self._listening, self.startup_timeout, 0.05, "heartbeat receiver")
+        self.url = str(found)
+
+    def _listening(self) -> str | None:
+        assert self._proc is not None
+        if self._proc.poll() is not None:
+            code = self._proc.returncode
+            raise PeerExited(f"the heartbeat receiver exited with {code}:\n{self.log()}")
+        match = re.search(r"listening on (http://\S+)", self.log())
+        return match[1] if match else None
+
+    def log(self) -> str:
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode("utf-8", "replace")
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop_process(self._proc, 10.0)
+            self._proc = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,11 +386,13 @@ Dirigo's development cloud is running (loopback, no authentication):
   Orthanc DICOM         AE {archive.aet}, port {archive.dicom_port} (every interface)
   uploads               {cloud.store_dir}
   ingest log            {cloud.ingest_log_path}
+  heartbeat receiver    {cloud.monitor_url}  (each site's last heartbeat)
 
 In Dirigo's config:
   cloud:
     upload_url: {cloud.upload_url}
     dicomweb_url: {cloud.dicomweb_url}
+    heartbeat_url: {cloud.heartbeat_url("SITE")}
 
 Each bundle that arrives is checked and stored in the archive; the ingest's lines follow.
 Ctrl-C stops everything.
@@ -333,6 +410,7 @@ def follow(cloud: DevCloud) -> int:
                 ("the tus server", cloud.tus.running),
                 ("the archive (Orthanc)", cloud.archive.running),
                 ("the ingest", cloud.ingest_running),
+                ("the heartbeat receiver", cloud.heartbeat.running),
             ):
                 if not alive:
                     print(f"{name} stopped unexpectedly; see the logs in {cloud.work_dir}")
