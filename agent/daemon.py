@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing.util
+import os
 import signal
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from agent.dicom import Gate, PeerPolicy, build_ae
 from agent.dicomweb import DicomWeb
 from agent.dimse import Status
 from agent.endpoints import Endpoints
+from agent.heartbeat import Heartbeat
 from agent.importer import Importer
 from agent.liveness import Liveness
 from agent.metrics import Metrics
@@ -39,7 +41,7 @@ from agent.serve.handlers import QueryRetrieve
 from agent.serve.retrieve import Retriever
 from agent.spool import AGENT_LOCK, SWEEP_LOCK, Locked, Spool
 from agent.store import Store, StoreError
-from agent.systemd import notify
+from agent.systemd import Watchdog, notify, status_line, watchdog_interval
 from agent.transcode import missing_codec
 from agent.upload import Uploader, UploadWorkers, purge
 from agent.watch import FolderWatch
@@ -85,6 +87,8 @@ class Daemon:
         self.health_server: HealthServer | None = None
         self.metrics = Metrics()
         self.probe: CloudProbe | None = None
+        self.watchdog: Watchdog | None = None
+        self.heartbeat: Heartbeat | None = None
 
     def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
@@ -146,7 +150,16 @@ class Daemon:
         cloud = self.settings.cloud
         self.probe = CloudProbe(CloudHttp.open(cloud), cloud.upload_url, DicomWeb.open(cloud))
         self.probe.start()
-        self.health_server = self._start_health(self.store)
+        endpoints = Endpoints(
+            self.settings,
+            self.store,
+            self.spool,
+            self.liveness,
+            lambda: self.server,
+            self.metrics,
+            self.probe,
+        )
+        self.health_server = self._start_health(endpoints)
         if self.settings.watch.dirs and self.receiver is not None:
             importer = Importer(self.spool, self.receiver)
             stall_after = self.settings.health.stall_after
@@ -161,6 +174,7 @@ class Daemon:
             self.settings.data_dir,
         )
         notify("READY=1")
+        self._start_monitoring(endpoints)
 
     def _hold_agent_lock(self) -> None:
         """Hold data_dir's agent lock until the process ends: two agents on one data_dir would
@@ -250,21 +264,26 @@ class Daemon:
 
         server.service_actions = service_actions
 
-    def _start_health(self, store: Store) -> HealthServer | None:
+    def _start_monitoring(self, endpoints: Endpoints) -> None:
+        """Under systemd, feed its watchdog while every part is live and keep its status line
+        current; with `cloud.heartbeat_url`, send the heartbeat. Each on a thread of its own."""
+        if os.environ.get("NOTIFY_SOCKET"):
+            self.watchdog = Watchdog(
+                self.liveness.check,
+                lambda: status_line(endpoints.document()),
+                watchdog_interval(),
+            )
+            self.watchdog.start()
+        self.heartbeat = Heartbeat.open(self.settings.cloud, endpoints.document)
+        if self.heartbeat is not None:
+            self.heartbeat.start()
+
+    def _start_health(self, endpoints: Endpoints) -> HealthServer | None:
         """Start the health HTTP server, or return None when `health.listen` is off."""
         health = self.settings.health
         if listen_address(health.listen) is None:
             logger.info("health.listen is off: no health endpoints")
             return None
-        endpoints = Endpoints(
-            self.settings,
-            store,
-            self.spool,
-            self.liveness,
-            lambda: self.server,
-            self.metrics,
-            self.probe,
-        )
         try:
             server = HealthServer(health, endpoints.routes())
             server.start()
@@ -337,6 +356,12 @@ class Daemon:
     def stop(self) -> None:
         """Stop accepting, let in-flight associations finish (bounded), then close the store."""
         notify("STOPPING=1")
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         if self.health_server is not None:
             self.health_server.stop()
             self.health_server = None

@@ -167,6 +167,9 @@ class CloudSettings(BaseModel):
     client_key: OptionalFile = None
     token_file: OptionalFile = None
     timeout: Timeout = 60.0
+    heartbeat_url: OptionalUrl = None
+    """Where the heartbeat goes (a Healthchecks-style ping URL); None: no heartbeat."""
+    heartbeat_every: Timeout = 60.0
 
     @model_validator(mode="after")
     def _cert_with_key(self) -> CloudSettings:
@@ -293,7 +296,7 @@ class Settings(BaseModel):
         """Return what is valid but unsafe, one sentence per finding, each naming its key
         (`dirigo check-config` prints them; the agent still starts)."""
         found = self.dicom.warnings()
-        for key in ("upload_url", "dicomweb_url"):
+        for key in ("upload_url", "dicomweb_url", "heartbeat_url"):
             url = getattr(self.cloud, key)
             if url and urlsplit(url).scheme.lower() == "http":
                 found.append(

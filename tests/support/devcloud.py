@@ -110,10 +110,7 @@ class DevCloud:
 
     def heartbeats(self) -> dict[str, dict[str, Any]]:
         """Return the last heartbeat of every check, as the receiver's `/checks` shows it."""
-        response = self.session.get(f"{self.heartbeat.url}checks", timeout=10)
-        response.raise_for_status()
-        result: dict[str, dict[str, Any]] = response.json()
-        return result
+        return self.heartbeat.checks()
 
     def start(self) -> DevCloud:
         """Start the tus server, the archive, the ingest and the heartbeat receiver; return
@@ -323,6 +320,13 @@ class HeartbeatReceiver:
             raise PeerExited(f"the heartbeat receiver exited with {code}:\n{self.log()}")
         match = re.search(r"listening on (http://\S+)", self.log())
         return match[1] if match else None
+
+    def checks(self) -> dict[str, dict[str, Any]]:
+        """Return the last heartbeat of every check, as the receiver's `/checks` shows it."""
+        response = requests.get(f"{self.url}checks", timeout=10)
+        response.raise_for_status()
+        result: dict[str, dict[str, Any]] = response.json()
+        return result
 
     def log(self) -> str:
         if not self.log_path.exists():

@@ -1,0 +1,131 @@
+"""The heartbeat against the development cloud's receiver: each site's heartbeats arrive (with the
+cloud's token, without patient data), `/fail` while a site's cloud is down, and a monitoring
+endpoint that hangs slows neither receiving nor uploading. (`/fail` from a hung agent:
+tests/integration/test_systemd.py.)"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import dcmtk
+from tests.support.agent import Agent
+from tests.support.datasets import ct_series
+from tests.support.devcloud import DevCloud
+from tests.support.net import LOOPBACK, free_port, wait_until
+from tests.support.tus import TusServer
+
+
+@pytest.fixture
+def devcloud(tmp_path: Path) -> Iterator[DevCloud]:
+    with DevCloud(tmp_path / "cloud") as cloud:
+        yield cloud
+
+
+def test_the_receiver_sees_each_sites_heartbeats_and_fail_while_its_cloud_is_down(
+    tmp_path: Path, devcloud: DevCloud
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("site-a-secret\n")
+    token.chmod(0o600)
+    files = ct_series(tmp_path / "ct", slices=2, rows=64, cols=64)
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    up = {
+        "cloud": {
+            "upload_url": devcloud.upload_url,
+            "token_file": str(token),
+            "heartbeat_url": devcloud.heartbeat_url("site-a"),
+            "heartbeat_every": "0.5s",
+        },
+        "health": {"listen": "off"},
+    }
+    down = {
+        "cloud": {
+            "upload_url": f"http://{LOOPBACK}:{free_port()}/files/",  # nothing listens
+            "heartbeat_url": devcloud.heartbeat_url("site-b"),
+            "heartbeat_every": "0.5s",
+        },
+        "health": {"listen": "off"},
+    }
+    with Agent(a_dir, extra=up) as a, Agent(b_dir, extra=down):
+        assert dcmtk.storescu(files, a.port).returncode == 0
+
+        def heard() -> dict[str, dict[str, Any]] | None:
+            checks = devcloud.heartbeats()
+            if checks.get("site-a", {}).get("pings", 0) < 3:
+                return None
+            if checks.get("site-b", {}).get("pings", 0) < 3:
+                return None
+            if checks["site-a"]["document"]["instances"].get("received", 0) < 2:
+                return None
+            return checks
+
+        checks = wait_until(heard, 60, 0.2, "three heartbeats from each site after the send")
+        assert isinstance(checks, dict)
+    site_a, site_b = checks["site-a"], checks["site-b"]
+    assert site_a["ok"] and site_a["state"] == "healthy" and site_a["fails"] == 0
+    assert site_a["bearer"]  # the cloud's token goes with it
+    assert site_a["document"]["site"] == "test-site"
+    assert site_a["document"]["instances"]["received"] == 2
+    assert site_a["document"]["cloud"]["up"] is True
+    # The other site's cloud does not answer: degraded, every heartbeat to /fail, and the
+    # document says why.
+    assert not site_b["ok"] and site_b["state"] == "degraded"
+    assert site_b["fails"] == site_b["pings"]
+    assert site_b["document"]["cloud"]["up"] is False
+    assert not site_b["bearer"]
+    for check in (site_a, site_b):
+        assert "Synthetic^Patient" not in str(check["document"])  # no patient data
+        assert "SYN000000" not in str(check["document"])
+
+
+def send_and_upload(agent: Agent, files: list[Path]) -> tuple[float, float]:
+    """C-STORE `files` to `agent`; return the seconds the send took and the seconds from its
+    end until the study was uploaded."""
+    started = time.monotonic()
+    assert dcmtk.storescu(files, agent.port).returncode == 0
+    stored = time.monotonic()
+    wait_until(
+        lambda: agent.rows("SELECT 1 FROM studies WHERE state IN ('sent', 'confirmed')"),
+        120,
+        0.05,
+        "the study uploaded",
+    )
+    return stored - started, time.monotonic() - stored
+
+
+def test_a_hanging_monitoring_endpoint_slows_neither_receiving_nor_uploading(
+    tmp_path: Path, tus_server: Any
+) -> None:
+    tus: TusServer = tus_server()
+    files = ct_series(tmp_path / "ct", slices=10, rows=256, cols=256)
+    base = {"cloud": {"upload_url": tus.url}, "health": {"listen": "off"}}
+    (tmp_path / "plain").mkdir()
+    with Agent(tmp_path / "plain", stable_after="1s", extra=base) as plain:
+        store_plain, upload_plain = send_and_upload(plain, files)
+    # A monitoring endpoint that takes the connection and never answers.
+    with socket.create_server((LOOPBACK, 0), backlog=16) as silent:
+        hung = {
+            "cloud": {
+                "upload_url": tus.url,
+                "heartbeat_url": f"http://{LOOPBACK}:{silent.getsockname()[1]}/ping/site",
+                "heartbeat_every": "30s",  # each heartbeat waits up to 30 s for its answer
+            },
+            "health": {"listen": "off"},
+        }
+        (tmp_path / "hung").mkdir()
+        with Agent(tmp_path / "hung", stable_after="1s", extra=hung) as agent:
+            store_hung, upload_hung = send_and_upload(agent, files)
+            silent.settimeout(5)
+            connection, _ = silent.accept()  # the heartbeat did reach it, and hangs there
+            connection.close()
+    # Generous bounds for a shared machine; a heartbeat in the way would add its 30 s.
+    assert store_hung < 2 * store_plain + 5, (store_plain, store_hung)
+    assert upload_hung < 2 * upload_plain + 10, (upload_plain, upload_hung)
