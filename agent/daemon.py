@@ -225,7 +225,10 @@ class Daemon:
                 address=event.assoc.requestor.address,
                 sop_instance_uid=str(uid) if uid else None,
             )
-            size = arrival.path.stat().st_size
+            try:
+                size = arrival.path.stat().st_size
+            except OSError:
+                size = 0  # no file to count: accept() answers for it, with a status
             reply = receiver.accept(arrival)
             self._count(reply, size)
             return reply.as_dataset()

@@ -303,6 +303,13 @@ class Settings(BaseModel):
                     f"At 'cloud.{key}': {redact_url(url)} is plain http: the token and patient"
                     " data would cross the network unencrypted; use https"
                 )
+        address = listen_address(self.health.listen)
+        if address and not ipaddress.ip_address(address[0]).is_loopback and not self.health.cert:
+            found.append(
+                f"At 'health.listen': {self.health.listen} is beyond loopback without"
+                " 'health.cert': the bearer token and the status would cross the network"
+                " unencrypted; set health.cert"
+            )
         return found
 
     def exposed_secret_files(self) -> list[str]:

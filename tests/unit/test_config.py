@@ -1079,3 +1079,15 @@ def test_watch_folders_that_overlap_or_lack_a_path_are_each_reported() -> None:
     assert "At 'watch.dirs[2].done': required" in found
     assert "At 'watch.dirs[2].rejected': required" in found
     assert any(p.startswith("At 'watch.settle'") for p in found)
+
+
+def test_health_beyond_loopback_over_plain_http_is_warned_about(tmp_path: Path) -> None:
+    token = str(tmp_path / "token")
+    plain = parse_config(minimal(health__listen="0.0.0.0:8080", health__token_file=token))
+    assert any(w.startswith("At 'health.listen': 0.0.0.0:8080") for w in plain.warnings())
+    cert = str(tmp_path / "health.pem")
+    tls = parse_config(
+        minimal(health__listen="0.0.0.0:8080", health__token_file=token, health__cert=cert)
+    )
+    assert not any("health" in w for w in tls.warnings())
+    assert not any("health" in w for w in parse_config(minimal()).warnings())
