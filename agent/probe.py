@@ -78,6 +78,10 @@ class CloudProbe:
         """Stop probing; a probe in flight ends within `cloud.timeout` on its own."""
         self._stop.set()
         self._thread.join(timeout)
+        if not self._thread.is_alive():  # else the daemon thread ends with the process
+            self.http.session.close()
+            if self.dicomweb is not None:
+                self.dicomweb.close()
 
     def probe(self) -> Reach:
         """Ask the cloud once; return (and keep) what it answered."""

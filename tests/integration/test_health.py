@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import requests
 import trustme
@@ -168,3 +169,36 @@ def test_the_health_server_speaks_tls_with_the_configured_certificate(tmp_path: 
             requests.get(f"http://{host}:{port}/healthz", timeout=30)
     finally:
         server.stop()
+
+
+def test_the_probe_asks_the_archive_and_a_retrieve_is_counted(
+    tmp_path: Path, tmp_data_dir: Path, tus_server: Any, orthanc: Any
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=2, rows=64, cols=64, seed=9)
+    archive = orthanc(aet="ARCHIVE")
+    for path in series:
+        archive.session.post(
+            f"{archive.http_url}/instances", data=path.read_bytes(), timeout=60
+        ).raise_for_status()
+    tus: TusServer = tus_server()
+    cloud = {"upload_url": tus.url, "dicomweb_url": archive.dicomweb_url}
+    agent, base = health_agent(tmp_data_dir, extra={"cloud": cloud})
+    with agent:
+
+        def probed() -> dict[str, Any] | None:
+            reach: dict[str, Any] = get(f"{base}/status").json()["cloud"]
+            return reach if reach["up"] is not None else None
+
+        reach = wait_until(probed, WAIT, 0.2, what="the first cloud probe")
+        assert isinstance(reach, dict)
+        assert reach["up"] is True and reach["dicomweb"] is True, reach
+        study = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+        got = dcmtk.getscu(agent.port, [f"StudyInstanceUID={study}"], tmp_path / "got")
+        assert dcmtk.final_status(got) == 0, got.stdout[-2000:]
+        metrics = get(f"{base}/metrics").text
+        assert "dirigo_retrieve_duration_seconds_count 2.0" in metrics
+        retrieved = next(
+            line for line in metrics.splitlines() if line.startswith("dirigo_retrieved_bytes_total")
+        )
+        assert float(retrieved.split()[1]) >= sum(p.stat().st_size for p in series) * 0.9
+        assert get(f"{base}/status").json()["last_retrieve_at"] is not None
