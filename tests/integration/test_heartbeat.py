@@ -5,19 +5,25 @@ tests/integration/test_systemd.py.)"""
 
 from __future__ import annotations
 
+import logging
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
+from agent.config import CloudSettings
+from agent.heartbeat import Heartbeat
 from tests.support import dcmtk
 from tests.support.agent import Agent
 from tests.support.datasets import ct_series
-from tests.support.devcloud import DevCloud
+from tests.support.devcloud import DevCloud, HeartbeatReceiver
 from tests.support.net import LOOPBACK, free_port, wait_until
+from tests.support.tlsfront import TlsFront
 from tests.support.tus import TusServer
 
 
@@ -129,3 +135,80 @@ def test_a_hanging_monitoring_endpoint_slows_neither_receiving_nor_uploading(
     # Generous bounds for a shared machine; a heartbeat in the way would add its 30 s.
     assert store_hung < 2 * store_plain + 5, (store_plain, store_hung)
     assert upload_hung < 2 * upload_plain + 10, (upload_plain, upload_hung)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[HeartbeatReceiver]:
+    """The development cloud's heartbeat receiver, alone."""
+    receiver = HeartbeatReceiver(tmp_path / "heartbeat.log")
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
+def test_the_heartbeat_goes_with_the_clouds_trust_client_certificate_and_token(
+    tmp_path: Path, receiver: HeartbeatReceiver
+) -> None:
+    ca = trustme.CA()
+    client = ca.issue_cert("hospital-a.dirigo.example")
+    for name, pem in (
+        ("ca.pem", ca.cert_pem),
+        ("client.pem", client.cert_chain_pems[0]),
+        ("client.key", client.private_key_pem),
+    ):
+        pem.write_to_path(str(tmp_path / name))
+    (tmp_path / "token").write_text("heartbeat-token\n")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca.configure_trust(context)
+    context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS, as the state's endpoints ask
+    port = int(receiver.url.rsplit(":", 1)[1].strip("/"))
+    document = {"site": "hospital-a", "state": "degraded"}
+    with TlsFront(context, port) as front:
+        trusted = CloudSettings.model_validate(
+            {
+                "upload_url": front.url_for("/files/"),
+                "ca_file": tmp_path / "ca.pem",
+                "client_cert": tmp_path / "client.pem",
+                "client_key": tmp_path / "client.key",
+                "token_file": tmp_path / "token",
+                "heartbeat_url": front.url_for("/ping/hospital-a"),
+            }
+        )
+        heartbeat = Heartbeat.open(trusted, lambda: document)
+        assert heartbeat is not None
+        assert heartbeat.beat()
+        assert b"POST /ping/hospital-a/fail " in front.received
+        assert b"Authorization: Bearer heartbeat-token" in front.received
+        # Without the client certificate the endpoint refuses the connection.
+        anonymous = trusted.model_copy(update={"client_cert": None, "client_key": None})
+        refused = Heartbeat.open(anonymous, lambda: document)
+        assert refused is not None and not refused.beat()
+        heartbeat.stop()
+        refused.stop()
+    check = receiver.checks()["hospital-a"]
+    assert not check["ok"] and check["state"] == "degraded" and check["pings"] == 1
+    assert check["bearer"]
+
+
+def test_a_monitor_that_stays_down_is_logged_once_and_again_when_it_answers(
+    tmp_path: Path, receiver: HeartbeatReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    document = {"site": "hospital-a", "state": "healthy"}
+    down = CloudSettings.model_validate(
+        {
+            "upload_url": f"http://{LOOPBACK}:{free_port()}/files/",
+            "heartbeat_url": f"http://{LOOPBACK}:{free_port()}/ping/a",  # nothing listens
+        }
+    )
+    heartbeat = Heartbeat.open(down, lambda: document)
+    assert heartbeat is not None
+    with caplog.at_level(logging.INFO, logger="agent.heartbeat"):
+        assert not any(heartbeat.beat() for _ in range(5))
+        heartbeat.url = f"{receiver.url}ping/a"  # the monitor is back
+        assert all(heartbeat.beat() for _ in range(3))
+    heartbeat.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "failed" in lines[0] and lines[1].endswith("sent (healthy)")
+    assert receiver.checks()["a"]["pings"] == 3
