@@ -236,3 +236,28 @@ def test_a_cloud_not_asked_yet_is_unknown_and_the_last_transfers_are_shown(
     assert levels["cloud"] == ("unknown", "not asked yet")
     assert '<span data-upload="2027-01-15T08:00:00+00:00">7min ago</span>' in html
     assert '<span data-retrieve="">none since start-up</span>' in html
+
+
+def test_problems_are_the_failed_jobs_with_their_next_attempt_and_the_latest_warnings(
+    store: Store, tmp_path: Path
+) -> None:
+    receive(store, "1.9.1", "1.9.1.1", 10, NOW - 600)
+    store.mark_stable(NOW - 500, stable_after=0)
+    job = store.jobs.claim(UPLOAD, "w1", 60, now=NOW - 400)
+    assert job is not None
+    store.jobs.fail(job.lease, "the cloud refused: HTTP 503", NOW + 300, NOW - 300)
+    store.jobs.requeue_expired(NOW)  # nothing to requeue: no event
+    store.record_quarantine("dataset is truncated at byte 12", "quarantine/q1", "PACS", None, NOW)
+
+    problems = store.activity.problems(10)
+    html = page.status_page(status_of(store, tmp_path), store, NOW)
+
+    assert [(p.level, p.kind) for p in problems] == [
+        ("error", "quarantined"),
+        ("warning", "upload_failed"),
+    ]
+    failed_row = re.search(r'<tr class="warn" data-failed-job="\d+">.*?</tr>', html)
+    assert failed_row is not None
+    assert "the cloud refused: HTTP 503" in failed_row[0] and "in 5min" in failed_row[0]
+    assert "dataset is truncated at byte 12" in html
+    assert store.activity.problems(1) == problems[:1]
