@@ -188,8 +188,8 @@ class FolderWatch:
         if problem is not None:
             self._report(folder.path, f"watch folder {folder.path} is not usable: {problem}")
             return False
-        assert self._observer is not None
-        self._observer.schedule(_Wake(self._wake), str(folder.path), recursive=True)
+        if self._observer is not None:  # None when scans are driven by hand (tests)
+            self._observer.schedule(_Wake(self._wake), str(folder.path), recursive=True)
         self._watched.add(folder.path)
         self._reported.pop(folder.path, None)
         logger.info("watching %s (done: %s, rejected: %s)", *_folders(folder))
