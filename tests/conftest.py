@@ -15,6 +15,7 @@ import pytest
 from hypothesis import settings
 
 from tests.support import datasets, dcmtk
+from tests.support.devcloud import HeartbeatReceiver
 from tests.support.net import free_port
 from tests.support.orthanc import Modalities, Orthanc, OrthancMissing
 from tests.support.process import stop_process
@@ -137,3 +138,12 @@ def tus_server(tmp_path: Path) -> Iterator[TusServerFactory]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def heartbeat_receiver(tmp_path: Path) -> Iterator[HeartbeatReceiver]:
+    """Return the development cloud's heartbeat receiver, alone, already listening."""
+    receiver = HeartbeatReceiver(tmp_path / "heartbeat.log")
+    receiver.start()
+    yield receiver
+    receiver.stop()

@@ -137,17 +137,8 @@ def test_a_hanging_monitoring_endpoint_slows_neither_receiving_nor_uploading(
     assert upload_hung < 2 * upload_plain + 10, (upload_plain, upload_hung)
 
 
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[HeartbeatReceiver]:
-    """The development cloud's heartbeat receiver, alone."""
-    receiver = HeartbeatReceiver(tmp_path / "heartbeat.log")
-    receiver.start()
-    yield receiver
-    receiver.stop()
-
-
 def test_the_heartbeat_goes_with_the_clouds_trust_client_certificate_and_token(
-    tmp_path: Path, receiver: HeartbeatReceiver
+    tmp_path: Path, heartbeat_receiver: HeartbeatReceiver
 ) -> None:
     ca = trustme.CA()
     client = ca.issue_cert("hospital-a.dirigo.example")
@@ -162,7 +153,7 @@ def test_the_heartbeat_goes_with_the_clouds_trust_client_certificate_and_token(
     ca.issue_cert("127.0.0.1").configure_cert(context)
     ca.configure_trust(context)
     context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS, as the state's endpoints ask
-    port = int(receiver.url.rsplit(":", 1)[1].strip("/"))
+    port = int(heartbeat_receiver.url.rsplit(":", 1)[1].strip("/"))
     document = {"site": "hospital-a", "state": "degraded"}
     with TlsFront(context, port) as front:
         trusted = CloudSettings.model_validate(
@@ -186,13 +177,13 @@ def test_the_heartbeat_goes_with_the_clouds_trust_client_certificate_and_token(
         assert refused is not None and not refused.beat()
         heartbeat.stop()
         refused.stop()
-    check = receiver.checks()["hospital-a"]
+    check = heartbeat_receiver.checks()["hospital-a"]
     assert not check["ok"] and check["state"] == "degraded" and check["pings"] == 1
     assert check["bearer"]
 
 
 def test_a_monitor_that_stays_down_is_logged_once_and_again_when_it_answers(
-    tmp_path: Path, receiver: HeartbeatReceiver, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, heartbeat_receiver: HeartbeatReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
     document = {"site": "hospital-a", "state": "healthy"}
     down = CloudSettings.model_validate(
@@ -205,10 +196,10 @@ def test_a_monitor_that_stays_down_is_logged_once_and_again_when_it_answers(
     assert heartbeat is not None
     with caplog.at_level(logging.INFO, logger="agent.heartbeat"):
         assert not any(heartbeat.beat() for _ in range(5))
-        heartbeat.url = f"{receiver.url}ping/a"  # the monitor is back
+        heartbeat.url = f"{heartbeat_receiver.url}ping/a"  # the monitor is back
         assert all(heartbeat.beat() for _ in range(3))
     heartbeat.stop()
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines
     assert "failed" in lines[0] and lines[1].endswith("sent (healthy)")
-    assert receiver.checks()["a"]["pings"] == 3
+    assert heartbeat_receiver.checks()["a"]["pings"] == 3

@@ -78,17 +78,11 @@ def test_under_systemd_the_agent_says_ready_its_status_and_feeds_the_watchdog(
     assert notify_socket.poll()[-1] == "STOPPING=1" or "STOPPING=1" in notify_socket.poll()
 
 
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[HeartbeatReceiver]:
-    """The development cloud's heartbeat receiver, alone."""
-    receiver = HeartbeatReceiver(tmp_path / "heartbeat.log")
-    receiver.start()
-    yield receiver
-    receiver.stop()
-
-
 def test_a_hung_upload_worker_stops_the_watchdog_pings_and_fails_the_heartbeat(
-    tmp_data_dir: Path, tmp_path: Path, notify_socket: NotifySocket, receiver: HeartbeatReceiver
+    tmp_data_dir: Path,
+    tmp_path: Path,
+    notify_socket: NotifySocket,
+    heartbeat_receiver: HeartbeatReceiver,
 ) -> None:
     # A cloud that takes the connection and never answers: the upload worker hangs in its
     # first request (cloud.timeout is an hour), as it would on a wedged proxy.
@@ -99,7 +93,7 @@ def test_a_hung_upload_worker_stops_the_watchdog_pings_and_fails_the_heartbeat(
             "cloud": {
                 "upload_url": f"http://{LOOPBACK}:{port}/files/",
                 "timeout": "1h",
-                "heartbeat_url": f"{receiver.url}ping/site",
+                "heartbeat_url": f"{heartbeat_receiver.url}ping/site",
                 "heartbeat_every": "0.5s",
             },
             "health": {"stall_after": "3s", "listen": "off"},
@@ -129,7 +123,7 @@ def test_a_hung_upload_worker_stops_the_watchdog_pings_and_fails_the_heartbeat(
             assert agent.proc is not None and agent.proc.poll() is None
             # and the state's monitoring hears of it: the heartbeat goes to /fail.
             check = wait_until(
-                lambda: (c := receiver.checks().get("site")) and not c["ok"] and c,
+                lambda: (c := heartbeat_receiver.checks().get("site")) and not c["ok"] and c,
                 30,
                 what="a heartbeat to /fail",
             )
