@@ -50,8 +50,6 @@ class Heartbeat:
         self.every = every
         self.http = http
         self.document = document
-        self.sent = 0
-        """Heartbeats the endpoint accepted (2xx) since start."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._outcome: str | None = None
@@ -93,7 +91,6 @@ class Heartbeat:
         except CloudError as exc:
             self._log(f"failed: {exc}", logging.WARNING)
             return False
-        self.sent += 1
         self._log(f"sent ({state})", logging.INFO)
         return True
 
