@@ -214,6 +214,7 @@ class Daemon:
         receiver = Receiver(
             self.spool, store, concurrency=dicom.max_associations, limits=self.settings.spool
         )
+        receiver.observe = self._count
         self.receiver = receiver
 
         def on_store(event: evt.Event) -> Any:
@@ -225,13 +226,7 @@ class Daemon:
                 address=event.assoc.requestor.address,
                 sop_instance_uid=str(uid) if uid else None,
             )
-            try:
-                size = arrival.path.stat().st_size
-            except OSError:
-                size = 0  # no file to count: accept() answers for it, with a status
-            reply = receiver.accept(arrival)
-            self._count(reply, size)
-            return reply.as_dataset()
+            return receiver.accept(arrival).as_dataset()
 
         self.gate = Gate(dicom, policy)
         handlers: list[EventHandlerType] = [

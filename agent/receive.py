@@ -91,6 +91,9 @@ class Receiver:
         self._uncertain: set[str] = set()
         """Spool files whose row's commit failed with an unknown outcome."""
         self._uncertain_lock = threading.Lock()
+        self.observe: Callable[[Reply, int], None] | None = None
+        """Told every reply and the size of the file it answers for, whatever the source
+        (C-STORE, a watch folder): the agent's metrics."""
 
     def close(self) -> None:
         """Wait for pending flushes and stop the flusher threads."""
@@ -142,6 +145,16 @@ class Receiver:
         or, when recording it failed and the row may have been committed all the same, kept
         for `reconcile` (or the start-up sweep) to decide.
         """
+        try:
+            size = arrival.path.stat().st_size
+        except OSError:
+            size = 0  # nothing to count; _answer says what became of it
+        reply = self._answer(arrival)
+        if self.observe is not None:
+            self.observe(reply, size)
+        return reply
+
+    def _answer(self, arrival: Arrival) -> Reply:
         try:
             return self._accept(arrival)
         except OSError as exc:

@@ -370,3 +370,13 @@ def job_study_id(store: Store) -> int:
     with store.read() as db:
         (study_id,) = db.execute("SELECT study_id FROM jobs").fetchone()
     return int(study_id)
+
+
+def test_every_reply_is_observed_with_the_size_of_its_file(receiver: Receiver) -> None:
+    seen: list[tuple[Status, int]] = []
+    receiver.observe = lambda reply, size: seen.append((reply.status, size))
+    good = part10()
+    arrive(receiver, good)
+    arrive(receiver, b"not DICOM at all")
+    assert seen[0] == (Status.SUCCESS, len(good))
+    assert seen[1][0] != Status.SUCCESS and seen[1][1] == len(b"not DICOM at all")
