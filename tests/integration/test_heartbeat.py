@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import trustme
 
 from agent.config import CloudSettings
@@ -21,7 +22,7 @@ from agent.heartbeat import Heartbeat
 from tests.support import dcmtk
 from tests.support.agent import Agent
 from tests.support.datasets import ct_series
-from tests.support.devcloud import DevCloud, HeartbeatReceiver
+from tests.support.devcloud import DevCloud, HeartbeatReceiver, describe
 from tests.support.net import LOOPBACK, free_port, wait_until
 from tests.support.tlsfront import TlsFront
 from tests.support.tus import TusServer
@@ -75,6 +76,13 @@ def test_the_receiver_sees_each_sites_heartbeats_and_fail_while_its_cloud_is_dow
 
         checks = wait_until(heard, 60, 0.2, "three heartbeats from each site after the send")
         assert isinstance(checks, dict)
+        # What a person sees: scripts/devcloud prints the receiver's URL, its page each site.
+        assert devcloud.monitor_url in describe(devcloud)
+        page = requests.get(devcloud.monitor_url, timeout=10)
+        assert page.status_code == 200
+        rows = {row.split("</td>")[0]: row for row in page.text.split("<tr><td>")[1:]}
+        assert "<td>up</td><td>healthy</td>" in rows["site-a"]
+        assert "<td>FAILING</td><td>degraded</td>" in rows["site-b"]
     site_a, site_b = checks["site-a"], checks["site-b"]
     assert site_a["ok"] and site_a["state"] == "healthy" and site_a["fails"] == 0
     assert site_a["bearer"]  # the cloud's token goes with it
