@@ -1091,3 +1091,14 @@ def test_health_beyond_loopback_over_plain_http_is_warned_about(tmp_path: Path) 
     )
     assert not any("health" in w for w in tls.warnings())
     assert not any("health" in w for w in parse_config(minimal()).warnings())
+
+
+def test_a_health_token_others_may_read_is_an_exposed_secret(tmp_path: Path) -> None:
+    token = tmp_path / "health-token"
+    token.write_text("t0ken\n")
+    token.chmod(0o644)
+    settings = parse_config(minimal(health__token_file=str(token)))
+    (found,) = settings.exposed_secret_files()
+    assert found.startswith(f"At 'health.token_file': {token} is readable by its group")
+    token.chmod(0o600)
+    assert settings.exposed_secret_files() == []
