@@ -11,6 +11,8 @@ import pydicom
 import pytest
 import requests
 import trustme
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from agent.config import HealthSettings
 from agent.web import HealthServer, Route, text
@@ -202,3 +204,39 @@ def test_the_probe_asks_the_archive_and_a_retrieve_is_counted(
         )
         assert float(retrieved.split()[1]) >= sum(p.stat().st_size for p in series) * 0.9
         assert get(f"{base}/status").json()["last_retrieve_at"] is not None
+
+
+def metric(base: str, name: str) -> float | None:
+    """Return the value of one sample of /metrics, by its name with labels, or None."""
+    for line in get(f"{base}/metrics").text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == name:
+            return float(value)
+    return None
+
+
+def test_open_associations_are_counted_by_service(tmp_data_dir: Path) -> None:
+    agent, base = health_agent(tmp_data_dir)
+    with agent:
+        pacs = AE(ae_title="PACS")
+        pacs.add_requested_context(Verification)
+        pacs.add_requested_context(CTImageStorage)
+        assoc = pacs.associate(LOOPBACK, agent.port, ae_title="DIRIGO")
+        assert assoc.is_established
+        try:
+            wait_until(
+                lambda: metric(base, 'dirigo_associations_active{service="store"}') == 1.0,
+                WAIT,
+                0.1,
+                what="one store association counted",
+            )
+            assert metric(base, 'dirigo_associations_active{service="echo"}') == 1.0
+            assert metric(base, 'dirigo_associations_active{service="find"}') == 0.0
+        finally:
+            assoc.release()
+        wait_until(
+            lambda: metric(base, 'dirigo_associations_active{service="store"}') == 0.0,
+            WAIT,
+            0.1,
+            what="the released association no longer counted",
+        )
