@@ -4,6 +4,7 @@ TLS; requests from the test are real HTTP clients of the agent's cheroot server.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from agent.web import HealthServer, Route, text
 from tests.support import datasets, dcmtk
 from tests.support.agent import Agent
 from tests.support.faultproxy import FaultProxy
-from tests.support.net import LOOPBACK, free_port, wait_until
+from tests.support.net import LOOPBACK, PeerExited, free_port, wait_until
 from tests.support.tus import TusServer
 
 WAIT = 60.0
@@ -240,3 +241,16 @@ def test_open_associations_are_counted_by_service(tmp_data_dir: Path) -> None:
             0.1,
             what="the released association no longer counted",
         )
+
+
+def test_a_taken_health_port_stops_the_start_with_a_message_naming_it(
+    tmp_data_dir: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        agent = Agent(tmp_data_dir, extra={"health": {"listen": f"{LOOPBACK}:{port}"}})
+        with pytest.raises(PeerExited, match=f"cannot serve health endpoints on {LOOPBACK}:{port}"):
+            agent.start()
+        assert agent.proc is not None and agent.proc.returncode != 0
