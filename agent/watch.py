@@ -3,7 +3,8 @@
 A radiology clerk copies a CD, or another hospital's export, into a watched folder. Each entry at
 the folder's top level is one delivery: a file is taken once its size and modification time have
 not changed for `watch.settle`; a directory once nothing anywhere in it has changed for that long
-(so a CD being copied is taken whole, with its DICOMDIR). A directory holding a DICOMDIR is the
+(so a CD being copied is taken whole, with its DICOMDIR); a watched folder with a DICOMDIR at its
+top (a mounted CD) is one delivery itself. A directory holding a DICOMDIR is the
 file set that DICOMDIR lists: the files it names are imported, any other file below it is
 rejected. Names starting with a dot are left alone: rsync, Samba and macOS write temporary and
 metadata files under such names.
@@ -20,7 +21,8 @@ taken already gets a `~N` suffix). The order is the promise: accept (fsynced, co
 (then fsync both directories). A crash between the two leaves the file where it was; the next
 run imports it again, and acceptance of identical content is a duplicate: no second row, no
 second part. A failure that is the gateway's (disk above high water, database busy) leaves the
-file in place for a later try.
+file in place for a later try. From a folder that cannot be written to (a read-only mount) files
+are copied instead, and a ledger in data_dir records each one taken (see `_Ledger`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -85,6 +89,8 @@ class FolderWatch:
         self._thread: threading.Thread | None = None
         self._observer: BaseObserver | None = None
         self._watched: set[Path] = set()
+        self._ledgers: dict[Path, _Ledger] = {}
+        """The read-only folders (a mounted CD), whose files are copied out, not moved."""
         self._pending: dict[Path, tuple[Signature, float]] = {}
         self._reported: dict[Path, str] = {}
 
@@ -161,11 +167,13 @@ class FolderWatch:
         for folder in self.settings.dirs:
             if not self._watch(folder):
                 continue
-            for entry in _entries(folder.path):
+            for entry in _deliveries(folder.path):
                 if self._stop.is_set():
                     return
-                seen.add(entry)
                 signature = _signature(entry)
+                if self._all_taken(folder, signature):
+                    continue
+                seen.add(entry)
                 previous = self._pending.get(entry)
                 if previous is None or previous[0] != signature:
                     self._pending[entry] = (signature, now)
@@ -188,12 +196,29 @@ class FolderWatch:
         if problem is not None:
             self._report(folder.path, f"watch folder {folder.path} is not usable: {problem}")
             return False
+        if _read_only(folder.path):
+            name = hashlib.sha256(str(folder.path).encode()).hexdigest()[:16] + ".taken"
+            ledger = _Ledger(self.importer.spool.data_dir / "watch" / name, folder.path)
+            self._ledgers[folder.path] = ledger
+            logger.info("%s is read-only: files are copied out, not moved", folder.path)
         if self._observer is not None:  # None when scans are driven by hand (tests)
             self._observer.schedule(_Wake(self._wake), str(folder.path), recursive=True)
         self._watched.add(folder.path)
         self._reported.pop(folder.path, None)
         logger.info("watching %s (done: %s, rejected: %s)", *_folders(folder))
         return True
+
+    def _taken(self, folder: WatchDir, path: Path) -> bool:
+        """Return whether `path`, in a read-only folder, was taken already."""
+        ledger = self._ledgers.get(folder.path)
+        return ledger is not None and ledger.holds_file(path)
+
+    def _all_taken(self, folder: WatchDir, signature: Signature) -> bool:
+        """Return whether every file of a delivery in a read-only folder was taken already."""
+        ledger = self._ledgers.get(folder.path)
+        return ledger is not None and all(
+            ledger.holds(Path(path), size, mtime) for path, size, mtime in signature
+        )
 
     def _report(self, key: Path, message: str) -> None:
         """Log `message` once until it changes (a scan every second must not flood the log)."""
@@ -224,7 +249,7 @@ class FolderWatch:
         for path in files:
             if self._stop.is_set():
                 return False
-            if is_dicomdir(path):
+            if is_dicomdir(path) or self._taken(folder, path):
                 continue
             owner = _governing(sets, path)
             if owner is None or path in owner[1]:
@@ -236,9 +261,10 @@ class FolderWatch:
             return False
         for directory, listed in sets.items():
             index = next(p for p in files if p.parent == directory and is_dicomdir(p))
-            if listed is not None and index.exists():
+            if listed is not None and index.exists() and not self._taken(folder, index):
                 self._move(folder, index, folder.done)
-        _remove_empty(entry)
+        if folder.path not in self._ledgers:
+            _remove_empty(entry, keep=folder.path)
         return True
 
     def _file_set(self, folder: WatchDir, index: Path, files: list[Path]) -> set[Path] | None:
@@ -249,7 +275,8 @@ class FolderWatch:
             file_set = FileSet(dcmread(index))
             named = [Path(instance.path) for instance in file_set]
         except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError) as exc:
-            self._reject(folder, index, f"unreadable DICOMDIR: {exc}")
+            if not self._taken(folder, index):
+                self._reject(folder, index, f"unreadable DICOMDIR: {exc}")
             return None
         actual = {str(path).lower(): path for path in files}
         listed = {actual.get(str(path).lower(), path) for path in named}
@@ -265,6 +292,8 @@ class FolderWatch:
     def _take_file(self, folder: WatchDir, path: Path) -> bool:
         """Import one file if it can be locked; move it; return whether it is gone from the
         watched folder."""
+        if self._taken(folder, path):
+            return True
         with _locked(path) as locked:
             if not locked:
                 return not path.exists()
@@ -287,9 +316,57 @@ class FolderWatch:
         logger.warning("watch: rejected %s: %s", path, reason)
 
     def _move(self, folder: WatchDir, path: Path, root: Path) -> Path:
-        """Move `path` to the same relative place under `root`; return where it went."""
+        """Move `path` to the same relative place under `root` (from a read-only folder: copy
+        it there, then record it as taken); return where it went."""
         self._reported.pop(path, None)
-        return move(path, _free_name(root / path.relative_to(folder.path)))
+        target = _free_name(root / path.relative_to(folder.path))
+        ledger = self._ledgers.get(folder.path)
+        if ledger is None:
+            return move(path, target)
+        _make_dirs(target.parent)
+        _copy_durably(path, target)
+        ledger.add(path)
+        return target
+
+
+class _Ledger:
+    """The files taken from one read-only folder, which stay there: each as its path below the
+    folder, size and modification time, one JSON line appended and fsynced per file once it is
+    copied out. A CD put in again is passed over; one with other files (or the same names,
+    other times) is taken. A crash between the copy and the line copies that file once more."""
+
+    def __init__(self, path: Path, folder: Path) -> None:
+        self.path = path
+        self.folder = folder
+        self._taken: set[tuple[str, int, int]] = set()
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            try:
+                relative, size, mtime = json.loads(line)
+            except (ValueError, TypeError):
+                continue  # the last line, cut short by a crash: that file is taken again
+            self._taken.add((str(relative), int(size), int(mtime)))
+
+    def holds(self, file: Path, size: int, mtime_ns: int) -> bool:
+        return (str(file.relative_to(self.folder)), size, mtime_ns) in self._taken
+
+    def holds_file(self, file: Path) -> bool:
+        st = file.stat()
+        return self.holds(file, st.st_size, st.st_mtime_ns)
+
+    def add(self, file: Path) -> None:
+        st = file.stat()
+        entry = (str(file.relative_to(self.folder)), st.st_size, st.st_mtime_ns)
+        _make_dirs(self.path.parent)
+        with self.path.open("a") as out:
+            out.write(json.dumps(entry) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        fsync_directory(self.path.parent)
+        self._taken.add(entry)
 
 
 class _Wake(FileSystemEventHandler):
@@ -311,17 +388,22 @@ def move(source: Path, target: Path) -> Path:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        fd, name = tempfile.mkstemp(prefix=".moving-", dir=target.parent)
-        with os.fdopen(fd, "wb") as copy, source.open("rb") as original:
-            shutil.copyfileobj(original, copy)
-            copy.flush()
-            os.fsync(copy.fileno())
-        os.rename(name, target)
-        fsync_directory(target.parent)
+        _copy_durably(source, target)
         source.unlink()
     fsync_directory(target.parent)
     fsync_directory(source.parent)
     return target
+
+
+def _copy_durably(source: Path, target: Path) -> None:
+    """Copy `source` to `target` through a temporary file, fsynced, then renamed into place."""
+    fd, name = tempfile.mkstemp(prefix=".moving-", dir=target.parent)
+    with os.fdopen(fd, "wb") as copy, source.open("rb") as original:
+        shutil.copyfileobj(original, copy)
+        copy.flush()
+        os.fsync(copy.fileno())
+    os.rename(name, target)
+    fsync_directory(target.parent)
 
 
 def _make_dirs(directory: Path) -> None:
@@ -379,13 +461,29 @@ def _unusable(folder: WatchDir) -> str | None:
     """Return why files cannot be taken from `folder`, or None if they can."""
     if not folder.path.is_dir():
         return "not a directory (not mounted yet?)"
-    if not os.access(folder.path, os.W_OK | os.X_OK):
-        return "not writable: files cannot be moved out of it"
+    if not os.access(folder.path, os.R_OK | os.X_OK):
+        return "not readable"
     return None
+
+
+def _read_only(directory: Path) -> bool:
+    """Return whether files cannot be moved out of `directory` (a read-only mount, or no
+    write permission): then they are copied."""
+    read_only_mount = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    return read_only_mount or not os.access(directory, os.W_OK | os.X_OK)
 
 
 def _folders(folder: WatchDir) -> tuple[Path, Path, Path]:
     return folder.path, folder.done, folder.rejected
+
+
+def _deliveries(directory: Path) -> list[Path]:
+    """Return the deliveries in a watched folder: each entry at its top, or the folder itself
+    when a DICOMDIR lies there (a mounted CD, or a CD's contents copied in)."""
+    entries = _entries(directory)
+    if any(is_dicomdir(entry) and entry.is_file() for entry in entries):
+        return [directory]
+    return entries
 
 
 def _entries(directory: Path) -> list[Path]:
@@ -433,8 +531,11 @@ def _governing(sets: dict[Path, set[Path] | None], path: Path) -> tuple[Path, se
     return max(owners, key=lambda owner: len(owner[0].parts)) if owners else None
 
 
-def _remove_empty(top: Path) -> None:
-    """Remove `top` and the directories below it that are empty now."""
+def _remove_empty(top: Path, keep: Path) -> None:
+    """Remove `top` and the directories below it that are empty now, except `keep` (the
+    watched folder itself)."""
     for root, _dirs, _names in os.walk(top, topdown=False):
+        if Path(root) == keep:
+            continue
         with contextlib.suppress(OSError):  # not empty: a dot file, or a file left to retry
             os.rmdir(root)

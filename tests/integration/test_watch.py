@@ -7,7 +7,9 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +261,48 @@ def test_a_fifo_in_the_folder_neither_hangs_the_watch_nor_stops_the_next_file(
     assert health.status_code == 200, health.text
     assert health.json()["parts"]["watch"]["healthy"] is True
     assert (folders.inbox / "a.fifo").exists()
+
+
+@pytest.fixture
+def cdrom(tmp_path: Path) -> Iterator[Path]:
+    """Return a tmpfs mounted for the test (remount it read-only to play a mounted CD)."""
+    mount = tmp_path / "cdrom"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_read_only_cd_is_copied_out_once_and_passed_over_after_a_restart(
+    tmp_path: Path, folders: Folders, cdrom: Path
+) -> None:
+    studies = write_cd(cdrom, cd_instances())
+    on_cd = {p: p.read_bytes() for p in files_under(cdrom)}
+    subprocess.run(["mount", "-o", "remount,ro", str(cdrom)], check=True)
+    cd_done = tmp_path / "cd-done"
+    cd_folder = {"path": str(cdrom), "done": str(cd_done), "rejected": str(tmp_path / "cd-rej")}
+    inbox = folders.config()["dirs"][0]
+    config = {"dirs": [cd_folder, inbox], "settle": f"{SETTLE}s", "poll": True}
+    agent = Agent(tmp_path / "data", extra={"watch": config})
+    with agent:
+        wait_until(
+            lambda: len(files_under(cd_done)) == len(on_cd), WAIT, what="the CD copied to done/"
+        )
+        agent.stop()
+        agent.start()
+        # A file in the other folder, taken after the CD's files would have been taken again.
+        (folders.staging / "marker.dcm").write_bytes(cd_instances()[0].read_bytes())
+        folders.deliver(folders.staging / "marker.dcm")
+        wait_until((folders.done / "marker.dcm").exists, WAIT, what="marker.dcm in done/")
+        rows = agent.rows("SELECT sop_instance_uid FROM instances")
+    assert sorted(uid for (uid,) in rows) == sorted(studies)
+    assert sorted(p.relative_to(cd_done) for p in files_under(cd_done)) == sorted(
+        p.relative_to(cdrom) for p in on_cd
+    )
+    assert {p: p.read_bytes() for p in files_under(cdrom)} == on_cd  # the CD as it was

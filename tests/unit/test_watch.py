@@ -3,11 +3,14 @@ store and receiver: settling, the order accept → move, names taken, failures o
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.fileset import FileSet
 
 from agent.config import WatchDir, WatchSettings
 from agent.importer import Importer, Result
@@ -137,3 +140,25 @@ def test_move_to_another_file_system_copies_durably_then_removes_the_source(
         target.unlink(missing_ok=True)
         target.parent.rmdir()
         target.parent.parent.rmdir()
+
+
+def test_a_cds_contents_copied_straight_into_the_folder_are_one_file_set(
+    folder: WatchDir, importer: Importer
+) -> None:
+    file_set = FileSet()
+    for n in range(2):
+        ds = dcmread(io.BytesIO(part10(f"1.2.826.0.1.3680043.10.7.2{n}")))
+        ds.StudyDate, ds.StudyTime, ds.StudyID = "20260101", "1200", "1"
+        ds.PatientID, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "P", "CT", 1, n + 1
+        file_set.add(ds)
+    file_set.write(folder.path)
+    listed = sorted(p.relative_to(folder.path) for p in folder.path.rglob("*") if p.is_file())
+    (folder.path / "AUTORUN.INF").write_text("[autorun]\n")
+    watcher = watch(folder, importer)
+    watcher.scan(0.0)
+    watcher.scan(SETTLE)
+    done = sorted(p.relative_to(folder.done) for p in folder.done.rglob("*") if p.is_file())
+    assert done == listed
+    assert (folder.rejected / "AUTORUN.INF.reason").exists()
+    assert rows(importer) == 2
+    assert folder.path.is_dir() and not any(folder.path.iterdir())  # emptied, still there
