@@ -11,6 +11,8 @@ tell nothing about patients or studies.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 import logging
@@ -103,6 +105,7 @@ class HealthServer:
         ]
         if response.status == HTTPStatus.UNAUTHORIZED:
             headers.append(("WWW-Authenticate", 'Bearer realm="dirigo"'))
+            headers.append(("WWW-Authenticate", 'Basic realm="dirigo", charset="UTF-8"'))
         if response.status == HTTPStatus.METHOD_NOT_ALLOWED:
             headers.append(("Allow", "GET, HEAD"))
         start_response(f"{response.status} {HTTPStatus(response.status).phrase}", headers)
@@ -125,17 +128,33 @@ class HealthServer:
             return text(HTTPStatus.INTERNAL_SERVER_ERROR, f"{path} failed; see the agent's log")
 
     def _authorized(self, authorization: str | None) -> bool:
+        """Accept the token as a bearer token (Prometheus, curl) or as the password of HTTP Basic
+        authentication with any user name: a browser cannot send a bearer token, but it asks a
+        person for a password when challenged, so the status page opens from a desk too."""
         if self._token is None or authorization is None:
             return False
         scheme, _, given = authorization.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip().encode(), self._token.encode()
-        )
+        if scheme.lower() == "basic":
+            given = _basic_password(given.strip())
+        elif scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode(), self._token.encode())
 
 
 def text(status: int, message: str) -> Response:
     """Return a plain-text response of one line."""
     return Response(status, (message + "\n").encode())
+
+
+def _basic_password(credentials: str) -> str:
+    """Return the password in HTTP Basic `credentials` (base64 of ``user:password``), or "" when
+    they are not that."""
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    _user, colon, password = decoded.partition(":")
+    return password if colon else ""
 
 
 def _read_token(path: Path | None) -> str | None:

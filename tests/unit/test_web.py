@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,31 @@ def test_beyond_loopback_private_routes_need_the_bearer_token(tmp_path: Path) ->
     assert web.respond("GET", "/status", "Basic s3cret").status == 401
     assert web.respond("GET", "/status", "Bearer s3cret").body == b"status\n"
     assert web.respond("GET", "/healthz", None).body == b"live\n"
+
+
+def test_a_browser_may_give_the_token_as_its_basic_password(tmp_path: Path) -> None:
+    web = server(tmp_path, "0.0.0.0:8080", token="s3cret")
+
+    def basic(credentials: str) -> str:
+        return "Basic " + base64.b64encode(credentials.encode()).decode()
+
+    assert web.respond("GET", "/status", basic("ops:s3cret")).status == 200
+    assert web.respond("GET", "/status", basic(":s3cret")).status == 200
+    assert web.respond("GET", "/status", basic("ops:wrong")).status == 401
+    assert web.respond("GET", "/status", basic("s3cret")).status == 401
+    assert web.respond("GET", "/status", "Basic !!not-base64!!").status == 401
+    assert web.respond("GET", "/status", "Digest s3cret").status == 401
+
+
+def test_a_refusal_challenges_for_bearer_and_basic(tmp_path: Path) -> None:
+    web = server(tmp_path, "0.0.0.0:8080", token="s3cret")
+    answered: list[tuple[str, list[tuple[str, str]]]] = []
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/status"}
+    web._app(environ, lambda status, headers: answered.append((status, headers)))
+    status, headers = answered[0]
+    assert status.startswith("401")
+    challenges = [value.split()[0] for name, value in headers if name == "WWW-Authenticate"]
+    assert challenges == ["Bearer", "Basic"]
 
 
 def test_on_loopback_no_token_is_asked(tmp_path: Path) -> None:
