@@ -360,7 +360,11 @@ class _Ledger:
     def add(self, file: Path) -> None:
         st = file.stat()
         entry = (str(file.relative_to(self.folder)), st.st_size, st.st_mtime_ns)
-        _make_dirs(self.path.parent)
+        if not self.path.parent.is_dir():
+            # 0700 as the rest of data_dir: a CD's folder names may carry a patient's name.
+            self.path.parent.mkdir(mode=0o700, exist_ok=True)
+            self.path.parent.chmod(0o700)
+            fsync_directory(self.path.parent.parent)
         with self.path.open("a") as out:
             out.write(json.dumps(entry) + "\n")
             out.flush()

@@ -306,3 +306,4 @@ def test_a_read_only_cd_is_copied_out_once_and_passed_over_after_a_restart(
         p.relative_to(cdrom) for p in on_cd
     )
     assert {p: p.read_bytes() for p in files_under(cdrom)} == on_cd  # the CD as it was
+    assert ((tmp_path / "data" / "watch").stat().st_mode & 0o777) == 0o700
