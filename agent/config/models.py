@@ -265,6 +265,21 @@ class WatchSettings(BaseModel):
     poll: Flag = False
     """Poll instead of inotify: network shares and mounted CDs send no inotify events."""
 
+    @model_validator(mode="after")
+    def _watched_apart(self) -> WatchSettings:
+        """A watched folder may not overlap another entry's folders (its files would be taken
+        twice); entries may share `done` and `rejected`."""
+        for i, one in enumerate(self.dirs):
+            for j, other in enumerate(self.dirs):
+                if i == j:
+                    continue
+                for folder in (other.path, other.done, other.rejected):
+                    if one.path.is_relative_to(folder) or folder.is_relative_to(one.path):
+                        raise ValueError(
+                            f"'dirs[{i}].path' ({one.path}) overlaps {folder} of 'dirs[{j}]'"
+                        )
+        return self
+
 
 class Settings(BaseModel):
     """The whole validated configuration. Dumping it (`redacted`, `model_dump`) gives the YAML

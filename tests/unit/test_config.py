@@ -1102,3 +1102,12 @@ def test_a_health_token_others_may_read_is_an_exposed_secret(tmp_path: Path) -> 
     assert found.startswith(f"At 'health.token_file': {token} is readable by its group")
     token.chmod(0o600)
     assert settings.exposed_secret_files() == []
+
+
+def test_a_watched_folder_overlapping_another_entry_is_refused_but_done_may_be_shared() -> None:
+    one = {"path": "/srv/a/in", "done": "/srv/done", "rejected": "/srv/rejected"}
+    two = {"path": "/srv/b/in", "done": "/srv/done", "rejected": "/srv/rejected"}
+    assert len(parse_config(minimal(watch={"dirs": [one, two]})).watch.dirs) == 2
+    nested = {**two, "path": "/srv/a/in/cd"}
+    problem = only_problem(minimal(watch={"dirs": [one, nested]}))
+    assert problem.startswith("At 'watch': 'dirs[0].path' (/srv/a/in) overlaps /srv/a/in/cd")
