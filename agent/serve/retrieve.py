@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 import zlib
 from collections import deque
@@ -40,6 +41,7 @@ from agent.dicom import tune
 from agent.dicomweb import DicomWeb
 from agent.dimse import STORAGE_WARNINGS, Status
 from agent.pynetdicom_internals import send_from_files
+from agent.retry import Backoff, retried
 from agent.serve.cache import InstanceCache, NotDicom
 from agent.serve.ondisk import OnDisk, file_of, inflate
 from agent.serve.query import InstanceRef, Scope, instance_ref, instance_search
@@ -52,6 +54,15 @@ PREFETCH = 4
 request and an fsync) then overlaps sending instead of adding to it."""
 DEFER_SIZE = 64 * 1024
 """Values larger than this stay in the file when an instance is read: read only when sent."""
+FETCH_ATTEMPTS = 5
+"""Tries of one instance's WADO-RS request before its sub-operation counts as failed, when it
+fails in a way that may pass (no connection, a timeout, a body cut short, 429, 5xx)."""
+FETCH_BACKOFF = Backoff(first=0.5, cap=8.0)
+"""Waits between those tries (a `Retry-After` honoured up to the cap): about 0.5, 1, 2, 4 s,
+so a blip of the archive or its link costs seconds, not an image."""
+FETCH_PATIENCE = 3
+"""No try starts later than this many `cloud.timeout`s after the first: a dead archive fails
+each instance within bounded time instead of holding the PACS for ever."""
 
 
 @dataclass(frozen=True)
@@ -156,14 +167,15 @@ class Retriever:
         upcoming = iter(refs)
         ahead: deque[tuple[InstanceRef, Future[_Fetched]]] = deque()
         held: _Held | None = None  # the instance last yielded: its file is being sent
+        stop = threading.Event()  # set when the generator ends: fetches waiting to retry give up
         with ThreadPoolExecutor(PREFETCH, thread_name_prefix="wado") as pool:
             try:
                 for ref in itertools.islice(upcoming, PREFETCH):
-                    ahead.append((ref, pool.submit(self._fetched, ref)))
+                    ahead.append((ref, pool.submit(self._fetched, ref, stop)))
                 while ahead:
                     ref, fetch = ahead.popleft()
                     for following in itertools.islice(upcoming, 1):
-                        ahead.append((following, pool.submit(self._fetched, following)))
+                        ahead.append((following, pool.submit(self._fetched, following, stop)))
                     if destination is None:
                         destination = accepted()
                     held = _Held(self.cache)
@@ -176,6 +188,7 @@ class Retriever:
                     held.release()  # asked for the next one: this one was sent
                     held = None
             finally:
+                stop.set()
                 if held is not None:
                     held.release()
                 for ref, fetch in ahead:
@@ -242,9 +255,27 @@ class Retriever:
             return Ready(ref, _stand_in(path, dataset.file_meta), delivery.action)
         return Ready(ref, dataset, delivery.action)
 
-    def _fetched(self, ref: InstanceRef) -> _Fetched:
+    def _fetched(self, ref: InstanceRef, stop: threading.Event) -> _Fetched:
         """Return the instance's file in the cache, fetched first if it is not there; it is
-        held (kept from eviction) until released."""
+        held (kept from eviction) until released.
+
+        A fetch that fails in a way that may pass is tried again (FETCH_ATTEMPTS, FETCH_BACKOFF,
+        FETCH_PATIENCE), from the start of the instance: WADO-RS has no offset to resume a
+        multipart answer from, and nothing of a failed try is kept. Raise the last CloudError
+        when the tries are spent, the failure is not retryable, or `stop` is set."""
+        return retried(
+            lambda: self._fetch_once(ref),
+            attempts=FETCH_ATTEMPTS,
+            backoff=FETCH_BACKOFF,
+            deadline=time.monotonic() + FETCH_PATIENCE * self.dicomweb.http.timeout,
+            stop=stop,
+            again=_passing,
+            what=f"instance {ref.sop_instance}",
+        )
+
+    def _fetch_once(self, ref: InstanceRef) -> _Fetched:
+        """Return the instance's file in the cache, fetched by one WADO-RS request if it is not
+        there; held until released."""
         path = self.cache.get(ref.sop_instance)
         if path is not None:
             return _Fetched(path, from_cache=True)
@@ -318,6 +349,14 @@ class _Held:
         if self.uid is not None:
             self.cache.release(self.uid)
             self.uid = None
+
+
+def _passing(exc: Exception) -> tuple[bool, float | None]:
+    """Return whether a failed fetch may pass if tried again, and the archive's `Retry-After`.
+    An instance the archive no longer has (UploadGone) will not come back."""
+    if isinstance(exc, CloudError) and not isinstance(exc, UploadGone):
+        return exc.retryable, exc.retry_after
+    return False, None
 
 
 def _sendable(meta: Dataset, ref: InstanceRef) -> bool:

@@ -83,9 +83,17 @@ class _Rule:
     remaining: int | None
     body: bytes
     headers: tuple[tuple[str, str], ...]
+    path: str = ""
+    """Only requests whose path starts with this."""
+    drop: bool = False
+    """Close the connection without an answer instead of answering `status`."""
 
-    def matches(self, method: str) -> bool:
-        return (self.method is None or self.method == method) and self.remaining != 0
+    def matches(self, method: str, path: str) -> bool:
+        return (
+            (self.method is None or self.method == method)
+            and path.startswith(self.path)
+            and self.remaining != 0
+        )
 
 
 @dataclass
@@ -215,8 +223,10 @@ class HttpFaults:
         method: str | None = None,
         body: bytes = b"",
         headers: Mapping[str, str] | None = None,
+        path: str = "",
     ) -> None:
-        """Answer the next `times` requests (of `method` only, if given) with `status`.
+        """Answer the next `times` requests (of `method` only, if given; with a path starting
+        with `path` only) with `status`.
 
         The request body is read and dropped first, so the connection stays usable. The answer
         carries `Tus-Resumable: 1.0.0`, `headers`, `Content-Type: text/plain` and `body`.
@@ -225,7 +235,17 @@ class HttpFaults:
         """
         if times < 1:
             raise ValueError(f"times must be at least 1, not {times}")
-        rule = _Rule(status, _method(method), times, body, tuple((headers or {}).items()))
+        rule = _Rule(status, _method(method), times, body, tuple((headers or {}).items()), path)
+        with self._lock:
+            self._next.append(rule)
+
+    def drop_next(self, times: int = 1, *, method: str | None = None, path: str = "") -> None:
+        """Close the connection of the next `times` requests (as `fail_next` matches them)
+        without an answer, as a server that went away or a broken link does. Recorded with
+        status None, injected."""
+        if times < 1:
+            raise ValueError(f"times must be at least 1, not {times}")
+        rule = _Rule(0, _method(method), times, b"", (), path, drop=True)
         with self._lock:
             self._next.append(rule)
 
@@ -282,13 +302,13 @@ class HttpFaults:
     def _arrive(self, method: str, path: str) -> _Request:
         with self._lock:
             self._counts[method] += 1
-            rule = next((r for r in self._next if r.matches(method)), None)
+            rule = next((r for r in self._next if r.matches(method, path)), None)
             if rule is not None:
                 assert rule.remaining is not None
                 rule.remaining -= 1
                 if rule.remaining == 0:
                     self._next.remove(rule)
-            elif self._always is not None and self._always.matches(method):
+            elif self._always is not None and self._always.matches(method, path):
                 rule = self._always
             damage = self._damage == method
         return _Request(method, path, time.time(), rule, damage)
@@ -381,7 +401,12 @@ class _Handler(BaseHTTPRequestHandler):
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
         if checking:
             request.checksum = _verdict(self.headers.get("Upload-Checksum"), body)
-        if request.rule is not None:
+        if request.rule is not None and request.rule.drop:
+            request.injected = True
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+        elif request.rule is not None:
             rule = request.rule
             self._answer(request, rule.status, rule.body, rule.headers)
         elif request.checksum == "mismatch":

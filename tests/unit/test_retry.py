@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import pytest
 
-from agent.retry import Backoff
+from agent.retry import Backoff, retried
 
 
 def test_each_failure_doubles_the_wait_within_half_to_full_step() -> None:
@@ -41,3 +43,63 @@ def test_jitter_spreads_sites_that_failed_together() -> None:
 def test_a_job_failing_for_weeks_waits_the_cap_instead_of_overflowing(attempts: int) -> None:
     backoff = Backoff(first=30.0, cap=600.0)  # as the settings hold them: seconds, float
     assert 300 <= backoff.delay(attempts, random.Random(4)) <= 600
+
+
+class Flaky:
+    """Fails `failures` times with `error`, then returns "done"; counts its calls."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        self.failures, self.error, self.calls = failures, error, 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return "done"
+
+
+def passing(exc: Exception) -> tuple[bool, float | None]:
+    return isinstance(exc, ConnectionError), None
+
+
+def call(flaky: Flaky, *, deadline: float = 60.0, stop: threading.Event | None = None) -> str:
+    return retried(
+        flaky,
+        attempts=3,
+        backoff=Backoff(first=0.001, cap=0.001),
+        deadline=time.monotonic() + deadline,
+        stop=stop or threading.Event(),
+        again=passing,
+        what="test",
+    )
+
+
+def test_retried_calls_again_until_a_passing_failure_passes() -> None:
+    flaky = Flaky(2, ConnectionError("reset"))
+    assert call(flaky) == "done"
+    assert flaky.calls == 3
+
+
+def test_retried_gives_up_after_its_attempts_with_the_last_failure() -> None:
+    flaky = Flaky(3, ConnectionError("reset"))
+    with pytest.raises(ConnectionError):
+        call(flaky)
+    assert flaky.calls == 3
+
+
+def test_retried_raises_a_failure_that_will_not_pass_at_once() -> None:
+    flaky = Flaky(1, ValueError("bad"))
+    with pytest.raises(ValueError):
+        call(flaky)
+    assert flaky.calls == 1
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_retried_stops_when_told_or_when_the_next_wait_passes_the_deadline(stopped: bool) -> None:
+    stop = threading.Event()
+    if stopped:
+        stop.set()
+    flaky = Flaky(1, ConnectionError("reset"))
+    with pytest.raises(ConnectionError):
+        call(flaky, deadline=60.0 if stopped else 0.0, stop=stop)
+    assert flaky.calls == 1
