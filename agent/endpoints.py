@@ -114,7 +114,7 @@ class Endpoints:
         reach = None if self.probe is None else self.probe.latest
         if not health.healthy:
             state = "unhealthy"
-        elif not readiness.ready or (reach is not None and not reach.up):
+        elif health.impaired or not readiness.ready or (reach is not None and not reach.up):
             state = "degraded"
         else:
             state = "healthy"

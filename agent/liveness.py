@@ -5,6 +5,12 @@ Each watched part (the DICOM acceptor, each upload worker, the supervisor loop) 
 with `beat` from its own loop and is given a deadline: it fails once it has been silent for longer
 than that, or at once when the thread that runs it has died. A part that is merely idle still
 loops, so it still beats; only a part stuck in one step, or gone, falls silent.
+
+A part is *essential* unless said otherwise: the agent is unhealthy (and the systemd watchdog
+starves, so systemd restarts it) when an essential part fails. A part that a restart cannot cure
+and whose stall must not interrupt DICOM receive (the watch folders: a hard-mounted share that
+stopped answering stays stuck after a restart) is watched with `essential=False`: its failure is
+shown, and makes the agent *degraded*, never unhealthy.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class PartHealth:
     deadline: float
     problem: str | None
     """Why the part fails, in a few words; None when it is healthy."""
+    essential: bool = True
+    """Whether its failure makes the agent unhealthy (else only degraded)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,13 @@ class Health:
 
     @property
     def healthy(self) -> bool:
-        return all(part.healthy for part in self.parts)
+        """Whether every essential part is healthy."""
+        return all(part.healthy for part in self.parts if part.essential)
+
+    @property
+    def impaired(self) -> bool:
+        """Whether a part that is not essential fails (the agent is then degraded)."""
+        return any(not part.healthy for part in self.parts if not part.essential)
 
     @property
     def failing(self) -> tuple[PartHealth, ...]:
@@ -45,9 +59,10 @@ class Health:
 
     def summary(self) -> str:
         """Return one line: `healthy`, or the failing parts with their problems."""
-        if self.healthy:
+        if not self.failing:
             return "healthy"
-        return "unhealthy: " + "; ".join(f"{part.name} {part.problem}" for part in self.failing)
+        problems = "; ".join(f"{part.name} {part.problem}" for part in self.failing)
+        return f"{'healthy but impaired' if self.healthy else 'unhealthy'}: {problems}"
 
     def document(self) -> dict[str, Any]:
         """Return the health as `/healthz` and `/status` show it."""
@@ -60,6 +75,7 @@ class Health:
                     "silent_seconds": round(part.silent_for, 1),
                     "deadline_seconds": part.deadline,
                     "problem": part.problem,
+                    "essential": part.essential,
                 }
                 for part in self.parts
             },
@@ -71,6 +87,7 @@ class _Watched:
     deadline: float
     last: float
     thread: threading.Thread | None
+    essential: bool
 
 
 class Liveness:
@@ -81,11 +98,19 @@ class Liveness:
         self._lock = threading.Lock()
         self._parts: dict[str, _Watched] = {}
 
-    def watch(self, name: str, deadline: float, thread: threading.Thread | None = None) -> None:
+    def watch(
+        self,
+        name: str,
+        deadline: float,
+        thread: threading.Thread | None = None,
+        *,
+        essential: bool = True,
+    ) -> None:
         """Watch part `name` from now on (again, if it was): it must beat at least every
-        `deadline` seconds, and when `thread` is given, that thread must be alive."""
+        `deadline` seconds, and when `thread` is given, that thread must be alive. A part not
+        `essential` that fails makes the agent degraded, not unhealthy."""
         with self._lock:
-            self._parts[name] = _Watched(deadline, self._clock(), thread)
+            self._parts[name] = _Watched(deadline, self._clock(), thread, essential)
 
     def unwatch(self, name: str) -> None:
         """Stop watching `name` (it was stopped on purpose)."""
@@ -117,4 +142,4 @@ def _judge(name: str, watched: _Watched, now: float) -> PartHealth:
         problem = "is dead"
     elif silent > watched.deadline:
         problem = f"made no progress for {silent:.0f}s (deadline {watched.deadline:g}s)"
-    return PartHealth(name, problem is None, silent, watched.deadline, problem)
+    return PartHealth(name, problem is None, silent, watched.deadline, problem, watched.essential)

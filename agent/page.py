@@ -114,8 +114,11 @@ def lights(status: dict[str, Any]) -> list[tuple[str, str, str]]:
     if isinstance(health, dict):
         failing = [str(name) for name in health.get("failing", [])]
         healthy = health.get("healthy", not failing)
-        words = "all parts running" if healthy else "failing: " + ", ".join(failing)
-        found.append(("agent", "ok" if healthy else "bad", words))
+        if not failing:
+            found.append(("agent", "ok", "all parts running"))
+        else:
+            # Healthy with a failing part: only parts a restart would not cure (watch folders).
+            found.append(("agent", "warn" if healthy else "bad", "failing: " + ", ".join(failing)))
     disk = status["disk"]
     readiness = status.get("readiness")
     unready = []

@@ -114,7 +114,7 @@ class Watchdog:
             # The summary reads the store; a store that fails shows in the status line, and
             # the watchdog (fed or not above) still follows the liveness check alone.
             line = f"status unavailable: {exc}"
-        if not health.healthy:
+        if health.failing:
             line = f"{health.summary()}; {line}"
         notify(f"STATUS={' '.join(line.split())}")  # one line, whatever the parts say
 

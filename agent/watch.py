@@ -102,7 +102,9 @@ class FolderWatch:
         self._wake.set()
         self._thread = threading.Thread(target=self._loop, name=PART, daemon=True)
         if self.liveness is not None:
-            self.liveness.watch(PART, self.deadline, self._thread)
+            # Not essential: a share or CD mount that hangs keeps this thread stuck whatever
+            # systemd does, and a restart would cut off the DICOM receive that still works.
+            self.liveness.watch(PART, self.deadline, self._thread, essential=False)
         self._thread.start()
 
     def _new_observer(self) -> BaseObserver:

@@ -74,3 +74,22 @@ def test_an_unwatched_part_is_no_longer_judged() -> None:
     liveness.unwatch("upload-1")
     assert liveness.check().healthy
     assert liveness.check().parts == ()
+
+
+def test_a_part_that_is_not_essential_impairs_the_agent_but_leaves_it_healthy() -> None:
+    clock = Clock()
+    liveness = Liveness(clock)
+    liveness.watch("supervisor", 60.0)
+    liveness.watch("watch", 10.0, essential=False)
+    clock.now += 11.0
+    liveness.beat("supervisor")
+    health = liveness.check()
+    assert health.healthy
+    assert health.impaired
+    assert [part.name for part in health.failing] == ["watch"]
+    assert health.document()["parts"]["watch"]["essential"] is False
+    assert health.summary().startswith("healthy but impaired: watch made no progress")
+    clock.now += 61.0
+    health = liveness.check()
+    assert not health.healthy
+    assert health.summary().startswith("unhealthy: supervisor")

@@ -198,6 +198,10 @@ def test_lights_name_what_is_wrong(store: Store, tmp_path: Path) -> None:
     assert levels["cloud"][0] == "warn" and "connection refused" in levels["cloud"][1]
     assert levels["agent"] == ("bad", "failing: upload worker 2")
 
+    full["health"] = {"healthy": True, "failing": ["watch"]}
+    levels = {name: (level, words) for name, level, words in page.lights(full)}
+    assert levels["agent"] == ("warn", "failing: watch")
+
 
 def test_an_unready_agent_says_why_and_its_state_is_in_the_header(
     store: Store, tmp_path: Path
