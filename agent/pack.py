@@ -1,10 +1,14 @@
-"""Pack a study part into one bundle: a tar of its Part-10 files behind a manifest, in zstd.
+"""Pack a study part into one bundle: a tar of its Part-10 files, then a manifest, in zstd.
 
 The bundle is a plain tar (PAX) inside one standard zstd frame, so `zstd -d | tar x` opens it.
-Its first member is `manifest.json` (site, study, part, and per instance its UIDs, transfer
-syntax, size and the sha256 of its dataset); the instances follow as `instances/NNNNNN.dcm`
-(names never come from DICOM values). Everything streams: file → tar → zstd → disk, with the
-bundle's sha256 taken on the way out, so memory does not grow with study size.
+The instances come first as `instances/NNNNNN.dcm` (names never come from DICOM values), each
+carrying its own facts in PAX extended headers (`FACTS`: the sha256 of its dataset, its SOP
+Instance UID and transfer syntax; for a transcoded file also the original's syntax, size and
+sha256), so a reader verifies each member as it streams. The last member is `manifest.json`, a
+summary (site, study, part, and per instance the same facts). Everything streams: file → tar →
+zstd → disk, with the bundle's sha256 taken on the way out, so memory does not grow with study
+size. With transcoding, each instance goes into the tar as soon as its re-encoding is done (in
+order), while the workers re-encode the next ones: packing overlaps transcoding.
 
 Each instance's dataset is hashed again as it is read and compared with the hash recorded when
 it was received: a spool file damaged on disk stops the pack instead of going to the cloud.
@@ -12,13 +16,14 @@ it was received: a spool file damaged on disk stops the pack instead of going to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import tarfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -33,7 +38,14 @@ from agent.transcode import AsItCame, Outcome, Source, Transcoded, Transcoder
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2: the instances first, each with its facts in PAX headers, the manifest last.
+(1, the first layout: the manifest first, no PAX facts; the cloud's ingest still reads it.)"""
+PAX_PREFIX = "DIRIGO."
+"""The namespace of the PAX extended header records Dirigo adds to each instance member."""
+FACTS = ("sha256", "sop_instance_uid", "sop_class_uid", "transfer_syntax")
+"""An instance member's PAX records, each `DIRIGO.<fact>`, as in its manifest entry. A
+transcoded file adds `DIRIGO.original.transfer_syntax`, `.size` and `.sha256`."""
 _COPY_BLOCK = 1024 * 1024
 
 
@@ -122,11 +134,22 @@ def _entry(index: int, f: PartFile, outcome: Outcome | None) -> dict[str, object
     return entry
 
 
+def member_facts(entry: dict[str, object]) -> dict[str, str]:
+    """Given an instance's manifest entry, return the PAX extended header records its tar
+    member carries: each of `FACTS` as `DIRIGO.<fact>`, and for a transcoded file the
+    original's as `DIRIGO.original.<fact>`."""
+    facts = {f"{PAX_PREFIX}{key}": str(entry[key]) for key in FACTS}
+    original = entry.get("original")
+    if isinstance(original, dict):
+        facts.update({f"{PAX_PREFIX}original.{k}": str(v) for k, v in original.items()})
+    return facts
+
+
 def sent_hashes(path: Path, bundle_format: str) -> dict[str, str]:
     """Return what a bundle file's manifest records of each instance: the sha256 of its
     dataset as packed (after any transcoding), by SOP Instance UID. Streams the bundle up to
-    its manifest. Raise PackError if it holds no manifest that can be read; OSError if the
-    file cannot be read."""
+    its manifest (the last member; the first in bundles of the first layout). Raise PackError
+    if it holds no manifest that can be read; OSError if the file cannot be read."""
     with path.open("rb") as raw:
         compressed = bundle_format == Compression("zstd").format
         source = zstandard.ZstdDecompressor().stream_reader(raw) if compressed else raw
@@ -163,13 +186,10 @@ def pack(
     left behind under a final name.
     """
     temporary, relative = spool.new_bundle(compression.suffix)
-    outcomes: list[Outcome | None] = [None] * len(files)
     try:
-        if compression.transcode != "none":
-            outcomes = _transcode_all(spool, files, compression, check)
         with temporary.open("wb") as raw:
             sink = _HashingWriter(raw)
-            _write_tar(sink, spool, info, files, compression, outcomes, check)
+            _write_tar(sink, spool, info, files, compression, check)
             raw.flush()
         # zstd's worker threads take in up to a whole job (megabytes) before compressing it,
         # so the checks between blocks can all pass before the slow part of a small pack.
@@ -178,37 +198,39 @@ def pack(
     except BaseException:
         spool.discard(temporary)
         raise
-    finally:
-        for outcome in outcomes:
-            if isinstance(outcome, Transcoded):
-                spool.discard(Path(outcome.path))
     return Bundle(relative, sink.size, sink.sha256.hexdigest(), compression.format, len(files))
 
 
-def _transcode_all(
+def _outcomes(
     spool: Spool, files: Sequence[PartFile], compression: Compression, check: Callable[[], None]
-) -> list[Outcome | None]:
-    """Re-encode every file into a temporary beside the bundle; the manifest, written first,
-    must know each result. Raise PackError if a source changed since it was received."""
+) -> Generator[tuple[PartFile, Outcome | None], None, None]:
+    """Yield each file with its transcoding outcome (None without transcoding), in order, as
+    soon as it is known: the workers re-encode the next files meanwhile. Every re-encoded
+    temporary beside the bundle is deleted when this ends, however it ends (the caller has
+    copied each into the tar by then). Raise PackError if a source changed since it was
+    received."""
+    if compression.transcode == "none":
+        yield from ((f, None) for f in files)
+        return
     sources = [
         Source(str(spool.path(f.path)), str(spool.new_bundle(".dcm")[0]), f.sha256) for f in files
     ]
-    outcomes: list[Outcome | None] = []
-    with Transcoder(compression.transcode, compression.threads) as transcoder:
-        try:
+    count = 0
+    try:
+        with Transcoder(compression.transcode, compression.threads) as transcoder:
             for part_file, outcome in zip(files, transcoder.run(sources), strict=True):
-                outcomes.append(outcome)
                 check()
                 if isinstance(outcome, AsItCame) and outcome.changed:
                     raise PackError(f"{part_file.sop_instance_uid}: spool file {outcome.reason}")
-        except BaseException:
-            for done in outcomes:
-                if isinstance(done, Transcoded):
-                    spool.discard(Path(done.path))
-            raise
-    count = sum(isinstance(o, Transcoded) for o in outcomes)
+                count += isinstance(outcome, Transcoded)
+                yield part_file, outcome
+                if isinstance(outcome, Transcoded):
+                    spool.discard(Path(outcome.path))
+    finally:
+        # After the pool has shut down: files in flight when a pack stopped are written by now.
+        for source in sources:
+            spool.discard(Path(source.target))
     logger.info("transcoded %d of %d instance(s) to %s", count, len(files), compression.transcode)
-    return outcomes
 
 
 def _write_tar(
@@ -217,7 +239,6 @@ def _write_tar(
     info: PartInfo,
     files: Sequence[PartFile],
     compression: Compression,
-    outcomes: Sequence[Outcome | None],
     check: Callable[[], None],
 ) -> None:
     if compression.method == "zstd":
@@ -226,9 +247,9 @@ def _write_tar(
             level=compression.level, threads=threads, write_checksum=True
         )
         with compressor.stream_writer(cast(BinaryIO, sink), closefd=False) as zstd_out:
-            _tar_into(zstd_out, spool, info, files, compression, outcomes, check)
+            _tar_into(zstd_out, spool, info, files, compression, check)
     else:
-        _tar_into(sink, spool, info, files, compression, outcomes, check)
+        _tar_into(sink, spool, info, files, compression, check)
 
 
 def _tar_into(
@@ -237,22 +258,24 @@ def _tar_into(
     info: PartInfo,
     files: Sequence[PartFile],
     compression: Compression,
-    outcomes: Sequence[Outcome | None],
     check: Callable[[], None],
 ) -> None:
     spool_mtime = int(time.time())
+    outcomes: list[Outcome | None] = []
     # Mode "w", not the stream mode "w|": the stream mode copies its write buffer over and
     # over (measured: packing at half the speed). Nothing seeks: the output only needs tell().
-    with tarfile.open(
-        fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_COPY_BLOCK
-    ) as tar:  # type: ignore[call-overload]
-        document = manifest(info, files, compression, outcomes)
-        entry = tarfile.TarInfo(MANIFEST)
-        entry.size, entry.mtime, entry.mode = len(document), spool_mtime, 0o644
-        tar.addfile(entry, io.BytesIO(document))
-        for index, (part_file, outcome) in enumerate(zip(files, outcomes, strict=True), 1):
+    in_order = contextlib.closing(_outcomes(spool, files, compression, check))
+    with (
+        in_order as results,
+        tarfile.open(  # type: ignore[call-overload]
+            fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_COPY_BLOCK
+        ) as tar,
+    ):
+        for index, (part_file, outcome) in enumerate(results, 1):
+            outcomes.append(outcome)
+            packed = part_file
             if isinstance(outcome, Transcoded):
-                part_file = PartFile(
+                packed = PartFile(
                     part_file.sop_instance_uid,
                     part_file.sop_class_uid,
                     outcome.transfer_syntax,
@@ -260,7 +283,12 @@ def _tar_into(
                     outcome.size,
                     outcome.sha256,
                 )
-            _add_instance(tar, spool, part_file, member_name(index), spool_mtime, check)
+            facts = member_facts(_entry(index, part_file, outcome))
+            _add_instance(tar, spool, packed, member_name(index), facts, spool_mtime, check)
+        document = manifest(info, files, compression, outcomes)
+        entry = tarfile.TarInfo(MANIFEST)
+        entry.size, entry.mtime, entry.mode = len(document), spool_mtime, 0o644
+        tar.addfile(entry, io.BytesIO(document))
 
 
 def _add_instance(
@@ -268,6 +296,7 @@ def _add_instance(
     spool: Spool,
     part_file: PartFile,
     name: str,
+    facts: dict[str, str],
     mtime: int,
     check: Callable[[], None],
 ) -> None:
@@ -279,6 +308,7 @@ def _add_instance(
     with f:
         entry = tarfile.TarInfo(name)
         entry.size, entry.mtime, entry.mode = part_file.size, mtime, 0o644
+        entry.pax_headers = facts
         reader = _VerifyingReader(f, offset, check)
         tar.addfile(entry, cast(BinaryIO, reader))
     if reader.sha256.hexdigest() != part_file.sha256:

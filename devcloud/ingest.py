@@ -11,10 +11,13 @@ settled yet, it:
 
 1. checks the upload metadata (`format`, `sha256`, `instances`, `study_uid`, `part`) and the
    bundle's sha256 against it;
-2. reads the bundle once, streaming (a tar, inside one zstd frame for `dicom-tar+zstd`):
-   `manifest.json` first, then each instance, whose dataset (the bytes after its File Meta
-   group) must have the manifest's sha256, and its file the manifest's size, SOP Instance UID
-   and transfer syntax;
+2. reads the bundle once, streaming (a tar, inside one zstd frame for `dicom-tar+zstd`),
+   checking each instance as it comes against what its tar member's PAX extended header
+   records say (`DIRIGO.sha256` of its dataset, the bytes after its File Meta group;
+   `DIRIGO.sop_instance_uid` and `DIRIGO.transfer_syntax` as in its File Meta; for a transcoded
+   file the original's `DIRIGO.original.*`), then `manifest.json`, the last member, which must
+   list exactly those instances with those facts. A bundle of the first layout (manifest
+   version 1: `manifest.json` first, no PAX records) is checked against its manifest instead;
 3. reads it again and POSTs each instance's Part-10 bytes to Orthanc's `/instances`.
 
 Everything is checked before anything is stored, so a bundle that fails a check leaves nothing
@@ -40,6 +43,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -65,6 +69,8 @@ logger = logging.getLogger("ingest")
 FORMATS = {"dicom-tar+zstd": True, "dicom-tar": False}  # format → zstd-compressed
 MANIFEST = "manifest.json"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+PAX_PREFIX = "DIRIGO."
+FIRST_LAYOUT, PAX_LAYOUT = 1, 2  # manifest versions: manifest first; PAX records, manifest last
 _MAX_MANIFEST = 64 * 1024 * 1024
 _MAX_INSTANCE = 4 * 1024 * 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -102,13 +108,26 @@ class Upload:
 
 @dataclass(frozen=True)
 class Entry:
-    """One instance as the manifest lists it."""
+    """One instance as the manifest lists it (or, in the PAX layout, as its member's PAX
+    records describe it): `original` is the transcoded file's original (transfer syntax, size,
+    sha256), as text."""
 
     file: str
     sop_instance_uid: str
     transfer_syntax: str
     size: int
     sha256: str
+    original: tuple[str, str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tar member of a bundle: its name, its bytes, and its `DIRIGO.` PAX records (by key
+    without that prefix)."""
+
+    name: str
+    data: bytes
+    facts: dict[str, str]
 
 
 # --- the tus file store ------------------------------------------------------------------
@@ -172,8 +191,8 @@ def file_sha256(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def bundle_members(path: Path, compressed: bool) -> Iterator[Iterator[tuple[str, bytes]]]:
-    """Yield an iterator over a bundle's tar members as (name, bytes), streaming.
+def bundle_members(path: Path, compressed: bool) -> Iterator[Iterator[Member]]:
+    """Yield an iterator over a bundle's tar members, streaming.
 
     Raise Rejected if the bundle is not a tar (in a zstd frame when `compressed`), is
     truncated, or holds anything but regular files.
@@ -194,7 +213,7 @@ def bundle_members(path: Path, compressed: bool) -> Iterator[Iterator[tuple[str,
                 raise Rejected(f"the bundle is not a readable tar: {exc}") from None
 
 
-def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
+def _members(tar: tarfile.TarFile) -> Iterator[Member]:
     for member in tar:
         if not member.isfile():
             raise Rejected(f"member {member.name!r} is not a regular file")
@@ -206,21 +225,28 @@ def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
         data = extracted.read()
         if len(data) != member.size:
             raise Rejected(f"member {member.name!r} is truncated")
-        yield member.name, data
+        facts = {
+            key[len(PAX_PREFIX) :]: value
+            for key, value in member.pax_headers.items()
+            if key.startswith(PAX_PREFIX)
+        }
+        yield Member(member.name, data, facts)
 
 
-def parse_manifest(data: bytes, upload: Upload, count: int) -> list[Entry]:
+def parse_manifest(data: bytes, upload: Upload, count: int, version: int) -> list[Entry]:
     """Return the manifest's instance entries, checked against the upload's metadata.
 
-    Raise Rejected if it is not the JSON Dirigo writes, names another study, part or format,
-    or lists another number of instances than the metadata.
+    Raise Rejected if it is not the JSON Dirigo writes for the layout `version` (where the
+    manifest was found says which), names another study, part or format, or lists another
+    number of instances than the metadata.
     """
     try:
         document = json.loads(data)
         if not isinstance(document, dict):
             raise ValueError("not an object")
-        if document.get("manifest_version") != 1:
-            raise ValueError(f"manifest_version {document.get('manifest_version')!r} is not 1")
+        if document.get("manifest_version") != version:
+            found = document.get("manifest_version")
+            raise ValueError(f"manifest_version {found!r} is not {version} (where it is placed)")
         entries = [_entry(item) for item in document["instances"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise Rejected(f"{MANIFEST} is not a valid manifest: {exc!r}") from None
@@ -238,12 +264,14 @@ def parse_manifest(data: bytes, upload: Upload, count: int) -> list[Entry]:
 
 
 def _entry(item: Any) -> Entry:
+    original = item.get("original")
     entry = Entry(
         file=item["file"],
         sop_instance_uid=item["sop_instance_uid"],
         transfer_syntax=item["transfer_syntax"],
         size=item["size"],
         sha256=item["sha256"],
+        original=None if original is None else _original(original),
     )
     strings = (entry.file, entry.sop_instance_uid, entry.transfer_syntax, entry.sha256)
     if not all(isinstance(s, str) for s in strings) or not isinstance(entry.size, int):
@@ -253,13 +281,49 @@ def _entry(item: Any) -> Entry:
     return entry
 
 
-def check_instance(entry: Entry, name: str, data: bytes) -> None:
+def _original(item: Any) -> tuple[str, str, str]:
+    values = (item["transfer_syntax"], item["size"], item["sha256"])
+    if not isinstance(values[1], int) or not all(isinstance(v, str) for v in values[::2]):
+        raise ValueError(f"an original has values of the wrong type: {item!r}")
+    return values[0], str(values[1]), values[2]
+
+
+def pax_entry(member: Member) -> Entry:
+    """Return the instance a member of the PAX layout says it is, in its PAX records.
+
+    Raise Rejected if a record is missing or malformed.
+    """
+    facts = member.facts
+    missing = [k for k in ("sha256", "sop_instance_uid", "transfer_syntax") if k not in facts]
+    if missing:
+        records = ", ".join(PAX_PREFIX + k for k in missing)
+        raise Rejected(f"member {member.name!r} lacks the PAX record(s) {records}")
+    if not _SHA256.fullmatch(facts["sha256"]):
+        raise Rejected(f"{member.name}: PAX sha256 {facts['sha256']!r} is not a sha256")
+    original = None
+    if any(k.startswith("original.") for k in facts):
+        keys = ("original.transfer_syntax", "original.size", "original.sha256")
+        if not all(k in facts for k in keys) or not facts["original.size"].isdigit():
+            raise Rejected(f"{member.name}: its PAX records of the original are incomplete")
+        original = (facts[keys[0]], facts[keys[1]], facts[keys[2]])
+    return Entry(
+        member.name,
+        facts["sop_instance_uid"],
+        facts["transfer_syntax"],
+        len(member.data),
+        facts["sha256"],
+        original,
+    )
+
+
+def check_instance(entry: Entry, name: str, data: bytes, source: str = "the manifest") -> None:
     """Raise Rejected unless member `name` holding `data` is the instance `entry` describes:
-    its name, size, File Meta SOP Instance UID and transfer syntax, and its dataset's sha256."""
+    its name, size, File Meta SOP Instance UID and transfer syntax, and its dataset's sha256.
+    `source` names where `entry` comes from, for the reason."""
     if name != entry.file:
         raise Rejected(f"member {name!r} is where the manifest expects {entry.file!r}")
     if len(data) != entry.size:
-        raise Rejected(f"{name}: {len(data)} bytes, the manifest says {entry.size}")
+        raise Rejected(f"{name}: {len(data)} bytes, {source} says {entry.size}")
     try:
         offset, meta = file_meta(data)
     except ValueError as exc:
@@ -267,17 +331,16 @@ def check_instance(entry: Entry, name: str, data: bytes) -> None:
     sop_instance_uid = meta.get(0x0003, "")
     if sop_instance_uid != entry.sop_instance_uid:
         raise Rejected(
-            f"{name}: SOP Instance UID {sop_instance_uid!r}, the manifest says"
+            f"{name}: SOP Instance UID {sop_instance_uid!r}, {source} says"
             f" {entry.sop_instance_uid!r}"
         )
     if meta.get(0x0010, "") != entry.transfer_syntax:
         raise Rejected(
-            f"{name}: transfer syntax {meta.get(0x0010)!r}, the manifest says"
-            f" {entry.transfer_syntax!r}"
+            f"{name}: transfer syntax {meta.get(0x0010)!r}, {source} says {entry.transfer_syntax!r}"
         )
     digest = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
     if digest != entry.sha256:
-        raise Rejected(f"{name}: dataset sha256 {digest}, the manifest says {entry.sha256}")
+        raise Rejected(f"{name}: dataset sha256 {digest}, {source} says {entry.sha256}")
 
 
 def file_meta(data: bytes) -> tuple[int, dict[int, str]]:
@@ -310,7 +373,8 @@ def file_meta(data: bytes) -> tuple[int, dict[int, str]]:
 
 
 def verify(upload: Upload) -> list[Entry]:
-    """Check the whole bundle of a finished upload and return its manifest's entries.
+    """Check the whole bundle of a finished upload, of either layout, and return its manifest's
+    entries.
 
     Raise Rejected with the reason if anything does not match.
     """
@@ -322,18 +386,46 @@ def verify(upload: Upload) -> list[Entry]:
         first = next(members, None)
         if first is None:
             raise Rejected("the bundle holds no member")
-        if first[0] != MANIFEST:
-            raise Rejected(f"the first member is {first[0]!r}, not {MANIFEST}")
-        entries = parse_manifest(first[1], upload, count)
-        seen = 0
-        for index, (name, data) in enumerate(members):
-            if index >= len(entries):
-                raise Rejected(f"member {name!r} is not in the manifest")
-            check_instance(entries[index], name, data)
-            seen += 1
+        if first.name == MANIFEST:
+            return _verify_listed(parse_manifest(first.data, upload, count, FIRST_LAYOUT), members)
+        return _verify_streamed(itertools.chain([first], members), upload, count)
+
+
+def _verify_listed(entries: list[Entry], members: Iterator[Member]) -> list[Entry]:
+    """Check the instances of a bundle of the first layout against its manifest, read first."""
+    seen = 0
+    for index, member in enumerate(members):
+        if index >= len(entries):
+            raise Rejected(f"member {member.name!r} is not in the manifest")
+        check_instance(entries[index], member.name, member.data)
+        seen += 1
     if seen != len(entries):
         raise Rejected(f"the manifest lists {len(entries)} instances, the bundle holds {seen}")
     return entries
+
+
+def _verify_streamed(members: Iterator[Member], upload: Upload, count: int) -> list[Entry]:
+    """Check each instance of a bundle of the PAX layout against its own PAX records as it
+    comes, then the manifest, the last member, against them all."""
+    seen: list[Entry] = []
+    for member in members:
+        if member.name == MANIFEST:
+            entries = parse_manifest(member.data, upload, count, PAX_LAYOUT)
+            after = next(members, None)
+            if after is not None:
+                raise Rejected(f"member {after.name!r} follows {MANIFEST}, which must be last")
+            for number, (listed, found) in enumerate(itertools.zip_longest(entries, seen), 1):
+                if listed != found:
+                    raise Rejected(
+                        f"{MANIFEST} and the members' PAX records differ at instance {number}"
+                    )
+            return entries
+        if len(seen) == count:
+            raise Rejected(f"member {member.name!r} is one more than the {count} instances")
+        entry = pax_entry(member)
+        check_instance(entry, member.name, member.data, "its PAX record")
+        seen.append(entry)
+    raise Rejected(f"the bundle ends without {MANIFEST} (its last member)")
 
 
 # --- the archive -------------------------------------------------------------------------
@@ -563,14 +655,14 @@ class Ingest:
         compressed = FORMATS[upload.metadata["format"]]
         new = stored = 0
         with bundle_members(upload.data_path, compressed) as members:
-            next(members)  # the manifest, checked already
-            for entry, (name, data) in zip(entries, members, strict=False):
+            instances = (m for m in members if m.name != MANIFEST)  # checked already
+            for entry, member in zip(entries, instances, strict=False):
                 if self.stopping:
                     raise Interrupted
-                check_instance(entry, name, data)  # the file could have changed since
+                check_instance(entry, member.name, member.data)  # it could have changed since
                 self.posts += 1
                 self._posts_for[upload.id] = self._posts_for.get(upload.id, 0) + 1
-                new += self.archive.store(name, data)
+                new += self.archive.store(member.name, member.data)
                 stored += 1
         if stored != len(entries):
             raise Rejected(f"the bundle changed while it was read: {stored} of {len(entries)}")

@@ -222,7 +222,7 @@ def test_an_htj2k_transcoded_bundle_is_archived_as_packed_with_the_original_pixe
 ) -> None:
     sources = datasets.ct_series(tmp_path / "ct", slices=6, rows=128, cols=128, seed=103)
     bundle, metadata = packed(sources, Compression(threads=1, transcode="htj2k"))
-    manifest = json.loads(bundles.members(bundle.read_bytes())[0][1])
+    manifest = bundles.manifest(bundle.read_bytes())
     packed_digests = {e["sop_instance_uid"]: e["sha256"] for e in manifest["instances"]}
 
     tus_upload(cloud, bundle, metadata)
@@ -291,7 +291,7 @@ def _swapped_instances(members: list[tuple[str, bytes]]) -> None:
     ],
     ids=["changed-dataset", "missing-instance", "unlisted-member", "swapped-instances"],
 )
-def test_a_bundle_whose_instances_do_not_match_its_manifest_is_rejected_whole(
+def test_a_first_layout_bundle_whose_instances_do_not_match_its_manifest_is_rejected_whole(
     cloud: DevCloud,
     packed: Packer,
     tmp_path: Path,
@@ -301,7 +301,7 @@ def test_a_bundle_whose_instances_do_not_match_its_manifest_is_rejected_whole(
 ) -> None:
     sources = datasets.ct_series(tmp_path / "ct", slices=3, rows=64, cols=64, seed=seed)
     good, metadata = packed(sources)
-    members = bundles.members(good.read_bytes())
+    members = bundles.first_layout(good.read_bytes())
     damage(members)
     bad = rebundle(tmp_path / "bad.tar.zst", members)
 
@@ -319,7 +319,7 @@ def test_an_instance_the_archive_refuses_rejects_the_bundle_with_the_archive_s_a
 ) -> None:
     sources = datasets.ct_series(tmp_path / "ct", slices=2, rows=64, cols=64, seed=105)
     good, metadata = packed(sources)
-    members = bundles.members(good.read_bytes())
+    members = bundles.first_layout(good.read_bytes())
     manifest = json.loads(members[0][1])
     # The File Meta group the ingest checks, then nothing Orthanc can parse as a dataset.
     name, data = members[1]
@@ -339,13 +339,105 @@ def test_an_instance_the_archive_refuses_rejects_the_bundle_with_the_archive_s_a
     assert archived(cloud, metadata["study_uid"]) == {}
 
 
-def rebundle(path: Path, members: Sequence[tuple[str, bytes]]) -> Path:
-    """Write `members` as Dirigo's packer does (a PAX tar in one zstd frame); return `path`."""
+def test_a_bundle_of_the_first_layout_manifest_first_is_still_archived_byte_for_byte(
+    cloud: DevCloud, packed: Packer, tmp_path: Path
+) -> None:
+    sources = datasets.ct_series(tmp_path / "ct", slices=4, rows=64, cols=64, seed=108)
+    good, metadata = packed(sources, Compression(threads=1, transcode="jpeg-ls"))
+    old = rebundle(tmp_path / "old.tar.zst", bundles.first_layout(good.read_bytes()))
+
+    upload = tus_upload(cloud, old, {**metadata, "sha256": sha256_of(old)})
+
+    assert cloud.wait_until_settled(upload)["outcome"] == "ingested"
+    packed_digests = {
+        e["sop_instance_uid"]: e["sha256"] for e in bundles.manifest(good.read_bytes())["instances"]
+    }
+    stored = archived(cloud, metadata["study_uid"])
+    assert {uid: datasets.dataset_digest(data) for uid, data in stored.items()} == packed_digests
+
+
+Members = list[tuple[str, bytes]]
+Facts = dict[str, dict[str, str]]
+
+
+def _member_changed(members: Members, facts: Facts) -> None:
+    name, data = members[1]
+    members[1] = (name, data[:-1] + bytes([data[-1] ^ 0xFF]))  # the last pixel byte
+
+
+def _pax_record_missing(members: Members, facts: Facts) -> None:
+    del facts[members[0][0]]["DIRIGO.sha256"]
+
+
+def _manifest_disagrees(members: Members, facts: Facts) -> None:
+    document = json.loads(members[-1][1])
+    document["instances"][2]["sop_instance_uid"] += ".9"
+    members[-1] = (MANIFEST, json.dumps(document).encode())
+
+
+def _manifest_not_last(members: Members, facts: Facts) -> None:
+    members.append(members[0])
+
+
+def _manifest_missing(members: Members, facts: Facts) -> None:
+    del members[-1]
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_member_changed, "instances/000002.dcm: dataset sha256 "),
+        (
+            _pax_record_missing,
+            "member 'instances/000001.dcm' lacks the PAX record(s) DIRIGO.sha256",
+        ),
+        (_manifest_disagrees, "manifest.json and the members' PAX records differ at instance 3"),
+        (_manifest_not_last, "member 'instances/000001.dcm' follows manifest.json"),
+        (_manifest_missing, "the bundle ends without manifest.json"),
+    ],
+    ids=["member-changed", "pax-record-missing", "manifest-disagrees", "not-last", "no-manifest"],
+)
+def test_a_bundle_whose_members_do_not_match_their_pax_records_is_rejected_whole(
+    cloud: DevCloud,
+    packed: Packer,
+    tmp_path: Path,
+    damage: Callable[[Members, Facts], None],
+    reason: str,
+) -> None:
+    sources = datasets.ct_series(tmp_path / "ct", slices=3, rows=64, cols=64, seed=125)
+    good, metadata = packed(sources)
+    data = good.read_bytes()
+    members = bundles.members(data)
+    facts = {name: records for name, records in bundles.facts(data)}
+    damage(members, facts)
+    bad = rebundle(tmp_path / "bad.tar.zst", members, facts)
+
+    upload = tus_upload(cloud, bad, {**metadata, "sha256": sha256_of(bad)})
+
+    record = cloud.wait_until_settled(upload)
+    assert (record["outcome"], record["posts"]) == ("rejected", 0)
+    note = cloud.rejection_note(upload)
+    assert note is not None and note["reason"].startswith(reason), note
+    if damage is _member_changed:
+        assert note["reason"].endswith(
+            f"its PAX record says {facts[members[1][0]]['DIRIGO.sha256']}"
+        )
+    assert archived(cloud, metadata["study_uid"]) == {}
+
+
+def rebundle(
+    path: Path,
+    members: Sequence[tuple[str, bytes]],
+    facts: Mapping[str, dict[str, str]] | None = None,
+) -> Path:
+    """Write `members` as Dirigo's packer does (a PAX tar in one zstd frame), each with the PAX
+    records `facts` holds for its name (none if it holds none); return `path`."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in members:
             entry = tarfile.TarInfo(name)
             entry.size, entry.mode = len(data), 0o644
+            entry.pax_headers = dict((facts or {}).get(name, {}))
             tar.addfile(entry, io.BytesIO(data))
     path.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(raw.getvalue()))
     return path

@@ -54,7 +54,7 @@ def spooled(spool: Spool, sources: list[Path]) -> list[PartFile]:
 
 
 @pytest.mark.parametrize("method", ["zstd", "none"])
-def test_bundle_holds_manifest_first_then_every_file_byte_for_byte(
+def test_bundle_holds_every_file_byte_for_byte_then_the_manifest_last(
     spool: Spool, method: str
 ) -> None:
     sources = datasets.distinct_instances(datasets.real_files())[:6]
@@ -66,15 +66,18 @@ def test_bundle_holds_manifest_first_then_every_file_byte_for_byte(
     assert bundle.instances == len(files)
     assert path.read_bytes().startswith(bundles.ZSTD_MAGIC) == (method == "zstd")
     found = bundles.members(path.read_bytes())
-    assert found[0][0] == MANIFEST
-    manifest = json.loads(found[0][1])
+    assert found[-1][0] == MANIFEST
+    manifest = json.loads(found[-1][1])
+    assert manifest["manifest_version"] == 2
     assert (manifest["site"], manifest["study_uid"], manifest["part"]) == (
         "hospital-a",
         "1.2.3.4",
         2,
     )
     assert manifest["format"] == bundle.format
-    for (name, data), entry, part_file in zip(found[1:], manifest["instances"], files, strict=True):
+    for (name, data), entry, part_file in zip(
+        found[:-1], manifest["instances"], files, strict=True
+    ):
         assert entry["file"] == name
         assert entry["sop_instance_uid"] == part_file.sop_instance_uid
         assert entry["sha256"] == part_file.sha256
@@ -131,9 +134,9 @@ def test_transcoded_bundles_hold_bit_exact_pixels_and_name_the_original(
     files = spooled(spool, series)
     compression = Compression(method="zstd", threads=1, transcode=method)
     bundle = pack(spool, INFO, files, compression)
-    found = bundles.members(spool.path(bundle.path).read_bytes())
-    manifest = json.loads(found[0][1])
-    for (_, data), entry, source in zip(found[1:], manifest["instances"], series, strict=True):
+    data = spool.path(bundle.path).read_bytes()
+    found, manifest = bundles.instances(data), bundles.manifest(data)
+    for (_, data), entry, source in zip(found, manifest["instances"], series, strict=True):
         assert entry["transfer_syntax"] == syntax
         assert entry["original"]["sha256"] == datasets.dataset_sha256(source)
         assert entry["size"] == len(data)
@@ -155,7 +158,7 @@ def test_sent_hashes_are_each_instance_as_packed_whether_transcoded_or_not(
     bundle = pack(spool, INFO, files, Compression(method=method, threads=1, transcode=transcode))
     packed = {
         str(dcmread(io.BytesIO(data)).SOPInstanceUID): datasets.dataset_digest(data)
-        for _, data in bundles.members(spool.path(bundle.path).read_bytes())[1:]
+        for _, data in bundles.instances(spool.path(bundle.path).read_bytes())
     }
     assert sent_hashes(spool.path(bundle.path), bundle.format) == packed
     received = {f.sop_instance_uid: f.sha256 for f in files}
@@ -177,8 +180,96 @@ def test_what_cannot_be_transcoded_exactly_goes_as_it_came_with_the_reason(spool
     ]
     files = spooled(spool, colour[:1])
     bundle = pack(spool, INFO, files, Compression(threads=1, transcode="jpeg-ls"))
-    found = bundles.members(spool.path(bundle.path).read_bytes())
-    (entry,) = json.loads(found[0][1])["instances"]
+    data = spool.path(bundle.path).read_bytes()
+    (entry,) = bundles.manifest(data)["instances"]
     assert "grayscale" in entry["not_transcoded"]
     assert entry["sha256"] == files[0].sha256
-    assert found[1][1] == spool.path(files[0].path).read_bytes()
+    assert bundles.instances(data)[0][1] == spool.path(files[0].path).read_bytes()
+
+
+@pytest.mark.parametrize("transcode", ["none", "htj2k"])
+def test_each_instance_member_carries_its_facts_in_pax_records_matching_the_manifest(
+    spool: Spool, tmp_path: Path, transcode: str
+) -> None:
+    series = datasets.ct_series(tmp_path / "ct", slices=5, rows=64, cols=64, seed=23)
+    files = spooled(spool, series)
+    bundle = pack(spool, INFO, files, Compression(threads=2, transcode=transcode))
+    data = spool.path(bundle.path).read_bytes()
+    members = bundles.members(data)
+    found = bundles.facts(data)
+    # The instances in the order given, the manifest last and without PAX records of ours.
+    assert [name for name, _ in found] == [f"instances/{i:06d}.dcm" for i in range(1, 6)] + [
+        MANIFEST
+    ]
+    assert not any(key.startswith("DIRIGO.") for key in found[-1][1])
+    manifest = bundles.manifest(data)
+    for (name, records), (_, body), entry, part_file in zip(
+        found, members, manifest["instances"], files, strict=False
+    ):
+        ours = {k: v for k, v in records.items() if k.startswith("DIRIGO.")}
+        expected = {
+            "DIRIGO.sha256": datasets.dataset_digest(body),
+            "DIRIGO.sop_instance_uid": part_file.sop_instance_uid,
+            "DIRIGO.sop_class_uid": part_file.sop_class_uid,
+            "DIRIGO.transfer_syntax": str(dcmread(io.BytesIO(body)).file_meta.TransferSyntaxUID),
+        }
+        if transcode != "none":
+            expected.update(
+                {
+                    "DIRIGO.original.transfer_syntax": part_file.transfer_syntax,
+                    "DIRIGO.original.size": str(part_file.size),
+                    "DIRIGO.original.sha256": part_file.sha256,
+                }
+            )
+        assert ours == expected, name
+        assert (entry["file"], entry["sha256"], entry["transfer_syntax"]) == (
+            name,
+            ours["DIRIGO.sha256"],
+            ours["DIRIGO.transfer_syntax"],
+        )
+    assert expected["DIRIGO.transfer_syntax"] == (
+        HTJ2K_LOSSLESS if transcode == "htj2k" else files[-1].transfer_syntax
+    )
+    assert sorted(p.name for p in spool.bundles.iterdir()) == [Path(bundle.path).name]
+
+
+def test_a_pack_stopped_while_transcoding_leaves_no_temporary_behind(
+    spool: Spool, tmp_path: Path
+) -> None:
+    files = spooled(spool, datasets.ct_series(tmp_path / "ct", slices=8, rows=64, cols=64, seed=24))
+    calls = 0
+
+    def lease_lost_after_a_while() -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 3:
+            raise TimeoutError("lease lost")
+
+    with pytest.raises(TimeoutError):
+        pack(
+            spool,
+            INFO,
+            files,
+            Compression(threads=2, transcode="jpeg-ls"),
+            lease_lost_after_a_while,
+        )
+    assert list(spool.bundles.iterdir()) == []
+
+
+def test_packing_overlaps_transcoding_so_few_reencoded_files_wait_on_disk(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """Each re-encoded file goes into the tar as soon as it is done and is then deleted: at any
+    time only those in flight (twice the workers) and the one being copied exist, never the
+    whole study's."""
+    files = spooled(
+        spool, datasets.ct_series(tmp_path / "ct", slices=10, rows=64, cols=64, seed=25)
+    )
+    waiting: list[int] = []
+
+    def count_reencoded() -> None:
+        waiting.append(sum(1 for p in spool.bundles.iterdir() if p.name.endswith(".dcm.partial")))
+
+    bundle = pack(spool, INFO, files, Compression(threads=1, transcode="jpeg-ls"), count_reencoded)
+    assert len(bundles.instances(spool.path(bundle.path).read_bytes())) == 10
+    assert 0 < max(waiting) <= 3
