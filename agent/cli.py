@@ -505,7 +505,7 @@ def _retrieve(settings: Settings, args: argparse.Namespace) -> int:
         raise CommandError(f"cannot prepare the cache {cache_dir}: {exc}") from exc
     dicomweb = DicomWeb.open(settings.cloud)
     assert dicomweb is not None  # dicomweb_url is set
-    retriever = Retriever(dicomweb, cache, settings.serve.page_size)
+    retriever = Retriever(dicomweb, cache, settings.serve.page_size, settings.serve.fetch_syntax)
     try:
         return _push_study(settings, retriever, scope, args.study, peer)
     finally:

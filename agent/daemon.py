@@ -201,7 +201,9 @@ class Daemon:
             ).open()
         except OSError as exc:
             raise StartupError(f"cannot prepare the cache {cache_dir}: {exc}") from exc
-        retriever = Retriever(dicomweb, cache, self.settings.serve.page_size)
+        retriever = Retriever(
+            dicomweb, cache, self.settings.serve.page_size, self.settings.serve.fetch_syntax
+        )
         retriever.fetched = self.metrics.instance_retrieved
         return retriever
 

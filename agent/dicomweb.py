@@ -30,8 +30,9 @@ from agent.config import CloudSettings, redact_url
 logger = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
-WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-"""Ask for each instance as the archive holds it: no transcoding on the way out."""
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax={}'
+"""The Accept of a WADO-RS instance retrieval, with the syntax asked for (`*`: as the archive
+holds it, no transcoding on the way out)."""
 BLOCK = 1024 * 1024
 """Bytes read from the answer at a time."""
 _QUERY_SAFE = "*?,:/@!$'()"
@@ -144,17 +145,21 @@ class DicomWeb:
 
     # --- WADO-RS ---------------------------------------------------------------------------
 
-    def retrieve_instance(self, study: str, series: str, instance: str, out: BinaryIO) -> int:
-        """Write the Part-10 file of one instance, as the archive holds it, into `out`; return
-        its size. Raise CloudError if the request fails or the answer is cut short or not an
-        instance (UploadGone, a CloudError, if the archive does not know it), OSError if
-        writing fails."""
+    def retrieve_instance(
+        self, study: str, series: str, instance: str, out: BinaryIO, syntax: str = "*"
+    ) -> int:
+        """Write the Part-10 file of one instance into `out`, in transfer syntax `syntax` (a
+        UID, or `*` as the archive holds it); return its size. Raise CloudError if the request
+        fails (with its `status`: an archive that will not transcode answers 400, 406 or 500)
+        or the answer is cut short or not an instance (UploadGone, a CloudError, if the archive
+        does not know it), OSError if writing fails."""
         uids = "/{}/series/{}/instances/{}".format(
             *(quote(u, safe="") for u in (study, series, instance))
         )
         url = f"{self.base_url}/studies{uids}"
         action = f"retrieve instance {instance}"
-        response = self.http.send("GET", url, action, headers={"Accept": WADO_ACCEPT}, stream=True)
+        accept = WADO_ACCEPT.format(syntax)
+        response = self.http.send("GET", url, action, headers={"Accept": accept}, stream=True)
         size = 0
         with contextlib.closing(response):
             try:

@@ -203,6 +203,9 @@ class ServeSettings(BaseModel):
 
     cache_size: CacheSize = 10 * 2**30
     page_size: PageSize = 100
+    fetch_syntax: Annotated[str, rule(choice("auto", "as-stored", "jpeg-ls", "htj2k"))] = "auto"
+    """The transfer syntax asked of the archive for an instance it holds uncompressed
+    (`agent.serve.fetchsyntax`)."""
 
 
 class HealthSettings(BaseModel):

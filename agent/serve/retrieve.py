@@ -43,6 +43,7 @@ from agent.dimse import STORAGE_WARNINGS, Status
 from agent.pynetdicom_internals import send_from_files
 from agent.retry import Backoff, retried
 from agent.serve.cache import InstanceCache, NotDicom
+from agent.serve.fetchsyntax import AS_STORED, REFUSALS, SyntaxChooser
 from agent.serve.ondisk import OnDisk, file_of, inflate
 from agent.serve.query import InstanceRef, Scope, instance_ref, instance_search
 from agent.serve.syntax import Accepted, Action, accepted_by, decompress, plan, proposals
@@ -106,10 +107,17 @@ class Counts:
 class Retriever:
     """Lists, fetches and prepares instances from one DICOMweb archive through one cache."""
 
-    def __init__(self, dicomweb: DicomWeb, cache: InstanceCache, page_size: int) -> None:
+    def __init__(
+        self,
+        dicomweb: DicomWeb,
+        cache: InstanceCache,
+        page_size: int,
+        fetch_syntax: str = "auto",
+    ) -> None:
         self.dicomweb = dicomweb
         self.cache = cache
         self.page_size = page_size
+        self.syntaxes = SyntaxChooser(fetch_syntax)
         self.fetched: Callable[[int, float], None] | None = None
         """Told the size and seconds of each instance fetched from the archive (metrics)."""
 
@@ -139,17 +147,21 @@ class Retriever:
 
     def known_syntaxes(self, refs: Iterable[InstanceRef]) -> dict[str, list[str | None]]:
         """Return, per SOP class, the syntaxes of its instances as far as they are known before
-        fetching them (each once): from the cached file, else from the archive's listing, else
-        None."""
+        fetching them (each once): from the cached file, else from the archive's listing (with
+        the compressed syntaxes it may be fetched in), else None."""
         known: dict[str, dict[str | None, None]] = {}
         for ref in refs:
-            syntax = ref.transfer_syntax
+            syntaxes: list[str | None] = [ref.transfer_syntax]
             path = self.cache.path(ref.sop_instance)
             if path.exists():
                 # a file another process is replacing or removing: go by the listing
                 with contextlib.suppress(OSError, InvalidDicomError, AttributeError):
-                    syntax = str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID)
-            known.setdefault(ref.sop_class, {})[syntax] = None
+                    meta = pydicom.filereader.read_file_meta_info(path)
+                    syntaxes = [str(meta.TransferSyntaxUID)]
+            else:
+                syntaxes += self.syntaxes.compressible(ref)
+            for syntax in syntaxes:
+                known.setdefault(ref.sop_class, {})[syntax] = None
         return {sop_class: list(syntaxes) for sop_class, syntaxes in known.items()}
 
     def items(
@@ -280,17 +292,44 @@ class Retriever:
         if path is not None:
             return _Fetched(path, from_cache=True)
 
-        size = 0
+        choices, learner = self.syntaxes.choices(ref)
+        try:
+            return self._fetch_as(ref, choices)
+        finally:
+            if learner:
+                self.syntaxes.settled(ref)
 
-        def write(out: BinaryIO) -> None:
-            nonlocal size
-            size = self.dicomweb.retrieve_instance(ref.study, ref.series, ref.sop_instance, out)
+    def _fetch_as(self, ref: InstanceRef, choices: list[str]) -> _Fetched:
+        """Return the instance's file in the cache, fetched by WADO-RS in the first syntax of
+        `choices` the archive does not refuse; held until released."""
+        for asked in choices:
+            size = 0
 
-        started = time.monotonic()
-        fetched = _Fetched(self.cache.put(ref.sop_instance, write), from_cache=False)
-        if self.fetched is not None:
-            self.fetched(size, time.monotonic() - started)
-        return fetched
+            def write(out: BinaryIO, asked: str = asked) -> None:
+                nonlocal size
+                size = self.dicomweb.retrieve_instance(
+                    ref.study, ref.series, ref.sop_instance, out, asked
+                )
+
+            started = time.monotonic()
+            try:
+                path = self.cache.put(ref.sop_instance, write)
+            except UploadGone:
+                raise
+            except CloudError as exc:
+                if asked == AS_STORED or exc.status not in REFUSALS:
+                    raise
+                self.syntaxes.refused(asked, f"HTTP {exc.status}")
+                continue
+            took = time.monotonic() - started
+            if self.fetched is not None:
+                self.fetched(size, took)
+            if asked == AS_STORED:
+                with contextlib.suppress(OSError, InvalidDicomError, AttributeError):
+                    syntax = str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID)
+                    self.syntaxes.fetched(ref, asked, syntax, size, took)
+            return _Fetched(path, from_cache=False)
+        raise AssertionError("unreachable: the last choice, as held, returns or raises")
 
 
 class TooManyInstances(Exception):
