@@ -17,6 +17,7 @@ from agent.serve import codecs
 from tests.conftest import OrthancFactory, StoreSCPFactory
 from tests.integration.test_serve import load, received, serve_agent, uid, wado_requests
 from tests.support import datasets, dcmtk
+from tests.support.faultproxy import FaultProxy
 from tests.support.httpfaults import HttpFaults
 from tests.support.net import LOOPBACK
 
@@ -98,3 +99,40 @@ def test_a_syntax_the_archive_refuses_is_remembered_and_the_next_one_asked(
     syntaxes = [datasets.transfer_syntax(p) for p in got.values()]
     assert syntaxes.count(uids.JPEGLSLossless) == len(got) - 2, "all but each series' first"
     assert same_pixels(got, first + second)
+
+
+def cached_syntaxes(data_dir: Path) -> list[str]:
+    return [
+        str(pydicom.filereader.read_file_meta_info(p).TransferSyntaxUID)
+        for p in (data_dir / "cache").glob("??/*.dcm")
+    ]
+
+
+def test_auto_fetches_compressed_over_a_slow_link_and_as_held_over_a_fast_one(
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, storescp: StoreSCPFactory
+) -> None:
+    archive = orthanc(aet="ARCHIVE")
+    series = datasets.ct_series(tmp_path / "ct", slices=12, rows=512, cols=512, seed=74)
+    load(archive, series)
+    study = f"StudyInstanceUID={uid(series[0])}"
+    destination = storescp(ae="ANY")
+    with FaultProxy(LOOPBACK, archive.http_port) as link:
+        link.throttle(4_000_000)  # 32 Mbit/s, shared by the fetches in flight
+        url = link.url_for("/dicom-web")
+        with serve_agent(tmp_data_dir / "slow", url, destination) as agent:
+            slow = dcmtk.movescu(agent.port, [study], "ANY")
+            log = agent.log_tail()
+    with serve_agent(tmp_data_dir / "fast", archive.dicomweb_url, destination) as agent:
+        fast = dcmtk.movescu(agent.port, [study], "ANY")
+        log += agent.log_tail()
+
+    assert dcmtk.final_status(slow) == SUCCESS, slow.stdout[-3000:] + log
+    assert dcmtk.final_status(fast) == SUCCESS, fast.stdout[-3000:] + log
+    over_slow = cached_syntaxes(tmp_data_dir / "slow")
+    assert len(over_slow) == len(series)
+    assert over_slow.count(uids.JPEGLSLossless) >= len(series) // 2, over_slow
+    over_fast = cached_syntaxes(tmp_data_dir / "fast")
+    # loopback gives one fetch of a 0.5 MB slice far more than 100 Mbit/s, even on a busy
+    # machine; the bound leaves room for a few slow fetches there, never for most
+    assert over_fast.count(uids.ExplicitVRLittleEndian) > len(series) // 2, over_fast
+    assert same_pixels(received(destination.out_dir), series)
