@@ -132,7 +132,8 @@ class Daemon:
         http = CloudHttp.open(
             self.settings.cloud, Throttle(self.settings.upload.max_bandwidth or None)
         )
-        if self.settings.upload.transcode != "none" and (problem := missing_codec()):
+        # `auto` without the codecs packs zstd-only and says why; an explicit codec must not.
+        if self.settings.upload.transcode not in ("none", "auto") and (problem := missing_codec()):
             raise StartupError(problem)
         self.store = Store.open(self.settings.data_dir / DATABASE)
         with self.spool.lock(SWEEP_LOCK, exclusive=True, wait=True):  # waits for `dirigo send`

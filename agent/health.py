@@ -48,6 +48,7 @@ def snapshot(settings: Settings, store: Store, spool: Spool) -> dict[str, Any]:
             "accepting": not spool.above_high_water(),
         },
         "last_error": state.last_error,
+        "transcode": _transcode(settings, store),
         "schema_version": state.schema_version,
         "uploads": [
             {
@@ -72,6 +73,15 @@ def snapshot(settings: Settings, store: Store, spool: Spool) -> dict[str, Any]:
             for job in store.jobs.failed()
         ],
     }
+
+
+def _transcode(settings: Settings, store: Store) -> dict[str, Any]:
+    """Return `upload.transcode` and the newest codec choice `auto` recorded, with its reason."""
+    choice = store.uploads.last_codec_choice()
+    last = None
+    if choice is not None:
+        last = {"at": iso_time(choice.at), "study_uid": choice.study_uid, "reason": choice.reason}
+    return {"setting": settings.upload.transcode, "last_choice": last}
 
 
 def job_document(job: JobRecord) -> dict[str, Any]:
@@ -117,6 +127,14 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"last error {error['at']} {error['kind']}: {error['message']}")
     else:
         lines.append("last error none")
+    transcode = status["transcode"]
+    if transcode["last_choice"]:
+        choice = transcode["last_choice"]
+        lines.append(
+            f"transcode  {transcode['setting']}, last {choice['study_uid']} {choice['reason']}"
+        )
+    else:
+        lines.append(f"transcode  {transcode['setting']}")
     lines += [f"uploading  {_upload_line(upload)}" for upload in status["uploads"]]
     if not status["uploads"]:
         lines.append("uploading  none")

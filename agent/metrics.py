@@ -87,6 +87,12 @@ class Metrics:
         self.retries = Counter(
             "dirigo_upload_retries", "Failed upload attempts that will be retried.", registry=r
         )
+        self.codecs = Counter(
+            "dirigo_upload_codec_chosen",
+            "Study parts packed, by the lossless codec used (none: zstd alone).",
+            ["codec"],
+            registry=r,
+        )
         self._lock = threading.Lock()
         self.last_upload: float | None = None
         self.last_retrieve: float | None = None
@@ -109,6 +115,9 @@ class Metrics:
         self.upload_seconds.observe(seconds)
         with self._lock:
             self.last_upload = time.time()
+
+    def codec_chosen(self, codec: str) -> None:
+        self.codecs.labels(codec=codec).inc()
 
     def upload_retry(self) -> None:
         self.retries.inc()

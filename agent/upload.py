@@ -22,6 +22,7 @@ instance the archive refuses for good fails the part, its reason in the job's la
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from agent import stow
 from agent.cloud import CloudError, CloudHttp, OffsetConflict, TusClient, UploadGone
+from agent.codecchoice import CodecChooser
 from agent.config import Settings
 from agent.confirm import check_held
 from agent.dicomweb import DicomWeb
@@ -43,9 +45,12 @@ from agent.retry import Backoff
 from agent.spool import Spool, SpoolFileError
 from agent.store import UPLOAD, Job, LeaseLost, Store, StoreError, StudyState
 from agent.store.uploads import Bundle, PartFile, Purgeable, UploadRecord
+from agent.transcode import missing_codec
 
 logger = logging.getLogger(__name__)
 
+PROBE_BYTES = 1024 * 1024
+"""What a probe of the link sends (`_probe_link`): at 20 Mbit/s, about 0.4 s."""
 LEASE_SECONDS = 120.0
 """A claimed part's lease, renewed by every write for it and by a `LeaseKeeper` in between; a
 worker silent this long is presumed dead."""
@@ -94,6 +99,11 @@ class Uploader:
             upload.compression_threads,
             upload.transcode,
         )
+        self.chooser: CodecChooser | None = None
+        """With `upload.transcode: auto`, what chooses each part's codec."""
+        if upload.transcode == "auto":
+            self.chooser = CodecChooser(upload.compression, unavailable=missing_codec())
+        self._probing = threading.Lock()
 
     # -- one job --------------------------------------------------------------------------
 
@@ -183,9 +193,11 @@ class Uploader:
             if record.url is not None:
                 self._terminate(record.url)
         info = PartInfo(self.settings.site, job.study_uid, job.part)
+        total = sum(f.size for f in files)
+        compression, why = self._compression(job, total)
         started = time.monotonic()
         try:
-            bundle = pack(self.spool, info, files, self.compression, keeper.check)
+            bundle = pack(self.spool, info, files, compression, keeper.check)
         except PackError:
             # A sender may have re-sent a lost instance while this pack ran; the receiver then
             # pointed its row at the new copy (and had no failed job to revive): once more.
@@ -193,9 +205,15 @@ class Uploader:
             if recorded == files:
                 raise
             files = recorded
-            bundle = pack(self.spool, info, files, self.compression, keeper.check)
-        self.store.uploads.record_bundle(job.study_id, bundle, job.lease, self.clock())
-        total = sum(f.size for f in files)
+            total = sum(f.size for f in files)
+            started = time.monotonic()
+            bundle = pack(self.spool, info, files, compression, keeper.check)
+        if self.chooser is not None:
+            seconds = time.monotonic() - started
+            self.chooser.packed(compression.transcode, total, bundle.size, seconds)
+        self.store.uploads.record_bundle(job.study_id, bundle, job.lease, self.clock(), why)
+        if self.metrics is not None:
+            self.metrics.codec_chosen(compression.transcode)
         logger.info(
             "study %s part %d: packed %d instance(s), %d → %d bytes in %.1fs",
             job.study_uid,
@@ -206,6 +224,38 @@ class Uploader:
             time.monotonic() - started,
         )
         return bundle
+
+    def _compression(self, job: Job, size: int) -> tuple[Compression, str | None]:
+        """Return how to pack a part of `size` bytes, and with `auto` why its codec was chosen
+        (measuring the link first if its measure is stale)."""
+        if self.chooser is None:
+            return self.compression, None
+        if self.chooser.needs_probe(size):
+            with self._probing:  # one probe at a time; a worker that waited finds it fresh
+                if self.chooser.needs_probe(size):
+                    self._probe_link()
+        choice = self.chooser.choose(size)
+        logger.info("study %s part %d: %s", job.study_uid, job.part, choice.reason)
+        c = self.compression
+        return Compression(c.method, c.level, c.threads, choice.codec), choice.reason
+
+    def _probe_link(self) -> None:
+        """Measure the link's goodput with a probe upload: PROBE_BYTES sent into an upload
+        twice as long, which therefore never completes (no ingest takes it for a bundle), then
+        terminated. A failure leaves the link unmeasured and is only logged: the part's own
+        upload will meet it and say so."""
+        assert self.chooser is not None
+        metadata = {"filename": "dirigo-link-probe", "site": self.settings.site, "probe": "1"}
+        try:
+            url = self.client.create(2 * PROBE_BYTES, metadata)
+            try:
+                started = time.monotonic()
+                self.client.patch(url, 0, io.BytesIO(os.urandom(PROBE_BYTES)), PROBE_BYTES)
+                self.chooser.sent(PROBE_BYTES, time.monotonic() - started)
+            finally:
+                self._terminate(url)
+        except CloudError as exc:
+            logger.warning("could not measure the link with a probe upload: %s", exc)
 
     # -- send -----------------------------------------------------------------------------
 
@@ -223,7 +273,10 @@ class Uploader:
                     end = offset + length
                     self.store.uploads.record_sending(job.study_id, end, job.lease, self.clock())
                 try:
+                    started = time.monotonic()
                     new_offset = self.client.patch(url, offset, f, length)
+                    if self.chooser is not None:
+                        self.chooser.sent(length, time.monotonic() - started)
                 except OffsetConflict as exc:
                     new_offset = self._server_offset(job, url, bundle)
                     if new_offset == offset:

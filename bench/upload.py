@@ -6,6 +6,7 @@ Run from the repository root:
     python bench/upload.py --repeat 1           # about 5 minutes
     python bench/upload.py --size 500MB --skip-e2e
     python bench/upload.py --sections upload pack
+    python bench/upload.py --sections auto      # as root (a network namespace); ~10 minutes
 
 Sections, measured in one run and printed as one table:
 
@@ -32,6 +33,11 @@ Sections, measured in one run and printed as one table:
   seconds from storescu's return (the last C-STORE acknowledged) to the part's `sent` time as
   the agent recorded it, confirmed with `dirigo status --json` (studies.sent == 1). The note
   splits it into its phases; peak RSS is the agent's.
+- auto: the same way to `sent` for the 500-slice CT with `upload.transcode` none, jpeg-ls,
+  htj2k and auto, each on a fresh agent and tus server, on loopback and behind a `--mbit`
+  (20) Mbit/s link: a network namespace (tests/support/netns.py) holding the tus server, the
+  agent and storescu, the tus port shaped each way. Needs root. The note of each auto row says
+  what auto chose; a last row per link gives the best fixed choice and auto's time over it.
 
 Each measurement runs in a child process of its own (bench/subject.py, or curl), so that its
 CPU time and peak memory are its own. The median of `--repeat` runs is reported (runs are
@@ -41,6 +47,7 @@ interleaved across the compared choices); every run is in bench/results/upload.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -73,6 +80,7 @@ from bench.subject import process_cpu_seconds, run_child  # noqa: E402
 from tests.support import datasets, dcmtk  # noqa: E402
 from tests.support.agent import Agent  # noqa: E402
 from tests.support.net import LOOPBACK, wait_until  # noqa: E402
+from tests.support.netns import ShapedNamespace  # noqa: E402
 from tests.support.process import vm_hwm_bytes  # noqa: E402
 from tests.support.tus import SERVER_DIR, TusServer  # noqa: E402
 
@@ -84,7 +92,7 @@ MiB = 1024 * 1024
 CHUNK_SIZE = 8 * MiB  # the agent's default upload.chunk_size
 DIRIGO_LARGE_CHUNK = 32 * MiB
 LARGE_BYTES = 600_000_000  # the same instance as bench/receive.py --large
-SECTIONS = ("upload", "pack", "memory", "e2e")
+SECTIONS = ("upload", "pack", "memory", "e2e", "auto")
 
 
 @dataclass(frozen=True)
@@ -471,14 +479,35 @@ def measure_memory(
 _PACKED = re.compile(r"packed (\d+) instance\(s\), (\d+) → (\d+) bytes in ([\d.]+)s")
 
 
-def e2e_once(files: list[Path], scratch: Path) -> dict[str, Any]:
-    """Send `files` to a fresh agent uploading to a fresh tus server; time the way to `sent`."""
+def e2e_once(
+    files: list[Path], scratch: Path, transcode: str | None = None, mbit: float | None = None
+) -> dict[str, Any]:
+    """Send `files` to a fresh agent uploading to a fresh tus server; time the way to `sent`.
+    With `transcode`, the agent packs so (else its default); with `mbit`, the tus server, the
+    agent and storescu run in a network namespace where the tus port passes `mbit` Mbit/s."""
+    with contextlib.ExitStack() as stack:
+        shape = None
+        if mbit is not None:
+            link = stack.enter_context(ShapedNamespace())
+            stack.enter_context(link.inside())
+            shape = functools.partial(link.shape, mbit=mbit)
+        return _e2e_run(files, scratch, transcode, shape)
+
+
+def _e2e_run(
+    files: list[Path], scratch: Path, transcode: str | None, shape: Callable[[int], None] | None
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="e2e-", dir=scratch))
     try:
         with TusServer(work / "uploads") as server:
+            if shape is not None:
+                shape(server.port)
             data_dir = work / "data"
             data_dir.mkdir()
-            extra = {"cloud": {"upload_url": server.url}, "upload": {"chunk_size": "8MiB"}}
+            upload: dict[str, Any] = {"chunk_size": "8MiB"}
+            if transcode is not None:
+                upload["transcode"] = transcode
+            extra = {"cloud": {"upload_url": server.url}, "upload": upload}
             peer = {"ae_title": CALLING_AE, "host": LOOPBACK}
             with Agent(
                 data_dir, peers=(peer,), probe_ae=CALLING_AE, stable_after="1s", extra=extra
@@ -494,6 +523,7 @@ def e2e_once(files: list[Path], scratch: Path) -> dict[str, Any]:
                 peak = vm_hwm_bytes(agent.pid)
                 times = _recorded_times(agent)
                 packed = _PACKED.findall(agent.log_tail(1_000_000))
+                choice = status["transcode"]["last_choice"]
             if status["studies"].get("sent") != 1:
                 raise RuntimeError(f"dirigo status --json: studies {status['studies']}")
             stored = server.uploads()
@@ -510,6 +540,7 @@ def e2e_once(files: list[Path], scratch: Path) -> dict[str, Any]:
             "send_seconds": times["sent_at"] - times["attempt_started_at"] - (pack_seconds or 0),
             "output_bytes": times["bundle_size"],
             "peak_rss_bytes": peak,
+            "choice": choice["reason"] if choice else None,
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -546,6 +577,37 @@ def measure_e2e(
         f"send {phase('send_seconds'):.2f} s; RSS = agent"
     )
     emit(Row(**{**asdict(row), "note": note}))
+
+
+AUTO_CHOICES = ("none", "jpeg-ls", "htj2k", "auto")
+
+
+def measure_auto(
+    files: list[Path], repeat: int, mbit: float, scratch: Path, emit: Callable[[Row], None]
+) -> None:
+    """Time `files` from the last C-STORE to sent with each fixed codec and with `auto`, on
+    loopback and behind `mbit` Mbit/s (runs interleaved); emit a row each, then one comparing
+    auto with the best fixed choice of the same link."""
+    size = sum(p.stat().st_size for p in files)
+    for link, rate in (("loopback", None), (f"{mbit:g} Mbit/s", mbit)):
+        runs: dict[str, list[dict[str, Any]]] = {choice: [] for choice in AUTO_CHOICES}
+        for _ in range(repeat):
+            for choice in AUTO_CHOICES:
+                runs[choice].append(e2e_once(files, scratch, choice, rate))
+        rows = {}
+        for choice, choice_runs in runs.items():
+            name = f"transcode {choice}"
+            row = median_row("auto", f"ct-500 {link}", name, size, choice_runs, "")
+            if choice == "auto":
+                chosen = [(r["choice"] or "?").split(":")[1].strip() for r in choice_runs]
+                row = Row(**{**asdict(row), "note": f"chose {', '.join(chosen)}"})
+            rows[choice] = row
+            emit(row)
+        fixed = [c for c in AUTO_CHOICES if c != "auto"]
+        best = min(fixed, key=lambda c: rows[c].seconds or float("inf"))
+        best_s, auto_s = rows[best].seconds or 0.0, rows["auto"].seconds or 0.0
+        note = f"best fixed: {best} {best_s:.2f} s; auto {auto_s:.2f} s = {auto_s / best_s:.2f}x"
+        emit(Row("auto", f"ct-500 {link}", "auto / best fixed", size, note=note))
 
 
 # --- environment ----------------------------------------------------------------------
@@ -624,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
         help="what to measure (default: all)",
     )
     parser.add_argument(
+        "--mbit", type=float, default=20.0, help="the shaped link of the auto section (Mbit/s)"
+    )
+    parser.add_argument(
         "--cache", type=Path, default=DEFAULT_CACHE, help="where generated payloads are kept"
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where the JSON goes")
@@ -672,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         if "e2e" in sections:
             measure_e2e("ct-500", ct500, args.repeat, scratch, emit)
             measure_e2e("one-600MB", [large], args.repeat, scratch, emit)
+        if "auto" in sections:
+            measure_auto(ct500, args.repeat, args.mbit, scratch, emit)
 
     env["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     env["total_seconds"] = round(time.monotonic() - started)

@@ -191,7 +191,9 @@ class UploadSettings(BaseModel):
     compression: Annotated[str, rule(choice("zstd", "none"))] = "zstd"
     compression_level: CompressionLevel = 3
     compression_threads: CompressionThreads = 0
-    transcode: Annotated[str, rule(choice("none", "jpeg-ls", "htj2k"))] = "none"
+    transcode: Annotated[str, rule(choice("auto", "none", "jpeg-ls", "htj2k"))] = "auto"
+    """The lossless codec applied before zstd; `auto` chooses per part by the link and this
+    machine's pack speed (`agent.codecchoice`)."""
     retry_first: Timeout = 10.0
     retry_max: Timeout = 900.0
 

@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING
 from agent.store.jobs import Lease, hold
 from agent.store.records import InstanceState, Level, StudyState, event
 
+CODEC_CHOSEN = "codec_chosen"
+"""The event kind of a codec chosen for a part by `upload.transcode: auto`."""
+
 if TYPE_CHECKING:
     from agent.store import Store
 
@@ -56,6 +59,16 @@ class UploadRecord:
     url: str | None
     confirmed_offset: int
     sent_to: int
+
+
+@dataclass(frozen=True)
+class CodecChoice:
+    """The codec chosen for a part and why, as recorded with its bundle."""
+
+    at: float
+    study_uid: str | None
+    reason: str
+    """`part N: htj2k: est. …`, as the event's message says it."""
 
 
 @dataclass(frozen=True)
@@ -179,10 +192,15 @@ class Uploads:
                 (StudyState.UPLOADING, study_id, StudyState.STABLE, StudyState.QUEUED),
             )
 
-    def record_bundle(self, study_id: int, bundle: Bundle, lease: Lease, now: float) -> None:
+    def record_bundle(
+        self, study_id: int, bundle: Bundle, lease: Lease, now: float, choice: str | None = None
+    ) -> None:
         """Record a durable bundle for the part; any earlier upload URL is forgotten (its bytes
-        were of another bundle), and the part's instances are `packed`."""
+        were of another bundle), and the part's instances are `packed`. `choice`, the codec
+        chosen for it and why (`upload.transcode: auto`), is kept as an info event."""
         with self._held(lease, now) as db:
+            if choice is not None:
+                self._event(db, study_id, now, Level.INFO, CODEC_CHOSEN, choice)
             db.execute(
                 "UPDATE uploads SET bundle_path = ?, bundle_size = ?, bundle_sha256 = ?,"
                 " bundle_format = ?, instances = ?, url = NULL, confirmed_offset = 0,"
@@ -321,6 +339,15 @@ class Uploads:
                 " WHERE study_id = ?",
                 (now, now, study_id),
             )
+
+    def last_codec_choice(self) -> CodecChoice | None:
+        """Return the newest codec choice recorded with a bundle, or None."""
+        with self._store.read() as db:
+            row = db.execute(
+                "SELECT at, study_uid, message FROM events WHERE kind = ? ORDER BY id DESC LIMIT 1",
+                (CODEC_CHOSEN,),
+            ).fetchone()
+        return None if row is None else CodecChoice(*row)
 
     def bundle_paths(self) -> set[str]:
         """Return the path of every recorded bundle (the rest in bundles/ are leftovers)."""
