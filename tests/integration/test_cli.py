@@ -137,10 +137,12 @@ def test_status_json_has_the_documented_stable_keys(tmp_data_dir: Path) -> None:
         "jobs",
         "disk",
         "last_error",
+        "transcode",
         "schema_version",
         "uploads",
         "failed",
     }
+    assert status["transcode"] == {"setting": "auto", "last_choice": None}
     assert status["uploads"] == [] and status["failed"] == []
     assert set(status["studies"]) >= {"open", "stable", "queued", "uploading", "sent"}
     assert set(status["instances"]) >= {"received", "quarantined"}
@@ -154,6 +156,7 @@ def test_status_json_has_the_documented_stable_keys(tmp_data_dir: Path) -> None:
     }
     assert "studies" in text and "last error none" in text
     assert "uploading  none" in text and "failed     none" in text
+    assert "transcode  auto\n" in text
 
 
 def test_echo_reaches_a_configured_peer(tmp_path: Path, storescp: StoreSCPFactory) -> None:
