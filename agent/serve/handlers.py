@@ -38,10 +38,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from agent.cloud import CloudError, UploadGone
 from agent.config import Peer, Settings
-from agent.dicom import peer_by_title, tune
+from agent.dicom import IDLE_WAIT, peer_by_title, tune
 from agent.dicomweb import DicomWeb, IncompleteListing
 from agent.dimse import QRStatus
-from agent.pynetdicom_internals import send_from_files
+from agent.pynetdicom_internals import idle_on_socket, send_from_files
 from agent.serve.ondisk import file_of
 from agent.serve.query import (
     MODELS,
@@ -287,6 +287,9 @@ class QueryRetrieve:
         yield len(refs)
         counts = Counts()
         items = self.retriever.items(refs, accepted, counts)
+        # the requester's association only takes pending responses and may bring a C-CANCEL:
+        # its reactor need not poll 10,000 times a second while the instances go out
+        polling = idle_on_socket(event.assoc, IDLE_WAIT)
         try:
             for index, ref in enumerate(refs):
                 if event.is_cancelled:
@@ -314,6 +317,7 @@ class QueryRetrieve:
                     yield QRStatus.PENDING, item.dataset
         finally:
             items.close()
+            polling()
             logger.info(
                 "%s %s from %s %s done: %s",
                 kind,

@@ -1,0 +1,83 @@
+"""P-DATA-TF framing: a DIMSE message's bytes cut into the PDUs that carry them (PS3.8 9.3.5).
+
+Each PDU carries one presentation data value (PDV) item: its length, the presentation context
+ID, a message control header (bit 0: command or data set; bit 1: last fragment) and a fragment
+of at most the peer's maximum PDU length less the item's 6 bytes of framing, as pynetdicom
+frames them. Used to write a file's data set to the socket in a few large writes instead of one
+queued, encoded and state-machine-driven PDU at a time (`agent.pynetdicom_internals`).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import BinaryIO
+
+P_DATA_TF = 0x04
+COMMAND = 0x01
+LAST = 0x02
+ITEM_FRAMING = 6
+"""Bytes of a PDV item that are not its fragment: the item length (4), context ID, header."""
+UNLIMITED_FRAGMENT = 1024 * 1024
+"""Fragment length when the peer set no maximum PDU length (0): any length goes; one large
+enough that a fragment costs little, small enough that a block holds several."""
+WRITE = 256 * 1024
+"""Fragment bytes gathered into one write to the socket (and read from the file at a time)."""
+
+_HEADER = struct.Struct(">BBIIBB")
+
+
+def fragment_length(max_pdu: int) -> int:
+    """Return the most bytes of a message one PDU may carry to a peer whose maximum PDU length
+    (of the P-DATA-TF's variable field) is `max_pdu`, 0 meaning no limit. Raise ValueError if
+    the maximum leaves no room for a fragment."""
+    if max_pdu == 0:
+        return UNLIMITED_FRAGMENT
+    if max_pdu <= ITEM_FRAMING:
+        raise ValueError(f"a maximum PDU length of {max_pdu} leaves no room for data")
+    return max_pdu - ITEM_FRAMING
+
+
+def header(context_id: int, control: int, fragment: int) -> bytes:
+    """Return the framing that goes before a fragment of `fragment` bytes: the PDU's header
+    and its one PDV item's (length, context ID, message control header)."""
+    item_length = fragment + 2
+    return _HEADER.pack(P_DATA_TF, 0, item_length + 4, item_length, context_id, control)
+
+
+def command(encoded: bytes, context_id: int, max_pdu: int) -> bytes:
+    """Return the PDUs of a whole encoded command set, concatenated."""
+    size = fragment_length(max_pdu)
+    pieces = range(0, max(len(encoded), 1), size)
+    out = bytearray()
+    for start in pieces:
+        fragment = encoded[start : start + size]
+        control = COMMAND | (LAST if start + size >= len(encoded) else 0)
+        out += header(context_id, control, len(fragment))
+        out += fragment
+    return bytes(out)
+
+
+def data_set(source: BinaryIO, length: int, context_id: int, max_pdu: int) -> Iterator[bytearray]:
+    """Yield the PDUs of the `length` bytes of an encoded data set read from `source` (at its
+    current position), several PDUs per block, the last fragment marked as such. A data set of
+    no bytes is one empty last fragment. Raise EOFError if `source` ends early."""
+    size = fragment_length(max_pdu)
+    per_block = max(1, WRITE // size) * size
+    left = length
+    while True:
+        block = source.read(min(left, per_block))
+        if len(block) < min(left, per_block):
+            raise EOFError(f"the data set ends {left - len(block)} bytes early")
+        left -= len(block)
+        view = memoryview(block)
+        out = bytearray()
+        for start in range(0, max(len(block), 1), size):
+            end = start + size
+            fragment = view[start:end]
+            last = left == 0 and end >= len(block)
+            out += header(context_id, LAST if last else 0, len(fragment))
+            out += fragment
+        yield out
+        if left == 0:
+            return
