@@ -1,0 +1,188 @@
+"""C-MOVE and C-GET write each cached instance's P-DATA PDUs themselves (agent/pdata.py): real
+receivers, small and odd maximum PDU lengths, byte-identical data sets, and a receiver that
+aborts mid-send."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, _config, build_role, evt
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+from tests.conftest import OrthancFactory, StoreSCPFactory
+from tests.integration.test_serve import SUCCESS, load, move, received, serve_agent, uid
+from tests.support import datasets, dcmtk
+from tests.support.net import LOOPBACK, free_port
+
+ODD_PDU = 4099
+"""A maximum PDU length that makes every fragment odd (4093 bytes)."""
+
+
+def data_set_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Received:
+    """What a pynetdicom storage SCP got: each data set's bytes as they came, by SOP Instance."""
+
+    data_sets: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_store(self, event: evt.Event) -> int:
+        raw = event.request.DataSet.getvalue()
+        with self.lock:
+            self.data_sets[str(event.request.AffectedSOPInstanceUID)] = data_set_sha256(raw)
+        return 0x0000
+
+
+@pytest.fixture
+def whole_data_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Have this process's pynetdicom keep each received data set in memory, as it came."""
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
+
+
+@pytest.fixture
+def pynetdicom_scp(whole_data_sets: None) -> Iterator[tuple[int, Received]]:
+    """A pynetdicom storage SCP (AE title PYSCP) with an odd maximum PDU length."""
+    got = Received()
+    ae = AE(ae_title="PYSCP")
+    ae.maximum_pdu_size = ODD_PDU
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server(
+        (LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_STORE, got.on_store)]
+    )
+    try:
+        yield port, got
+    finally:
+        server.shutdown()
+
+
+def ct(tmp_path: Path, seed: int, slices: int = 4, size: int = 200) -> list[Path]:
+    """A CT series whose data sets span many PDUs (200 x 200: ~80 KB each)."""
+    return datasets.ct_series(
+        tmp_path / f"ct{seed}", slices=slices, rows=size, cols=size, seed=seed
+    )
+
+
+def test_move_to_storescp_with_the_smallest_pdu_delivers_each_data_set_byte_for_byte(
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, storescp: StoreSCPFactory
+) -> None:
+    archive = orthanc(aet="ARCHIVE")
+    series = ct(tmp_path, seed=51)
+    load(archive, series)
+    destination = storescp(ae="DEST", extra_args=("+xa", "--max-pdu", "4096"))
+    study = f"StudyInstanceUID={uid(series[0])}"
+    with serve_agent(tmp_data_dir, archive.dicomweb_url, destination) as agent:
+        cold = move(agent, "DEST", "STUDY", study)
+        cold_got = {k: datasets.dataset_sha256(p) for k, p in received(destination.out_dir).items()}
+        for path in destination.out_dir.iterdir():
+            path.unlink()
+        warm = move(agent, "DEST", "STUDY", study)
+        log = agent.log_tail()
+
+    expected = {uid(p, "SOPInstanceUID"): datasets.dataset_sha256(p) for p in series}
+    assert dcmtk.final_status(cold) == SUCCESS, cold.stdout[-3000:] + log
+    assert cold_got == expected
+    assert dcmtk.final_status(warm) == SUCCESS, warm.stdout[-3000:] + log
+    assert {k: datasets.dataset_sha256(p) for k, p in received(destination.out_dir).items()} == (
+        expected
+    )
+
+
+def test_move_to_a_pynetdicom_scp_with_odd_fragments_delivers_the_data_sets_as_stored(
+    tmp_path: Path,
+    tmp_data_dir: Path,
+    orthanc: OrthancFactory,
+    pynetdicom_scp: tuple[int, Received],
+) -> None:
+    archive = orthanc(aet="ARCHIVE")
+    series = ct(tmp_path, seed=52, slices=3) + ct(tmp_path, seed=53, slices=1, size=2)
+    load(archive, series)
+    port, got = pynetdicom_scp
+    with serve_agent(tmp_data_dir, archive.dicomweb_url, ("PYSCP", port)) as agent:
+        result = move(agent, "PYSCP", "STUDY", f"StudyInstanceUID={uid(series[0])}")
+        # a data set shorter than one fragment: one PDU, its last
+        small = move(agent, "PYSCP", "STUDY", f"StudyInstanceUID={uid(series[-1])}")
+        log = agent.log_tail()
+
+    assert dcmtk.final_status(result) == SUCCESS, result.stdout[-3000:] + log
+    assert dcmtk.final_status(small) == SUCCESS, small.stdout[-3000:] + log
+    assert got.data_sets == {uid(p, "SOPInstanceUID"): datasets.dataset_sha256(p) for p in series}
+
+
+def test_get_by_getscu_and_by_pynetdicom_with_small_pdus_delivers_the_data_sets_as_stored(
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, whole_data_sets: None
+) -> None:
+    archive = orthanc(aet="ARCHIVE")
+    series = ct(tmp_path, seed=54, slices=3)
+    load(archive, series)
+    expected = {uid(p, "SOPInstanceUID"): datasets.dataset_sha256(p) for p in series}
+    study = uid(series[0])
+    got = Received()
+    with serve_agent(tmp_data_dir, archive.dicomweb_url) as agent:
+        by_getscu = dcmtk.getscu(
+            agent.port,
+            [f"StudyInstanceUID={study}"],
+            tmp_path / "getscu",
+            extra_args=["--max-pdu", "4096"],
+        )
+        ae = AE(ae_title="PACS")
+        ae.maximum_pdu_size = ODD_PDU
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate(
+            LOOPBACK,
+            agent.port,
+            ae_title=agent.ae_title,
+            ext_neg=[build_role(CTImageStorage, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, got.on_store)],
+        )
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study
+        statuses = [
+            int(status.Status)
+            for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
+            if status
+        ]
+        assoc.release()
+        log = agent.log_tail()
+
+    assert dcmtk.final_status(by_getscu) == SUCCESS, by_getscu.stdout[-3000:] + log
+    assert {k: datasets.dataset_sha256(p) for k, p in received(tmp_path / "getscu").items()} == (
+        expected
+    )
+    assert statuses[-1] == SUCCESS, log
+    assert got.data_sets == expected
+
+
+def test_a_destination_aborting_mid_send_fails_the_move_and_the_agent_serves_on(
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, storescp: StoreSCPFactory
+) -> None:
+    archive = orthanc(aet="ARCHIVE")
+    series = ct(tmp_path, seed=55, slices=3, size=512)  # 0.5 MB each: aborted while written
+    load(archive, series)
+    aborting = storescp(ae="ABORTS", extra_args=("+xa", "--abort-during"))
+    healthy = storescp(ae="DEST")
+    study = f"StudyInstanceUID={uid(series[0])}"
+    with serve_agent(tmp_data_dir, archive.dicomweb_url, aborting, healthy) as agent:
+        cut = move(agent, "ABORTS", "STUDY", study)
+        after = move(agent, "DEST", "STUDY", study)
+        log = agent.log_tail()
+
+    assert dcmtk.final_status(cut) not in (None, SUCCESS), cut.stdout[-3000:] + log
+    assert dcmtk.sub_operations(cut).get("Completed", 0) == 0, cut.stdout[-3000:] + log
+    assert dcmtk.final_status(after) == SUCCESS, after.stdout[-3000:] + log
+    assert {k: datasets.dataset_sha256(p) for k, p in received(healthy.out_dir).items()} == {
+        uid(p, "SOPInstanceUID"): datasets.dataset_sha256(p) for p in series
+    }

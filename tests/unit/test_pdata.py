@@ -1,0 +1,126 @@
+"""P-DATA-TF framing: the bytes Dirigo writes for a C-STORE are the bytes pynetdicom would."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
+
+from agent import pdata
+
+
+def pynetdicom_bytes(command: bytes, data: bytes, max_pdu: int, tmp: Path) -> bytes:
+    """The PDUs pynetdicom encodes for a C-STORE of a file holding `data` (the command set is
+    pynetdicom's own; `command` is only checked against it)."""
+    source = tmp / "dataset.bin"
+    source.write_bytes(data)
+    request = C_STORE()
+    request.MessageID = 7
+    request.Priority = 2
+    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    request.AffectedSOPInstanceUID = "1.2.3.4.5"
+    request._dataset_path = (source, 0)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    assert encode(message.command_set, True, True) == command
+    out = bytearray()
+    for primitive in message.encode_msg(3, max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        out += pdu.encode()
+    return bytes(out)
+
+
+def command_set() -> bytes:
+    request = C_STORE()
+    request.MessageID = 7
+    request.Priority = 2
+    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    request.AffectedSOPInstanceUID = "1.2.3.4.5"
+    request._dataset_path = (Path("unused"), 0)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    encoded = encode(message.command_set, True, True)
+    assert encoded is not None
+    return encoded
+
+
+def ours(command: bytes, data: bytes, max_pdu: int) -> bytes:
+    source = io.BytesIO(b"preamble" + data)
+    source.seek(8)
+    blocks = pdata.data_set(source, len(data), 3, max_pdu)
+    return pdata.command(command, 3, max_pdu) + b"".join(bytes(b) for b in blocks)
+
+
+def items(stream: bytes) -> list[tuple[int, int, int, bytes]]:
+    """Split a stream of P-DATA-TF PDUs into (PDU length, context ID, control, fragment)."""
+    found = []
+    at = 0
+    while at < len(stream):
+        kind, _reserved, length = struct.unpack_from(">BBI", stream, at)
+        assert kind == pdata.P_DATA_TF
+        pdu = P_DATA_TF()
+        pdu.decode(stream[at : at + 6 + length])
+        (item,) = pdu.presentation_data_value_items
+        value = item.presentation_data_value
+        found.append((length, item.presentation_context_id, value[0], value[1:]))
+        at += 6 + length
+    return found
+
+
+SIZES = st.one_of(
+    # a few fragments, with odd maximums (odd fragments), lengths on fragment boundaries, and
+    # data sets of several blocks (several writes to the socket)
+    st.tuples(
+        st.one_of(
+            st.integers(0, 40_000),
+            st.sampled_from([4090, 4091, 8180, 8186, 16378]),
+            st.integers(pdata.WRITE - 20_000, 3 * pdata.WRITE),
+        ),
+        st.sampled_from([4096, 4097, 4099, 16384, 131072]),
+    ),
+    # one- and two-byte fragments: every boundary at once
+    st.tuples(st.integers(0, 300), st.sampled_from([7, 8])),
+)
+
+
+@given(sizes=SIZES)
+def test_the_pdus_of_a_c_store_from_a_file_are_pynetdicoms_byte_for_byte(
+    tmp_path_factory: pytest.TempPathFactory, sizes: tuple[int, int]
+) -> None:
+    length, max_pdu = sizes
+    data = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    command = command_set()
+    expected = pynetdicom_bytes(command, data, max_pdu, tmp_path_factory.mktemp("pdu"))
+    assert ours(command, data, max_pdu) == expected
+
+
+@given(length=st.integers(0, 3 * pdata.UNLIMITED_FRAGMENT // 2))
+def test_without_a_maximum_pdu_the_data_set_goes_whole_in_large_fragments(length: int) -> None:
+    data = b"\x5a" * length
+    command = command_set()
+    found = items(ours(command, data, 0))
+    assert found[0] == (len(command) + 6, 3, 0x03, command)
+    fragments = found[1:]
+    assert b"".join(f[3] for f in fragments) == data
+    assert [f[2] for f in fragments] == [0x00] * (len(fragments) - 1) + [0x02]
+    assert all(len(f[3]) <= pdata.UNLIMITED_FRAGMENT for f in fragments)
+
+
+def test_a_file_shorter_than_its_data_set_is_an_error() -> None:
+    source = io.BytesIO(b"\0" * 100)
+    with pytest.raises(EOFError):
+        list(pdata.data_set(source, 101, 1, 4096))
+
+
+def test_a_maximum_pdu_without_room_for_data_is_refused() -> None:
+    with pytest.raises(ValueError, match="no room"):
+        pdata.fragment_length(6)
