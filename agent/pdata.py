@@ -81,3 +81,41 @@ def data_set(source: BinaryIO, length: int, context_id: int, max_pdu: int) -> It
         yield out
         if left == 0:
             return
+
+
+def store_command(
+    message_id: int,
+    priority: int,
+    sop_class: str,
+    sop_instance: str,
+    originator_ae: str | None = None,
+    originator_id: int | None = None,
+) -> bytes:
+    """Return the encoded command set (Implicit VR Little Endian, PS3.7 9.3.1.1) of a C-STORE
+    request with a data set, element for element as pynetdicom encodes it; the move originator
+    only when both its values are given, as pynetdicom leaves out each one unset.
+
+    pynetdicom builds this as a pydicom dataset and encodes it twice (once for its group
+    length): ~0.3 ms of each C-STORE; these are a few fixed elements."""
+    elements = [
+        _element(0x0002, _padded(sop_class.encode("ascii"), b"\0")),
+        _element(0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
+        _element(0x0110, struct.pack("<H", message_id)),
+        _element(0x0700, struct.pack("<H", priority)),
+        _element(0x0800, struct.pack("<H", 0x0001)),  # a data set follows
+        _element(0x1000, _padded(sop_instance.encode("ascii"), b"\0")),
+    ]
+    if originator_ae is not None:
+        elements.append(_element(0x1030, _padded(originator_ae.encode("ascii"), b" ")))
+    if originator_id is not None:
+        elements.append(_element(0x1031, struct.pack("<H", originator_id)))
+    body = b"".join(elements)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _padded(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value

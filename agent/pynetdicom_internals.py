@@ -28,9 +28,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, _config, acse
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode, split_dataset
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext
 
 from agent import pdata
@@ -152,12 +152,13 @@ def send_from_files(assoc: Association, file_of: Callable[[Any], Path | None]) -
     through its reactor's queue, state machine and PDU encoder: ~10 ms of CPU per instance,
     12 times what Orthanc spends. So the sending thread writes the PDUs itself, framed as
     pynetdicom frames them (`agent.pdata`), a few hundred KiB per write, while the
-    association's reactor is paused as pynetdicom pauses it for a send; the command set, the
-    presentation context, and the response and its handling stay pynetdicom's. The reactor's
-    own writes (a C-GET's pending responses, an A-ABORT) take the same lock as such a message,
-    so PDUs never interleave. Its C-MOVE and C-GET service classes pass on only datasets, so
-    the association's `send_c_store` is wrapped; other datasets are sent as before, and so is
-    a file if the association has no socket.
+    association's reactor is paused as pynetdicom pauses it for a send. The request primitive
+    (with its checks), the presentation context, and the response and its handling stay
+    pynetdicom's; the command set is encoded as pynetdicom encodes it (`pdata.store_command`).
+    The reactor's own writes (a C-GET's pending responses, an A-ABORT) take the same lock as
+    such a message, so PDUs never interleave. Its C-MOVE and C-GET service classes pass on only
+    datasets, so the association's `send_c_store` is wrapped; other datasets are sent as
+    before, and so is a file if the association has no socket.
     """
     if getattr(assoc.send_c_store, "from_files", False):
         return
@@ -224,7 +225,6 @@ def _store_request(
     request.MoveOriginatorMessageID = originator_id
     request.AffectedSOPClassUID = file_meta.MediaStorageSOPClassUID
     request.AffectedSOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
-    request._dataset_path = (path, offset)  # a data set follows the command
     return request, UID(file_meta.TransferSyntaxUID), offset
 
 
@@ -247,9 +247,14 @@ def _send_store(
         cast(UID, request.AffectedSOPClassUID), syntax, "scu", allow_conversion=False
     )
     context_id = cast(int, context.context_id)
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
-    encoded = cast(bytes, encode(message.command_set, True, True))
+    encoded = pdata.store_command(
+        cast(int, request.MessageID),
+        request.Priority,
+        cast(UID, request.AffectedSOPClassUID),
+        cast(UID, request.AffectedSOPInstanceUID),
+        request.MoveOriginatorApplicationEntityTitle,
+        request.MoveOriginatorMessageID,
+    )
     max_pdu = assoc.dimse.maximum_pdu_size
     sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
 
@@ -357,8 +362,6 @@ def missing() -> list[str]:
         gone.append("pynetdicom.dimse.DIMSEServiceProvider.message")
     if not hasattr(DIMSEMessage(), "_data_set_file"):
         gone.append("pynetdicom.dimse_messages.DIMSEMessage._data_set_file")
-    if not hasattr(DIMSEMessage(), "_data_set_path"):  # read from a C_STORE's _dataset_path
-        gone.append("pynetdicom.dimse_messages.DIMSEMessage._data_set_path")
     if not isinstance(getattr(assoc, "_reactor_checkpoint", None), threading.Event):
         gone.append("pynetdicom.association.Association._reactor_checkpoint")
     if not isinstance(getattr(assoc, "_is_paused", None), bool):

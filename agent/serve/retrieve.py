@@ -32,6 +32,7 @@ import pydicom
 from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
@@ -248,23 +249,28 @@ class Retriever:
             held.scratch = self.cache.scratch(ref.sop_instance)
             inflate(path, offset, meta, held.scratch)
             path = Path(held.scratch.name)
-        dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE)
-        if str(dataset.get("SOPInstanceUID", "")).strip() != ref.sop_instance:
+        head = _head(path)
+        if str(head.get("SOPInstanceUID", "")).strip() != ref.sop_instance:
             return Failed(ref, "the archive's copy is another instance")
-        syntax = dataset.file_meta.get("TransferSyntaxUID")
-        sop_class = str(dataset.get("SOPClassUID", ""))
+        syntax = head.file_meta.get("TransferSyntaxUID")
+        sop_class = str(head.get("SOPClassUID", ""))
         if syntax is None or not sop_class:
             return Failed(ref, "the archive's copy has no transfer syntax or SOP class")
         delivery = plan(sop_class, str(syntax), accepted)
         if delivery.action is Action.REFUSE:
             return Failed(ref, delivery.reason)
+        if (
+            delivery.action is not Action.DECOMPRESS
+            and str(syntax) in accepted.get(sop_class, ())
+            and _sendable(head.file_meta, ref)
+        ):
+            return Ready(ref, _stand_in(path, head.file_meta), delivery.action)
+        dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE)
         if delivery.action is Action.DECOMPRESS:
             try:
                 decompress(dataset)
             except Exception as exc:  # a codec's failure: this instance, not the retrieval
                 return Failed(ref, f"cannot decompress {syntax.name}: {exc}")
-        elif str(syntax) in accepted.get(sop_class, ()) and _sendable(dataset.file_meta, ref):
-            return Ready(ref, _stand_in(path, dataset.file_meta), delivery.action)
         return Ready(ref, dataset, delivery.action)
 
     def _fetched(self, ref: InstanceRef, stop: threading.Event) -> _Fetched:
@@ -406,6 +412,21 @@ def _sendable(meta: Dataset, ref: InstanceRef) -> bool:
         and "TransferSyntaxUID" in meta
         and str(meta.get("MediaStorageSOPInstanceUID", "")).strip() == ref.sop_instance
     )
+
+
+def _head(path: Path) -> Dataset:
+    """Return the file meta and the data set's first elements, up to its SOP Instance UID: all
+    that decides how the instance goes (parsing the whole header of each instance was a tenth
+    of a warm C-MOVE's CPU). Raise what reading raises."""
+    with path.open("rb") as source:
+        return pydicom.filereader.read_partial(source, stop_when=_past_sop_instance_uid)
+
+
+def _past_sop_instance_uid(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return bool(tag > _SOP_INSTANCE_UID)
+
+
+_SOP_INSTANCE_UID = 0x00080018
 
 
 def _stand_in(path: Path, meta: Dataset) -> OnDisk:

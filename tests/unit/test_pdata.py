@@ -124,3 +124,42 @@ def test_a_file_shorter_than_its_data_set_is_an_error() -> None:
 def test_a_maximum_pdu_without_room_for_data_is_refused() -> None:
     with pytest.raises(ValueError, match="no room"):
         pdata.fragment_length(6)
+
+
+UIDS = st.from_regex(r"\A[12](\.[1-9][0-9]{0,8}){1,6}\Z")
+AE_TITLES = st.from_regex(r"\A[A-Z0-9_ ]{0,15}[A-Z0-9_]\Z")
+
+
+@given(
+    message_id=st.integers(0, 65535),
+    priority=st.sampled_from([0, 1, 2]),
+    sop_class=UIDS,
+    sop_instance=UIDS,
+    originator=st.one_of(st.none(), st.tuples(AE_TITLES, st.integers(0, 65535))),
+)
+def test_a_c_store_command_set_is_pynetdicoms_byte_for_byte(
+    message_id: int,
+    priority: int,
+    sop_class: str,
+    sop_instance: str,
+    originator: tuple[str, int] | None,
+) -> None:
+    request = C_STORE()
+    request.MessageID = message_id
+    request.Priority = priority
+    request.AffectedSOPClassUID = sop_class
+    request.AffectedSOPInstanceUID = sop_instance
+    if originator is not None:
+        request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID = originator
+    request._dataset_path = (Path("unused"), 0)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    expected = encode(message.command_set, True, True)
+    assert expected == pdata.store_command(
+        message_id,
+        priority,
+        sop_class,
+        sop_instance,
+        request.MoveOriginatorApplicationEntityTitle,
+        request.MoveOriginatorMessageID,
+    )
