@@ -4,11 +4,14 @@ next part follows the link."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+import yaml
 
 from agent.codecchoice import FRESH
 from tests.support import bundles, datasets, dcmtk
@@ -70,6 +73,11 @@ def test_auto_compresses_behind_a_slow_link_and_not_once_the_link_is_fast(
                 fast = _send_part(agent, tus, fast_series, 2)
                 behind_fast = _last_choice(agent)
                 log = agent.log_tail(200_000)
+                text = subprocess.run(
+                    agent.command("status"), capture_output=True, text=True, check=True, timeout=60
+                ).stdout
+                listen = yaml.safe_load(agent.config_path.read_text())["health"]["listen"]
+                served = requests.get(f"http://{listen}/status", timeout=30).json()
         probes = [u for u in tus.uploads() if u.metadata.get("probe")]
 
     slow_codec = bundles.manifest(slow.data())["transcode"]
@@ -85,3 +93,6 @@ def test_auto_compresses_behind_a_slow_link_and_not_once_the_link_is_fast(
     assert 10 < slow_rate < 25 and fast_rate > 100, (behind_slow, behind_fast)
     assert probes == [], "probe uploads are terminated, never left behind"
     assert log.count("est. ") >= 2
+    assert served["transcode"] == {"setting": "auto", "last_choice": behind_fast}
+    (line,) = [line for line in text.splitlines() if line.startswith("transcode  ")]
+    assert line == f"transcode  auto, last {behind_fast['study_uid']} {behind_fast['reason']}"
