@@ -158,7 +158,7 @@ def send_from_files(assoc: Association, file_of: Callable[[Any], Path | None]) -
     The reactor's own writes (a C-GET's pending responses, an A-ABORT) take the same lock as
     such a message, so PDUs never interleave. Its C-MOVE and C-GET service classes pass on only
     datasets, so the association's `send_c_store` is wrapped; other datasets are sent as
-    before, and so is a file if the association has no socket.
+    before, and so is a file if the association has no socket or a TLS one.
     """
     if getattr(assoc.send_c_store, "from_files", False):
         return
@@ -185,10 +185,12 @@ def send_from_files(assoc: Association, file_of: Callable[[Any], Path | None]) -
 
 
 def _lock_writes(assoc: Association) -> threading.Lock | None:
-    """Make every write of the association's reactor to its socket take a lock, and return it
-    (None if the association has no socket yet)."""
+    """Make every write of the association's reactor to its socket take a lock, and return it;
+    None if the association has no socket yet, or a TLS one: OpenSSL does not take a write from
+    one thread while another reads the same connection, so TLS keeps pynetdicom's path, where
+    the reactor alone does both."""
     transport = assoc.dul.socket
-    if transport is None:
+    if transport is None or isinstance(transport.socket, ssl.SSLSocket):
         return None
     lock = threading.Lock()
     write = transport.send
