@@ -240,8 +240,8 @@ def first_part(blocks: Iterator[bytes], boundary: bytes, action: str) -> Iterato
     keep = len(delimiter) - 1  # a delimiter may straddle two blocks
     while (end := buffer.find(delimiter)) < 0:
         if len(buffer) > keep:
-            yield bytes(buffer[: len(buffer) - keep])
+            yield bytes(memoryview(buffer)[: len(buffer) - keep])
             del buffer[: len(buffer) - keep]
         more()
     if end:
-        yield bytes(buffer[:end])
+        yield bytes(memoryview(buffer)[:end])
