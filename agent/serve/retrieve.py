@@ -334,6 +334,8 @@ class Retriever:
                 with contextlib.suppress(OSError, InvalidDicomError, AttributeError):
                     syntax = str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID)
                     self.syntaxes.fetched(ref, asked, syntax, size, took)
+            else:
+                self.syntaxes.fetched(ref, asked, asked, size, took)
             return _Fetched(path, from_cache=False)
         raise AssertionError("unreachable: the last choice, as held, returns or raises")
 

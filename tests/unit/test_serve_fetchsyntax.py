@@ -3,6 +3,8 @@ the setting or, with `auto`, by the link measured; refusals remembered."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from pydicom import uid
 
@@ -10,7 +12,9 @@ from agent.serve.fetchsyntax import (
     AS_STORED,
     FAST_FETCH,
     MEASURED_SIZE,
-    PROBE_EVERY,
+    PROBE_AFTER,
+    TELL_EVERY,
+    Choice,
     SyntaxChooser,
 )
 from agent.serve.query import InstanceRef
@@ -63,17 +67,60 @@ def test_an_unlisted_series_is_told_by_its_first_fetch_as_held() -> None:
     assert asked(chooser, ref(None, "9.9")) == [AS_STORED], "a lossy series stays as held"
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_auto_compresses_only_once_a_slow_link_is_measured_and_still_probes_it() -> None:
-    chooser = SyntaxChooser("auto")
-    assert asked(chooser, ref()) == [AS_STORED], "nothing measured yet"
+    clock = Clock()
+    chooser = SyntaxChooser("auto", clock=clock)
+    assert chooser.choices(ref()) == ([AS_STORED], True), "the first fetch measures the link"
     chooser.fetched(ref(), AS_STORED, uid.ExplicitVRLittleEndian, int(FAST_FETCH * 2), 1.0)
+    chooser.settled(ref())
     assert asked(chooser, ref()) == [AS_STORED], "a fast link"
     for _ in range(30):
         chooser.fetched(ref(), AS_STORED, uid.ExplicitVRLittleEndian, int(FAST_FETCH / 10), 1.0)
     assert chooser.rate is not None and chooser.rate < FAST_FETCH
-    choices = [asked(chooser, ref()) for _ in range(PROBE_EVERY)]
-    assert choices.count([AS_STORED]) == 1, "one in PROBE_EVERY measures the link again"
-    assert choices.count([JPEG_LS, JPEG_LOSSLESS, AS_STORED]) == PROBE_EVERY - 1
+    compressed = [JPEG_LS, JPEG_LOSSLESS, AS_STORED]
+    assert [asked(chooser, ref()) for _ in range(50)] == [compressed] * 50
+    clock.now += PROBE_AFTER
+    choices = [asked(chooser, ref()) for _ in range(50)]
+    assert choices == [[AS_STORED]] + [compressed] * 49, "one probe measures the link again"
+
+
+def test_the_first_measure_holds_the_other_fetches_until_it_ends() -> None:
+    chooser = SyntaxChooser("auto")
+    assert chooser.choices(ref()) == ([AS_STORED], True)
+    others: list[tuple[list[str], bool]] = []
+    waiting = threading.Thread(target=lambda: others.append(chooser.choices(ref())))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive(), "waits for the first measure"
+    chooser.fetched(ref(), AS_STORED, uid.ExplicitVRLittleEndian, int(FAST_FETCH / 10), 1.0)
+    chooser.settled(ref())
+    waiting.join(5)
+    assert others == [([JPEG_LS, JPEG_LOSSLESS, AS_STORED], False)], "a slow link: compressed"
+
+
+def test_the_choice_is_told_when_it_changes_with_the_rate_and_refusals() -> None:
+    clock = Clock()
+    chooser = SyntaxChooser("auto", clock=clock)
+    told: list[Choice] = []
+    chooser.told = told.append
+    chooser.fetched(ref(), AS_STORED, uid.ExplicitVRLittleEndian, int(FAST_FETCH / 10), 1.0)
+    chooser.fetched(ref(), JPEG_LS, JPEG_LS, MEASURED_SIZE, 1.0)
+    assert [(c.asks, c.refused) for c in told] == [(JPEG_LS, ())], "told once: unchanged"
+    assert told[0].rate == FAST_FETCH / 10
+    assert told[0].why == "the link measured 10.0 Mbit/s, below 100 Mbit/s"
+    chooser.refused(JPEG_LS, "HTTP 400")
+    assert (told[-1].asks, told[-1].refused) == (JPEG_LOSSLESS, (JPEG_LS,))
+    clock.now += TELL_EVERY
+    chooser.fetched(ref(), AS_STORED, uid.ExplicitVRLittleEndian, int(FAST_FETCH * 10), 1.0)
+    assert told[-1].asks == AS_STORED and "not below 100 Mbit/s" in told[-1].why
 
 
 def test_neither_a_compressed_fetch_nor_a_small_one_measures_the_link() -> None:
