@@ -37,10 +37,12 @@ from agent.probe import CloudProbe
 from agent.pynetdicom_internals import partial_dataset_file
 from agent.receive import Arrival, Receiver, Reply
 from agent.serve.cache import InstanceCache
+from agent.serve.fetchsyntax import Choice
 from agent.serve.handlers import QueryRetrieve
 from agent.serve.retrieve import Retriever
 from agent.spool import AGENT_LOCK, SWEEP_LOCK, Locked, Spool
 from agent.store import Store, StoreError
+from agent.store.choices import FETCH_SYNTAX
 from agent.systemd import Watchdog, notify, status_line, watchdog_interval
 from agent.transcode import missing_codec
 from agent.upload import Uploader, UploadWorkers, purge
@@ -206,7 +208,19 @@ class Daemon:
             dicomweb, cache, self.settings.serve.page_size, self.settings.serve.fetch_syntax
         )
         retriever.fetched = self.metrics.instance_retrieved
+        retriever.syntaxes.told = self._fetch_syntax_chosen
         return retriever
+
+    def _fetch_syntax_chosen(self, choice: Choice) -> None:
+        """Keep the fetch syntax chosen where `dirigo status` reads it (a fetch thread calls
+        this: a store that cannot take it costs the status line, not the fetch)."""
+        logger.info("fetching instances held uncompressed as %s: %s", choice.asks, choice.why)
+        if self.store is None:
+            return
+        try:
+            self.store.choices.record(FETCH_SYNTAX, choice.document())
+        except StoreError as exc:
+            logger.warning("cannot record the fetch syntax chosen: %s", exc)
 
     def _start_server(self, store: Store, query_retrieve: QueryRetrieve) -> Any:
         dicom = self.settings.dicom

@@ -12,6 +12,7 @@ from agent.config import Settings
 from agent.config.units import rough_duration
 from agent.spool import Spool
 from agent.store import UPLOAD, JobRecord, JobState, Store
+from agent.store.choices import FETCH_SYNTAX
 
 FAILED_SHOWN = 10
 """Failed items `render` lists one per line; the rest are counted (all are in the JSON)."""
@@ -60,6 +61,7 @@ def snapshot(settings: Settings, store: Store, spool: Spool) -> dict[str, Any]:
             }
             for upload in uploads
         ],
+        "retrieve": {"fetch_syntax": _fetch_syntax(store)},
         "failed": [
             {
                 "id": job.id,
@@ -82,6 +84,15 @@ def _transcode(settings: Settings, store: Store) -> dict[str, Any]:
     if choice is not None:
         last = {"at": iso_time(choice.at), "study_uid": choice.study_uid, "reason": choice.reason}
     return {"setting": settings.upload.transcode, "last_choice": last}
+
+
+def _fetch_syntax(store: Store) -> dict[str, Any] | None:
+    """Return the fetch syntax Query/Retrieve chose last, why, and when; None before any."""
+    found = store.choices.latest(FETCH_SYNTAX)
+    if found is None:
+        return None
+    document, at = found
+    return {**document, "at": iso_time(at)}
 
 
 def job_document(job: JobRecord) -> dict[str, Any]:
@@ -138,6 +149,7 @@ def render(status: dict[str, Any]) -> str:
     lines += [f"uploading  {_upload_line(upload)}" for upload in status["uploads"]]
     if not status["uploads"]:
         lines.append("uploading  none")
+    lines.append(f"retrieve   {_fetch_syntax_line(status['retrieve']['fetch_syntax'])}")
     failed = status["failed"]
     lines += [f"failed     {_failed_line(item)}" for item in failed[:FAILED_SHOWN]]
     if len(failed) > FAILED_SHOWN:
@@ -186,6 +198,14 @@ def _upload_line(upload: dict[str, Any]) -> str:
         f"{where}: {sent / 1e6:.1f} of {total / 1e6:.1f} MB ({100 * sent // total}%)"
         f" at {upload['rate_bytes_per_s'] / 1e6:.1f} MB/s"
     )
+
+
+def _fetch_syntax_line(choice: dict[str, Any] | None) -> str:
+    if choice is None:
+        return "nothing fetched yet"
+    line = f"fetching as {choice['asks_name']}: {choice['why']}"
+    refused = ", ".join(syntax["name"] for syntax in choice["refused"])
+    return line + (f"; the archive refused {refused}" if refused else "")
 
 
 def _failed_line(item: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 from agent.store.activity import Activity, Bucket, PartSummary, Problem
+from agent.store.choices import Choices
 from agent.store.errors import JobStateError, LeaseLost, StoreError
 from agent.store.jobs import UPLOAD, Job, JobRecord, Jobs, Lease, enqueue, revive
 from agent.store.quarantine import QuarantineEntry, QuarantineRows
@@ -157,6 +158,7 @@ class Store:
         self.uploads = Uploads(self)
         self.activity = Activity(self)
         self.quarantine = QuarantineRows(self)
+        self.choices = Choices(self)
 
     # -- opening --------------------------------------------------------------------------
 

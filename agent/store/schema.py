@@ -154,6 +154,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX studies_by_last_received ON studies (last_received_at)",
         ),
     ),
+    Migration(
+        6,
+        "choices",
+        (
+            # What the running agent chose by what it measured, and why (a JSON document per
+            # choice, e.g. `fetch_syntax`), so that `dirigo status`, another process, shows it.
+            """CREATE TABLE choices (
+                name TEXT PRIMARY KEY,
+                document TEXT NOT NULL,
+                at REAL NOT NULL
+            )""",
+        ),
+    ),
 )
 
 SCHEMA_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (

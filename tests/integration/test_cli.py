@@ -140,10 +140,12 @@ def test_status_json_has_the_documented_stable_keys(tmp_data_dir: Path) -> None:
         "transcode",
         "schema_version",
         "uploads",
+        "retrieve",
         "failed",
     }
     assert status["transcode"] == {"setting": "auto", "last_choice": None}
     assert status["uploads"] == [] and status["failed"] == []
+    assert status["retrieve"] == {"fetch_syntax": None}
     assert set(status["studies"]) >= {"open", "stable", "queued", "uploading", "sent"}
     assert set(status["instances"]) >= {"received", "quarantined"}
     assert set(status["disk"]) == {
@@ -157,6 +159,7 @@ def test_status_json_has_the_documented_stable_keys(tmp_data_dir: Path) -> None:
     assert "studies" in text and "last error none" in text
     assert "uploading  none" in text and "failed     none" in text
     assert "transcode  auto\n" in text
+    assert "retrieve   nothing fetched yet" in text
 
 
 def test_echo_reaches_a_configured_peer(tmp_path: Path, storescp: StoreSCPFactory) -> None:
