@@ -30,6 +30,28 @@ SCP's (Orthanc's or Dirigo's) VmHWM over the move alone (reset just before it). 
 system time, every thread, over the move: the SCP's, and the archive's (which serves Dirigo's
 QIDO-RS and WADO-RS requests; in the baseline it is the SCP). Every run is in
 bench/results/retrieve.json, with tool versions and the load average at the start and the end.
+
+Retrieve over a slow link (needs root, `ip` and `tc`):
+
+    python bench/retrieve.py --link-mbit 20 --slices 120 --repeat 3
+
+The archive sits behind a real slow link: the bench makes a network namespace whose loopback
+shapes the archive's HTTP port with a token bucket in each direction (tests/support/netns.py), and
+runs everything inside it: the archive, Dirigo, two local PACSes (DCMTK storescp: ANY takes every
+syntax, PLAIN only uncompressed ones) and movescu. Rows, per round:
+
+- raw bytes: the study's size * 8 / the link's rate, computed, not measured: what moving the bytes
+  as held would take at best. Every other row is compared with it ("vs raw").
+- http as held, http JPEG-LS: the whole study in one plain WADO-RS request (requests, no gzip),
+  asked as held (`transfer-syntax=*`) and as JPEG-LS lossless: the link's real capacity, and
+  what compression alone gains.
+- dirigo to ANY, dirigo to PLAIN: a C-MOVE through a fresh Dirigo (empty cache, `fetch_syntax:
+  auto`) to each PACS. "first" is the time from the C-MOVE request to the first file at the PACS
+  (its directory polled every 5 ms). Every received file's pixels are decoded and compared with
+  the original's; a difference fails the bench. "syntax" says how the instances were fetched
+  (from the agent's cache: the syntax of each file it holds).
+
+"link MB" is what crossed the shaper during the row, both ways (its counters).
 """
 
 from __future__ import annotations
@@ -46,21 +68,27 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pydicom
+import requests
+from pydicom import uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the shared peer harness lives in tests/support
 
+from agent.serve import codecs  # noqa: E402
 from bench.subject import process_cpu_seconds  # noqa: E402
-from tests.support import datasets, dcmtk, orthanc  # noqa: E402
+from tests.support import datasets, dcmtk, netns, orthanc  # noqa: E402
 from tests.support.agent import Agent  # noqa: E402
 from tests.support.net import LOOPBACK, free_port  # noqa: E402
+from tests.support.netns import ShapedNamespace  # noqa: E402
 from tests.support.process import reset_vm_hwm, stop_process, vm_hwm_bytes  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "retrieve.json"
@@ -203,6 +231,16 @@ class Run:
     problems: tuple[str, ...] = ()  # the SCP's log lines, when sub-operations failed
 
 
+def move_study(
+    port: int, called_ae: str, study: Study, destination: str
+) -> subprocess.CompletedProcess[str]:
+    """C-MOVE the whole study to `destination` with movescu, calling as the requester."""
+    keys = [f"StudyInstanceUID={study.uid}"]
+    return dcmtk.movescu(
+        port, keys, destination, calling_ae=REQUESTER, called_ae=called_ae, timeout=MOVE_TIMEOUT
+    )
+
+
 def move_once(scp: Scp, archive_pid: int, study: Study, dest: Destination) -> Run:
     """C-MOVE the study from `scp` to the destination with movescu; return the measurement,
     failed sub-operations included (with what the SCP logged about them). Raise RuntimeError if
@@ -211,14 +249,7 @@ def move_once(scp: Scp, archive_pid: int, study: Study, dest: Destination) -> Ru
     reset_vm_hwm(scp.pid)
     scp_cpu, archive_cpu = process_cpu_seconds(scp.pid), process_cpu_seconds(archive_pid)
     started = time.perf_counter()
-    result = dcmtk.movescu(
-        scp.port,
-        [f"StudyInstanceUID={study.uid}"],
-        DESTINATION,
-        calling_ae=REQUESTER,
-        called_ae=scp.ae,
-        timeout=MOVE_TIMEOUT,
-    )
+    result = move_study(scp.port, scp.ae, study, DESTINATION)
     seconds = time.perf_counter() - started
     peak = vm_hwm_bytes(scp.pid)
     scp_cpu = process_cpu_seconds(scp.pid) - scp_cpu
@@ -347,6 +378,257 @@ def summarise(what: str, study: Study, runs: list[Run]) -> Row:
     )
 
 
+# --- over a slow link ----------------------------------------------------------------
+
+LINK_ROWS = ("http as held", "http JPEG-LS", "dirigo to ANY", "dirigo to PLAIN")
+POLL = 0.005
+"""How often a PACS's directory is looked at for its first file (seconds)."""
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax={}'
+
+
+@dataclass(frozen=True)
+class LinkRun:
+    """One row's run over the shaped link."""
+
+    seconds: float
+    link_bytes: int  # what crossed the shaper, both ways
+    first_seconds: float | None = None  # C-MOVE request to the first file at the PACS
+    completed: int | None = None
+    failed: int | None = None
+    identical: int | None = None  # instances received with the original's pixels
+    fetched_as: tuple[tuple[str, int], ...] = ()  # syntax name, instances the agent fetched so
+    problems: tuple[str, ...] = ()
+
+
+def link_bytes(link: ShapedNamespace) -> int:
+    return sum(link.counters().values())
+
+
+def wado_study(
+    server: orthanc.Orthanc, study: Study, syntax: str, link: ShapedNamespace
+) -> LinkRun:
+    """Fetch the whole study in one WADO-RS request, as `syntax`, discarding the answer."""
+    before = link_bytes(link)
+    started = time.perf_counter()
+    with requests.get(
+        f"{server.dicomweb_url}/studies/{study.uid}",
+        headers={"Accept": WADO_ACCEPT.format(syntax), "Accept-Encoding": "identity"},
+        stream=True,
+        timeout=MOVE_TIMEOUT,
+    ) as response:
+        response.raise_for_status()
+        for _ in response.iter_content(1 << 16):
+            pass
+    return LinkRun(round(time.perf_counter() - started, 3), link_bytes(link) - before)
+
+
+class FirstArrival:
+    """Watches a PACS's directory from `start` on, in a thread of its own, for its first file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> FirstArrival:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            if any(self.directory.iterdir()):
+                self.at = time.perf_counter()
+                return
+            self._stop.wait(POLL)
+
+
+def identical_pixels(received: Path, study: Study) -> tuple[int, list[str]]:
+    """Return how many received files hold their original's very pixels, and what differs."""
+    codecs.register()
+    originals = {}
+    for path in study.files:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        originals[str(header.SOPInstanceUID)] = path
+    same, problems = 0, []
+    for path in sorted(received.iterdir()):
+        got = pydicom.dcmread(path)
+        original = originals.get(str(got.SOPInstanceUID))
+        if original is None:
+            problems.append(f"{path.name}: not an instance of the study")
+        elif np.array_equal(got.pixel_array, pydicom.dcmread(original).pixel_array):
+            same += 1
+        else:
+            problems.append(f"{path.name}: pixels differ ({got.file_meta.TransferSyntaxUID.name})")
+    return same, problems
+
+
+def fetched_as(data_dir: Path) -> tuple[tuple[str, int], ...]:
+    """Return how many instances the agent's cache holds in each syntax."""
+    found: dict[str, int] = {}
+    for path in (data_dir / "cache").glob("??/*.dcm"):
+        name = pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID.name
+        found[name] = found.get(name, 0) + 1
+    return tuple(sorted(found.items(), key=lambda item: -item[1]))
+
+
+def dirigo_over_link(
+    server: orthanc.Orthanc,
+    study: Study,
+    pacs: Destination,
+    ae: str,
+    peers: tuple[dict[str, object], ...],
+    link: ShapedNamespace,
+    scratch: Path,
+) -> LinkRun:
+    """C-MOVE the study through a fresh Dirigo (empty cache) to the PACS `ae`; check every
+    instance arrived with its original's pixels, then empty the PACS."""
+    work_dir = Path(tempfile.mkdtemp(prefix="link-", dir=scratch))
+    try:
+        extra = {"cloud": {"dicomweb_url": server.dicomweb_url}}
+        agent = Agent(work_dir / "data", peers=peers, probe_ae=REQUESTER, extra=extra)
+        with agent:
+            os.sync()
+            before = link_bytes(link)
+            started = time.perf_counter()
+            with FirstArrival(pacs.out_dir) as first:
+                result = move_study(agent.port, agent.ae_title, study, ae)
+                seconds = time.perf_counter() - started
+            crossed = link_bytes(link) - before
+            log = agent.log_tail()
+        counts = dcmtk.sub_operations(result)
+        same, problems = identical_pixels(pacs.out_dir, study)
+        for path in pacs.out_dir.iterdir():
+            path.unlink()
+        completed = counts.get("Completed", 0)
+        if dcmtk.final_status(result) != SUCCESS or completed != len(study.files):
+            problems.append(f"final status {dcmtk.final_status(result)}")
+            problems += [line for line in log.splitlines() if _DIRIGO_PROBLEM.search(line)][
+                -REASONS:
+            ]
+        return LinkRun(
+            round(seconds, 3),
+            crossed,
+            first_seconds=None if first.at is None else round(first.at - started, 3),
+            completed=completed,
+            failed=counts.get("Failed", 0),
+            identical=same,
+            fetched_as=fetched_as(work_dir / "data"),
+            problems=tuple(problems),
+        )
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def measure_link(study: Study, repeat: int, mbit: float, scratch: Path) -> dict[str, list[LinkRun]]:
+    """Run `repeat` rounds of the link rows inside a fresh shaped namespace, the order of the
+    rows turned by one each round."""
+    runs: dict[str, list[LinkRun]] = {name: [] for name in LINK_ROWS}
+    with ShapedNamespace() as link, link.inside(), contextlib.ExitStack() as stack:
+        pacses = {}
+        for ae, extra_args in (("ANY", ("+xa",)), ("PLAIN", ())):
+            port = free_port()
+            proc = dcmtk.start_storescp(scratch / ae, port, ae, extra_args=extra_args)
+            stack.callback(stop_process, proc)
+            pacses[ae] = Destination(port, scratch / ae, proc.pid)
+        server = stack.enter_context(orthanc.Orthanc(aet="ARCHIVE"))
+        load(server, study)  # over the namespace's fast loopback: the link is shaped after
+        link.shape(server.http_port, mbit)
+        peers = (
+            {"ae_title": REQUESTER, "host": LOOPBACK},
+            *({"ae_title": ae, "host": LOOPBACK, "port": d.port} for ae, d in pacses.items()),
+        )
+        rows: dict[str, Callable[[], LinkRun]] = {
+            "http as held": lambda: wado_study(server, study, "*", link),
+            "http JPEG-LS": lambda: wado_study(server, study, uid.JPEGLSLossless, link),
+            "dirigo to ANY": lambda: dirigo_over_link(
+                server, study, pacses["ANY"], "ANY", peers, link, scratch
+            ),
+            "dirigo to PLAIN": lambda: dirigo_over_link(
+                server, study, pacses["PLAIN"], "PLAIN", peers, link, scratch
+            ),
+        }
+        for index in range(repeat):
+            turn = index % len(LINK_ROWS)
+            for name in LINK_ROWS[turn:] + LINK_ROWS[:turn]:
+                runs[name].append(rows[name]())
+            print(f"# round {index + 1}/{repeat} done", file=sys.stderr, flush=True)
+    return runs
+
+
+LINK_HEADER = (
+    f"{'over the link':<16} {'s':>7} {'vs raw':>7} {'link MB':>8} {'first s':>7} "
+    f"{'done':>5} {'failed':>6} {'same px':>7} {'spread':>6}  fetched as"
+)
+
+
+def link_report(
+    study: Study, mbit: float, runs: dict[str, list[LinkRun]]
+) -> list[dict[str, object]]:
+    """Print the link rows (medians) and return them for the JSON."""
+    raw = study.size * 8 / (mbit * 1e6)
+    print(LINK_HEADER)
+    print(f"{'raw bytes':<16} {raw:>7.3f} {1:>6.2f}x {study.size / 1e6:>8.1f}")
+    rows: list[dict[str, object]] = [{"what": "raw bytes", "seconds": round(raw, 3)}]
+    for name, row_runs in runs.items():
+        times = [r.seconds for r in row_runs]
+        seconds = statistics.median(times)
+        moved = statistics.median(r.link_bytes for r in row_runs)
+        firsts = [r.first_seconds for r in row_runs if r.first_seconds is not None]
+        dirigo = row_runs[0].completed is not None
+        first = f"{max(firsts):>7.3f}" if firsts else f"{'-':>7}"
+        done = f"{min(r.completed or 0 for r in row_runs):>5}" if dirigo else f"{'-':>5}"
+        failed = f"{max(r.failed or 0 for r in row_runs):>6}" if dirigo else f"{'-':>6}"
+        same = f"{min(r.identical or 0 for r in row_runs):>7}" if dirigo else f"{'-':>7}"
+        syntax = ", ".join(f"{n} {c}" for n, c in row_runs[-1].fetched_as)
+        print(
+            f"{name:<16} {seconds:>7.3f} {raw / seconds:>6.2f}x {moved / 1e6:>8.1f} {first} "
+            f"{done} {failed} {same} {100 * (max(times) - min(times)) / seconds:>5.0f}%  {syntax}"
+        )
+        rows.append(
+            {"what": name, "seconds": round(seconds, 3), "runs": [asdict(r) for r in row_runs]}
+        )
+    for name, row_runs in runs.items():
+        for number, run in enumerate(row_runs, 1):
+            if run.problems:
+                print(f"# {name}, run {number}: " + "; ".join(run.problems))
+    return rows
+
+
+def link_main(args: argparse.Namespace, study: Study, env: dict[str, object]) -> int:
+    """The bench over a slow link (`--link-mbit`): print the table, write the JSON."""
+    reason = netns.available()
+    if reason is not None:
+        print(f"cannot make the slow link: {reason}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="scratch-", dir=args.cache) as scratch:
+        runs = measure_link(study, args.repeat, args.link_mbit, Path(scratch))
+    env["load_average_at_end"] = load_average()
+    rows = link_report(study, args.link_mbit, runs)
+    print(f"# load at the end {env['load_average_at_end']}")
+    failed = [name for name, row_runs in runs.items() for run in row_runs if run.problems]
+    output = args.output if args.output != RESULTS else RESULTS.with_name("retrieve-link.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "environment": env,
+        "repeat": args.repeat,
+        "slices": args.slices,
+        "payload_bytes": study.size,
+        "link_mbit": args.link_mbit,
+        "rows": rows,
+    }
+    output.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"# written to {output}")
+    if failed:
+        print(f"\nFAILED: problems in {', '.join(sorted(set(failed)))}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # --- report ---------------------------------------------------------------------------
 
 HEADER = (
@@ -414,6 +696,13 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_CACHE,
         help="where the generated CT series is kept between runs (default .cache/bench)",
     )
+    parser.add_argument(
+        "--link-mbit",
+        type=float,
+        default=None,
+        help="run the slow-link rows instead: the archive behind a link of this many Mbit/s "
+        "each way (needs root; JSON in bench/results/retrieve-link.json)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args(argv)
 
@@ -423,9 +712,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {env['dcmtk']}, {env['orthanc']}, {env['cpus']} CPUs, "
         f"load {env['load_average_at_start']}; CT {args.slices} slices, "
-        f"{study.size / 1e6:.1f} MB; median of {args.repeat} rounds",
+        f"{study.size / 1e6:.1f} MB; median of {args.repeat} rounds"
+        + ("" if args.link_mbit is None else f"; archive behind {args.link_mbit:g} Mbit/s"),
         flush=True,
     )
+    if args.link_mbit is not None:
+        return link_main(args, study, env)
     failure: str | None = None
     rows: list[Row] = []
     # Scratch space beside the payload cache: same disk, removed afterwards.
