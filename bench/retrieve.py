@@ -47,7 +47,8 @@ syntax, PLAIN only uncompressed ones) and movescu. Rows, per round:
   what compression alone gains.
 - dirigo to ANY, dirigo to PLAIN: a C-MOVE through a fresh Dirigo (empty cache, `fetch_syntax:
   auto`) to each PACS. "first" is the time from the C-MOVE request to the first file at the PACS
-  (its directory polled every 5 ms). Every received file's pixels are decoded and compared with
+  (its directory polled every 5 ms; the table shows the slowest round's). Every received file's
+  pixels are decoded and compared with
   the original's; a difference fails the bench. "syntax" says how the instances were fetched
   (from the agent's cache: the syntax of each file it holds).
 
