@@ -113,6 +113,39 @@ def store_command(
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
+RETRIEVE_RESPONSES = {"C-MOVE": 0x8021, "C-GET": 0x8010}
+"""The command field of each retrieval's response (PS3.7 E.1)."""
+PENDING = 0xFF00
+
+
+def pending_command(
+    kind: str, responding_to: int, sop_class: str, counts: tuple[int, int, int, int]
+) -> bytes:
+    """Return the encoded command set of a Pending C-MOVE or C-GET response (`kind`) without an
+    identifier, element for element as pynetdicom encodes it: answering message `responding_to`
+    of SOP class `sop_class`, with the sub-operation `counts` (remaining, completed, failed,
+    warning). Raise KeyError for another `kind`.
+
+    pynetdicom encodes one after every instance a retrieval sends, the same way as a C-STORE
+    request's (a pydicom dataset encoded twice): about a quarter of the sending thread's time
+    in a warm C-MOVE."""
+    remaining, completed, failed, warning = counts
+    body = b"".join(
+        [
+            _element(0x0002, _padded(sop_class.encode("ascii"), b"\0")),
+            _element(0x0100, struct.pack("<H", RETRIEVE_RESPONSES[kind])),
+            _element(0x0120, struct.pack("<H", responding_to)),
+            _element(0x0800, struct.pack("<H", 0x0101)),  # no data set follows
+            _element(0x0900, struct.pack("<H", PENDING)),
+            _element(0x1020, struct.pack("<H", remaining)),
+            _element(0x1021, struct.pack("<H", completed)),
+            _element(0x1022, struct.pack("<H", failed)),
+            _element(0x1023, struct.pack("<H", warning)),
+        ]
+    )
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
 def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
 

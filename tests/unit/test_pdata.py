@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 
@@ -163,3 +163,32 @@ def test_a_c_store_command_set_is_pynetdicoms_byte_for_byte(
         request.MoveOriginatorApplicationEntityTitle,
         request.MoveOriginatorMessageID,
     )
+
+
+@given(
+    kind=st.sampled_from(["C-MOVE", "C-GET"]),
+    responding_to=st.integers(0, 65535),
+    sop_class=UIDS,
+    counts=st.tuples(*[st.integers(0, 65535)] * 4),
+)
+def test_a_pending_retrieve_response_is_pynetdicoms_byte_for_byte(
+    kind: str, responding_to: int, sop_class: str, counts: tuple[int, int, int, int]
+) -> None:
+    primitive, message = (C_MOVE(), C_MOVE_RSP()) if kind == "C-MOVE" else (C_GET(), C_GET_RSP())
+    primitive.MessageIDBeingRespondedTo = responding_to
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.Status = 0xFF00
+    primitive.Identifier = None
+    (
+        primitive.NumberOfRemainingSuboperations,
+        primitive.NumberOfCompletedSuboperations,
+        primitive.NumberOfFailedSuboperations,
+        primitive.NumberOfWarningSuboperations,
+    ) = counts
+    message.primitive_to_message(primitive)
+    (pdv,) = message.encode_msg(5, 16384)
+    pdu = P_DATA_TF()
+    pdu.from_primitive(pdv)
+    expected = pdu.encode()
+    encoded = pdata.pending_command(kind, responding_to, sop_class, counts)
+    assert pdata.command(encoded, 5, 16384) == expected
