@@ -141,7 +141,15 @@ def assert_no_leftovers(agent: Agent) -> None:
 def cloud_agent(disk: LazyFS, cloud: DevCloud, **upload: Any) -> Agent:
     """Return an agent on `disk` that packs a study after 1 s of quiet and uploads it to
     `cloud` in 1 MiB chunks, retrying after 1 to 2 s; `upload` overrides upload settings."""
-    settings = {"chunk_size": "1MiB", "retry_first": "1s", "retry_max": "2s", **upload}
+    # transcode none: the cloud's datasets are compared with those sent, byte for byte, and a
+    # bundle's growth stands for time (`upload.transcode: auto` may re-encode them)
+    settings = {
+        "chunk_size": "1MiB",
+        "retry_first": "1s",
+        "retry_max": "2s",
+        "transcode": "none",
+        **upload,
+    }
     cloud_settings = {"upload_url": cloud.upload_url, "dicomweb_url": cloud.dicomweb_url}
     return agent_on(disk, stable_after="1s", extra={"cloud": cloud_settings, "upload": settings})
 
