@@ -226,7 +226,7 @@ class Retriever:
                 counts.cached += 1
             else:
                 counts.fetched += 1
-            return self._prepare(ref, fetched.path, accepted, held)
+            return self._prepare(ref, fetched, accepted, held)
         except UploadGone:
             return Failed(ref, "the archive no longer has it")
         except (CloudError, NotDicom) as exc:
@@ -236,20 +236,22 @@ class Retriever:
         except (InvalidDicomError, ValueError, EOFError, zlib.error) as exc:
             return Failed(ref, f"the archive's copy is not readable DICOM: {exc}")
 
-    def _prepare(self, ref: InstanceRef, path: Path, accepted: Accepted, held: _Held) -> Item:
-        """Return the instance in `path` ready to send: as a stand-in for its file when the
+    def _prepare(
+        self, ref: InstanceRef, fetched: _Fetched, accepted: Accepted, held: _Held
+    ) -> Item:
+        """Return the fetched instance ready to send: as a stand-in for its file when the
         destination takes its syntax, else read (large values left in the file until sent) and
         decompressed if the plan says so. A Deflated file is inflated into a scratch file first.
         Raise what reading raises."""
-        meta, offset = split_dataset(path)
-        if meta.get("TransferSyntaxUID") == uid.DeflatedExplicitVRLittleEndian:
+        path, meta, head = fetched.path, fetched.meta, fetched.head
+        if head is None:  # Deflated
             taken = accepted.get(str(meta.get("MediaStorageSOPClassUID", "")), frozenset())
             if uid.DeflatedExplicitVRLittleEndian in taken and _sendable(meta, ref):
                 return Ready(ref, _stand_in(path, meta), Action.AS_IS)
             held.scratch = self.cache.scratch(ref.sop_instance)
-            inflate(path, offset, meta, held.scratch)
+            inflate(path, fetched.offset, meta, held.scratch)
             path = Path(held.scratch.name)
-        head = _head(path)
+            head = _head(path)
         if str(head.get("SOPInstanceUID", "")).strip() != ref.sop_instance:
             return Failed(ref, "the archive's copy is another instance")
         syntax = head.file_meta.get("TransferSyntaxUID")
@@ -274,14 +276,16 @@ class Retriever:
         return Ready(ref, dataset, delivery.action)
 
     def _fetched(self, ref: InstanceRef, stop: threading.Event) -> _Fetched:
-        """Return the instance's file in the cache, fetched first if it is not there; it is
-        held (kept from eviction) until released.
+        """Return the instance's file in the cache, fetched first if it is not there, with
+        what decides how it goes (`_Fetched.read`); it is held (kept from eviction) until
+        released. Reading it here, on a fetch thread, takes that parse off the sending thread,
+        which runs only while the previous instance's C-STORE waits on the destination.
 
         A fetch that fails in a way that may pass is tried again (FETCH_ATTEMPTS, FETCH_BACKOFF,
         FETCH_PATIENCE), from the start of the instance: WADO-RS has no offset to resume a
         multipart answer from, and nothing of a failed try is kept. Raise the last CloudError
         when the tries are spent, the failure is not retryable, or `stop` is set."""
-        return retried(
+        path, from_cache = retried(
             lambda: self._fetch_once(ref),
             attempts=FETCH_ATTEMPTS,
             backoff=FETCH_BACKOFF,
@@ -290,13 +294,18 @@ class Retriever:
             again=_passing,
             what=f"instance {ref.sop_instance}",
         )
+        try:
+            return _Fetched.read(path, from_cache)
+        except BaseException:
+            self.cache.release(ref.sop_instance)
+            raise
 
-    def _fetch_once(self, ref: InstanceRef) -> _Fetched:
+    def _fetch_once(self, ref: InstanceRef) -> tuple[Path, bool]:
         """Return the instance's file in the cache, fetched by one WADO-RS request if it is not
         there; held until released."""
         path = self.cache.get(ref.sop_instance)
         if path is not None:
-            return _Fetched(path, from_cache=True)
+            return path, True
 
         choices, learner = self.syntaxes.choices(ref)
         try:
@@ -305,7 +314,7 @@ class Retriever:
             if learner:
                 self.syntaxes.settled(ref)
 
-    def _fetch_as(self, ref: InstanceRef, choices: list[str]) -> _Fetched:
+    def _fetch_as(self, ref: InstanceRef, choices: list[str]) -> tuple[Path, bool]:
         """Return the instance's file in the cache, fetched by WADO-RS in the first syntax of
         `choices` the archive does not refuse; held until released."""
         for asked in choices:
@@ -336,7 +345,7 @@ class Retriever:
                     self.syntaxes.fetched(ref, asked, syntax, size, took)
             else:
                 self.syntaxes.fetched(ref, asked, asked, size, took)
-            return _Fetched(path, from_cache=False)
+            return path, False
         raise AssertionError("unreachable: the last choice, as held, returns or raises")
 
 
@@ -442,8 +451,23 @@ def _stand_in(path: Path, meta: Dataset) -> OnDisk:
 
 @dataclass(frozen=True)
 class _Fetched:
+    """An instance's file in the cache, whether it was there already, its file meta, where its
+    data set starts, and its file meta and first elements (`_head`), None if it is Deflated
+    (read only once inflated, if it must be)."""
+
     path: Path
     from_cache: bool
+    meta: Dataset
+    offset: int
+    head: Dataset | None
+
+    @classmethod
+    def read(cls, path: Path, from_cache: bool) -> _Fetched:
+        """Return the file at `path` with what decides how it goes. Raise what reading
+        raises."""
+        meta, offset = split_dataset(path)
+        deflated = meta.get("TransferSyntaxUID") == uid.DeflatedExplicitVRLittleEndian
+        return cls(path, from_cache, meta, offset, None if deflated else _head(path))
 
 
 @dataclass
