@@ -35,9 +35,10 @@ from agent.receive import Receiver
 from agent.serve.cache import InstanceCache
 from agent.serve.query import QueryError, Scope, study_scope
 from agent.serve.retrieve import Counts, Item, Listing, Retriever, push
-from agent.spool import SWEEP_LOCK, Spool
-from agent.store import JobState, Store, StoreError
-from agent.store.maintenance import backup
+from agent.spool import AGENT_LOCK, SWEEP_LOCK, Locked, Spool
+from agent.store import JobState, SchemaError, Store, StoreError
+from agent.store.maintenance import backup, version_of
+from agent.store.schema import latest_version
 from agent.systemd import JournalFormatter, journal_stream
 
 logger = logging.getLogger("agent")
@@ -145,6 +146,14 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     copy = command("backup", _backup, "copy the database, consistent while the agent runs")
     copy.add_argument("--to", required=True, type=Path, metavar="FILE", help="the copy to write")
+    migrate = command(
+        "migrate", _migrate, "bring the database's schema up to date (the agent must be stopped)"
+    )
+    migrate.add_argument(
+        "--schema-version",
+        action="store_true",
+        help="only print the database's schema version (0 when there is no database)",
+    )
     return parser
 
 
@@ -241,9 +250,12 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _opened_store(settings: Settings) -> Iterator[Store]:
-    """Open the agent's existing database (never create one), running agent or not."""
+    """Open the agent's existing database (never create one, never migrate it), running agent
+    or not."""
     try:
         store = Store.open(settings.data_dir / DATABASE, create=False)
+    except SchemaError:
+        raise  # its message says what to do
     except StoreError as exc:
         raise CommandError(f"{exc} (has `dirigo run` started with this configuration?)") from exc
     try:
@@ -393,6 +405,34 @@ def _backup(settings: Settings, args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot write {exc.filename or target}: {exc.strerror}") from exc
     print(f"backup of {made.instances} instance rows written to {made.path} ({made.size} bytes)")
+    return EXIT_OK
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    """Migrate the database with the agent stopped: an agent of the version before would run
+    on a schema it does not know. `dirigo run` migrates the same way at start-up."""
+    path = settings.data_dir / DATABASE
+    _check_owner(settings.data_dir, "migrate")  # a journal made by root would lock the agent out
+    if args.schema_version:
+        print(version_of(path) if path.exists() else 0)
+        return EXIT_OK
+    if not path.exists():
+        raise CommandError(f"no database at {path}: `dirigo run` creates it")
+    spool = Spool(settings.data_dir, settings.spool.high_water)
+    try:
+        with spool.lock(AGENT_LOCK, exclusive=True, wait=False):
+            before = version_of(path)
+            Store.open(path, create=False, migrate=True).close()
+    except Locked:
+        raise CommandError(
+            f"a dirigo agent is running with data_dir {settings.data_dir}: stop it first"
+            " (`systemctl stop dirigo`)"
+        ) from None
+    after = latest_version()
+    if before == after:
+        print(f"the database at {path} is up to date (schema version {after})")
+    else:
+        print(f"the database at {path} migrated from schema version {before} to {after}")
     return EXIT_OK
 
 

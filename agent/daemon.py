@@ -137,7 +137,7 @@ class Daemon:
         # `auto` without the codecs packs zstd-only and says why; an explicit codec must not.
         if self.settings.upload.transcode not in ("none", "auto") and (problem := missing_codec()):
             raise StartupError(problem)
-        self.store = Store.open(self.settings.data_dir / DATABASE)
+        self.store = Store.open(self.settings.data_dir / DATABASE, migrate=True)
         with self.spool.lock(SWEEP_LOCK, exclusive=True, wait=True):  # waits for `dirigo send`
             self.spool.sweep(self.store.spool_paths())
             self.spool.sweep_quarantine(self.store.quarantine_paths())

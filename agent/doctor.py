@@ -30,6 +30,7 @@ from agent.dicomweb import DicomWeb
 from agent.spool import Spool
 from agent.store import StoreError
 from agent.store.maintenance import check
+from agent.store.schema import outdated, too_new
 
 CERT_WARN_DAYS = 30
 CLOCK_WARN_SECONDS = 300.0
@@ -173,13 +174,11 @@ def _database(settings: Settings) -> Finding:
             "stop the agent and restore the latest `dirigo backup`",
         )
     if integrity.schema_version > integrity.known_version:
-        return Finding(
-            "database",
-            Verdict.FAIL,
-            f"schema version {integrity.schema_version} is newer than this Dirigo"
-            f" ({integrity.known_version})",
-            "upgrade Dirigo",
-        )
+        message = too_new(path, integrity.schema_version, integrity.known_version)
+        return Finding("database", Verdict.FAIL, message, "upgrade Dirigo")
+    if integrity.schema_version < integrity.known_version:
+        message = outdated(path, integrity.schema_version, integrity.known_version)
+        return Finding("database", Verdict.FAIL, message, "run `dirigo migrate`")
     return Finding("database", Verdict.OK, f"quick_check ok, schema {integrity.schema_version}")
 
 

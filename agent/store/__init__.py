@@ -29,11 +29,19 @@ from urllib.parse import quote
 
 from agent.store.activity import Activity, Bucket, PartSummary, Problem
 from agent.store.choices import Choices
-from agent.store.errors import JobStateError, LeaseLost, StoreError
+from agent.store.errors import JobStateError, LeaseLost, SchemaError, StoreError
 from agent.store.jobs import UPLOAD, Job, JobRecord, Jobs, Lease, enqueue, revive
 from agent.store.quarantine import QuarantineEntry, QuarantineRows
 from agent.store.records import InstanceState, JobState, Level, Outcome, StudyState, event
-from agent.store.schema import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE, Migration
+from agent.store.schema import (
+    MIGRATIONS,
+    SCHEMA_MIGRATIONS_TABLE,
+    Migration,
+    latest_version,
+    outdated,
+    schema_version,
+    too_new,
+)
 from agent.store.uploads import Uploads
 
 __all__ = [
@@ -59,6 +67,7 @@ __all__ = [
     "QuarantineEntry",
     "QuarantineRows",
     "RecordResult",
+    "SchemaError",
     "StatusSnapshot",
     "Store",
     "StoreError",
@@ -164,16 +173,26 @@ class Store:
 
     @classmethod
     def open(
-        cls, path: Path, *, create: bool = True, migrations: Sequence[Migration] = MIGRATIONS
+        cls,
+        path: Path,
+        *,
+        create: bool = True,
+        migrate: bool = False,
+        migrations: Sequence[Migration] = MIGRATIONS,
     ) -> Store:
-        """Open (and, with `create`, create) the database at `path` and bring its schema up to date.
+        """Open the database at `path`; with `create`, create it (with the whole schema) if there
+        is none. With `migrate`, bring an existing database's schema up to date.
 
-        Raise StoreError if `create` is false and there is no database at `path`, if the database
-        refuses WAL mode or `synchronous=FULL` (some network filesystems cannot share memory for
-        WAL), if its schema is newer than this code knows, or if a migration fails (a failed
-        migration is rolled back whole, and is not recorded).
+        Only `dirigo run` and `dirigo migrate` migrate: an operator's command changes no schema
+        behind the operator's back. Raise SchemaError if the schema is older than `migrations`
+        bring it to and `migrate` is false, or if it is newer than they know (whatever
+        `migrate` says). Raise StoreError if `create` is false and there is no database at
+        `path`, if the database refuses WAL mode or `synchronous=FULL` (some network
+        filesystems cannot share memory for WAL), or if a migration fails (a failed migration
+        is rolled back whole, and is not recorded).
         """
-        if not create and not path.is_file():
+        fresh = not path.exists()
+        if fresh and not create:
             raise StoreError(f"no database at {path}")
         try:
             connection = _connect(path, create)
@@ -182,7 +201,7 @@ class Store:
         store = cls(connection)
         try:
             store._configure(path)
-            store._migrate(migrations)
+            store._check_schema(path, migrations, migrate=migrate or fresh)
         except BaseException:
             connection.close()
             raise
@@ -214,16 +233,17 @@ class Store:
         if foreign_keys != 1:
             raise StoreError(f"database at {path} refused foreign_keys=ON")
 
-    def _migrate(self, migrations: Sequence[Migration]) -> None:
-        known = max((m.version for m in migrations), default=0)
-        with self.write() as db:
-            db.execute(SCHEMA_MIGRATIONS_TABLE)
+    def _check_schema(self, path: Path, migrations: Sequence[Migration], *, migrate: bool) -> None:
+        known = latest_version(migrations)
         current = self._schema_version()
         if current > known:
-            raise StoreError(
-                f"database schema version {current} is newer than this Dirigo knows ({known}); "
-                "upgrade Dirigo or restore a database written by this version"
-            )
+            raise SchemaError(too_new(path, current, known))
+        if current == known:
+            return
+        if not migrate:
+            raise SchemaError(outdated(path, current, known))
+        with self.write() as db:
+            db.execute(SCHEMA_MIGRATIONS_TABLE)
         for migration in sorted(migrations, key=lambda m: m.version):
             if migration.version > current:
                 self._apply(migration)
@@ -236,7 +256,7 @@ class Store:
         """
         try:
             with self.write() as db:
-                if _version(db) >= migration.version:
+                if schema_version(db) >= migration.version:
                     return
                 for statement in migration.statements:
                     db.execute(statement)
@@ -251,7 +271,7 @@ class Store:
 
     def _schema_version(self) -> int:
         with self.read() as db:
-            return _version(db)
+            return schema_version(db)
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -478,7 +498,7 @@ class Store:
                 " ORDER BY at DESC, id DESC LIMIT 1",
                 (Level.ERROR,),
             ).fetchone()
-            version = _version(db)
+            version = schema_version(db)
         last_error = None
         if error is not None:
             at = datetime.fromtimestamp(error[0], tz=UTC).isoformat()
@@ -496,11 +516,6 @@ def _connect(path: Path, create: bool) -> sqlite3.Connection:
         isolation_level=None,
         check_same_thread=False,
     )
-
-
-def _version(db: sqlite3.Connection) -> int:
-    (version,) = db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
-    return int(version)
 
 
 def _counts(db: sqlite3.Connection, query: str, states: type[StrEnum]) -> dict[str, int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from agent.store.errors import StoreError
-from agent.store.schema import MIGRATIONS
+from agent.store.schema import latest_version, schema_version
 
 _BUSY_TIMEOUT_S = 10.0
 
@@ -69,18 +69,15 @@ def check(path: Path) -> Integrity:
     Raise StoreError if it cannot be opened or read at all."""
     with _opened(path, "ro") as db:
         problems = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
-        version = _schema_version(db)
-    return Integrity(problems, version, max(m.version for m in MIGRATIONS))
+        version = schema_version(db)
+    return Integrity(problems, version, latest_version())
 
 
-def _schema_version(db: sqlite3.Connection) -> int:
-    try:
-        (version,) = db.execute(
-            "SELECT coalesce(max(version), 0) FROM schema_migrations"
-        ).fetchone()
-    except sqlite3.OperationalError:
-        return 0  # no table: nothing was ever migrated
-    return int(version)
+def version_of(path: Path) -> int:
+    """The schema version of the database at `path`, read without changing anything (0 when
+    nothing was ever migrated). Raise StoreError if there is none or it cannot be read."""
+    with _opened(path, "ro") as db:
+        return schema_version(db)
 
 
 def backup(path: Path, target: Path) -> Backup:

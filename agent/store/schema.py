@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -174,3 +176,37 @@ SCHEMA_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
     name TEXT NOT NULL,
     applied_at REAL NOT NULL
 )"""
+
+
+def latest_version(migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """The schema version that `migrations` bring a database to: the one this code runs."""
+    return max((m.version for m in migrations), default=0)
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    """The schema version of the database behind `db`: 0 when nothing was ever migrated."""
+    try:
+        (version,) = db.execute(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations"
+        ).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return 0
+    return int(version)
+
+
+def outdated(path: object, current: int, known: int) -> str:
+    """Why a command other than `dirigo run` and `dirigo migrate` refuses an older database."""
+    return (
+        f"the database at {path} has schema version {current}, this Dirigo needs {known}:"
+        " run `dirigo migrate` (after a `dirigo backup`, to be able to go back)"
+    )
+
+
+def too_new(path: object, current: int, known: int) -> str:
+    """Why every command refuses a database written by a newer Dirigo."""
+    return (
+        f"the database at {path} has schema version {current}, newer than this Dirigo knows"
+        f" ({known}): upgrade Dirigo, or restore a backup written by this version"
+    )

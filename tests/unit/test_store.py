@@ -21,6 +21,7 @@ from agent.store import (
     Migration,
     NewInstance,
     Outcome,
+    SchemaError,
     Store,
     StoreError,
     StudyState,
@@ -139,10 +140,31 @@ def test_migrations_are_recorded_once_and_reopening_applies_nothing(db_path: Pat
 def test_a_new_migration_is_applied_to_an_existing_database(db_path: Path) -> None:
     Store.open(db_path).close()
     added = Migration(len(MIGRATIONS) + 1, "add a column", ("ALTER TABLE jobs ADD note TEXT",))
-    Store.open(db_path, migrations=(*MIGRATIONS, added)).close()
+    Store.open(db_path, migrations=(*MIGRATIONS, added), migrate=True).close()
     versions = query(db_path, "SELECT version FROM schema_migrations ORDER BY version")
     assert versions[-1] == (added.version,)
     assert ("note",) in query(db_path, "SELECT name FROM pragma_table_info('jobs')")
+
+
+def test_an_existing_database_is_migrated_only_when_asked(db_path: Path) -> None:
+    Store.open(db_path).close()
+    added = Migration(len(MIGRATIONS) + 1, "add a column", ("ALTER TABLE jobs ADD note TEXT",))
+    current = MIGRATIONS[-1].version
+    with pytest.raises(
+        SchemaError,
+        match=rf"has schema version {current}, this Dirigo needs {added.version}: "
+        r"run `dirigo migrate`",
+    ):
+        Store.open(db_path, migrations=(*MIGRATIONS, added))
+    assert query(db_path, "SELECT max(version) FROM schema_migrations") == [(current,)]
+    assert ("note",) not in query(db_path, "SELECT name FROM pragma_table_info('jobs')")
+
+
+def test_a_new_database_is_created_with_the_whole_schema_without_asking(db_path: Path) -> None:
+    Store.open(db_path).close()
+    assert query(db_path, "SELECT max(version) FROM schema_migrations") == [
+        (MIGRATIONS[-1].version,)
+    ]
 
 
 def test_a_failing_migration_leaves_no_partial_schema_and_no_record(db_path: Path) -> None:
@@ -152,7 +174,7 @@ def test_a_failing_migration_leaves_no_partial_schema_and_no_record(db_path: Pat
         ("CREATE TABLE half (id INTEGER PRIMARY KEY)", "CREATE TABLE broken (oops"),
     )
     with pytest.raises(StoreError, match="half good"):
-        Store.open(db_path, migrations=(*MIGRATIONS, bad))
+        Store.open(db_path, migrations=(*MIGRATIONS, bad), migrate=True)
     tables = {name for (name,) in query(db_path, "SELECT name FROM sqlite_master")}
     assert "half" not in tables
     assert "studies" in tables  # the good migrations before it stay applied
@@ -168,8 +190,10 @@ def test_a_newer_schema_version_is_refused_with_a_clear_message(db_path: Path) -
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'future', 0)"
         )
     connection.close()
-    with pytest.raises(StoreError, match="schema version 99 is newer"):
+    with pytest.raises(SchemaError, match="schema version 99, newer than this Dirigo knows"):
         Store.open(db_path)
+    with pytest.raises(SchemaError, match="schema version 99, newer than this Dirigo knows"):
+        Store.open(db_path, migrate=True)
 
 
 def test_migration_versions_are_strictly_increasing() -> None:
@@ -710,7 +734,7 @@ def test_quarantine_rows_from_before_migration_4_keep_their_time_and_never_merge
                 (1_700_000_000.0, "truncated", f"quarantine/{name}.dcm", "CT1"),
             )
     old.close()
-    store = Store.open(db_path)
+    store = Store.open(db_path, migrate=True)
     try:
         kept = store.record_quarantine(
             "truncated", "quarantine/z.dcm", "CT1", None, 1_700_000_100.0, sha256="a" * 64
