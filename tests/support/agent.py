@@ -34,8 +34,11 @@ class Agent:
         extra: dict[str, Any] | None = None,
         probe_ae: str = "PACS",
         env: dict[str, str] | None = None,
+        launcher: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
+        self.launcher = launcher
+        """A command `dirigo run` starts under, as `launcher... python -m agent run ...`."""
         self.ae_title = ae_title
         self.probe_ae = probe_ae
         self.port = free_port()
@@ -70,7 +73,7 @@ class Agent:
         """Start `dirigo run` and wait until it answers a C-ECHO from `probe_ae`."""
         self.log.write(b"--- start ---\n")
         self.proc = subprocess.Popen(
-            self.command("run"),
+            [*self.launcher, *self.command("run")],
             stdout=self.log,
             stderr=self.log,
             stdin=subprocess.DEVNULL,
