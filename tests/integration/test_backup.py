@@ -83,3 +83,50 @@ def run_in_folder(agent: Agent, tmp_path: Path) -> subprocess.CompletedProcess[s
         timeout=60,
         check=False,
     )
+
+
+def test_a_restored_backup_loses_nothing_received_after_it_when_the_spool_is_sent_again(
+    tmp_path: Path, tmp_data_dir: Path
+) -> None:
+    """The restore procedure of docs/operations.md, step by step: a backup, more instances
+    acknowledged after it, the agent stopped, the database replaced by the backup (its WAL
+    files removed), `dirigo migrate`, the spool (kept aside as hard links) sent again, the agent
+    started. Without the send, the start-up sweep removes the spool files the older database
+    does not know, acknowledged as they were."""
+    first = datasets.ct_series(tmp_path / "a", slices=6, rows=32, cols=32, seed=61)
+    later = datasets.ct_series(tmp_path / "b", slices=4, rows=32, cols=32, seed=62)
+    backup = tmp_path / "dirigo-backup.db"
+    kept = tmp_path / "spool-before-restore"
+    database = tmp_data_dir / "dirigo.db"
+    with Agent(tmp_data_dir) as agent:
+        acknowledged: list[str] = []
+        send_series(agent.port, first, acknowledged)
+        subprocess.run(agent.command("backup", "--to", str(backup)), check=True, timeout=60)
+        send_series(agent.port, later, acknowledged)
+        assert len(acknowledged) == len(first) + len(later)
+        assert agent.stop() == 0
+        subprocess.run(["cp", "-al", str(tmp_data_dir / "spool"), str(kept)], check=True)
+        for leftover in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+            leftover.unlink(missing_ok=True)
+        subprocess.run(["cp", str(backup), str(database)], check=True)
+        migrate = run(agent, "migrate")
+        assert "is up to date" in migrate.stdout, migrate.stdout + migrate.stderr
+        assert agent.status()["instances"]["received"] == len(first)
+        sent = run(agent, "send", str(kept))
+        assert f"{len(later)} stored, {len(first)} duplicate" in sent.stdout, sent.stdout
+        agent.start()
+        assert agent.status()["instances"]["received"] == len(first) + len(later)
+        held = {uid for (uid,) in agent.rows("SELECT sop_instance_uid FROM instances")}
+        assert held == set(acknowledged)
+        assert "unacknowledged file(s) left by an interrupted run" in agent.log_tail()
+        assert agent.stop() == 0
+        subprocess.run(["rm", "-r", str(kept)], check=True)
+        agent.start()  # nothing depended on the copy kept aside
+        assert agent.status()["instances"]["received"] == len(first) + len(later)
+        assert "lost their spool copy" not in agent.log_tail()
+
+
+def run(agent: Agent, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        agent.command(*args), capture_output=True, text=True, timeout=120, check=False
+    )
