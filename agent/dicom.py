@@ -20,6 +20,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -28,6 +29,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
+    uid_to_service_class,
 )
 
 from agent import pynetdicom_internals as internals
@@ -113,6 +115,25 @@ def service_of(context: PresentationContext) -> str:
     if service is not None:
         return service
     return "store" if context.as_scp else "get"
+
+
+NOT_OFFERED = "a SOP class Dirigo does not offer"
+"""Why a context is refused whatever the peer's services (`offered`)."""
+
+
+def offered(abstract_syntax: str) -> bool:
+    """Return False if `abstract_syntax` is a SOP class of a service Dirigo does not offer.
+
+    With its unrestricted storage service, pynetdicom 3.0.4 accepts every SOP class it does not
+    know by its standard keyword as if it were an unknown storage class: Modality Worklist FIND
+    and the Color Palette Query/Retrieve classes among them. Their requests would reach handlers
+    that cannot answer them; they are refused at negotiation instead. Storage classes, and UIDs
+    pynetdicom does not know at all (private and future classes), are offered.
+    """
+    if abstract_syntax in SERVICE_OF_CLASS:
+        return True
+    service_class = uid_to_service_class(abstract_syntax)
+    return service_class is ServiceClass or issubclass(service_class, StorageServiceClass)
 
 
 def resolve(host: str) -> frozenset[str]:
@@ -345,17 +366,29 @@ class Gate:
         services = admission.services
 
         def judge(context: PresentationContext) -> str | None:
+            if not offered(str(context.abstract_syntax)):
+                return NOT_OFFERED
             service = service_of(context)
             return None if service in services else service
 
         def report(refused: list[str]) -> None:
-            logger.warning(
-                "association from %s: refused %d presentation context(s) for %s: not among its"
-                " services in dicom.peers",
-                calling_ae.strip(),
-                len(refused),
-                ", ".join(sorted(set(refused))),
-            )
+            unoffered = refused.count(NOT_OFFERED)
+            if unoffered:
+                logger.warning(
+                    "association from %s: refused %d presentation context(s) of SOP classes"
+                    " Dirigo does not offer",
+                    calling_ae.strip(),
+                    unoffered,
+                )
+            denied = [reason for reason in refused if reason != NOT_OFFERED]
+            if denied:
+                logger.warning(
+                    "association from %s: refused %d presentation context(s) for %s: not among"
+                    " its services in dicom.peers",
+                    calling_ae.strip(),
+                    len(denied),
+                    ", ".join(sorted(set(denied))),
+                )
 
         internals.refuse_contexts(assoc, judge, report)
 

@@ -176,3 +176,27 @@ def test_a_peer_may_use_only_its_services_and_learns_it_at_negotiation(
         assert dcmtk.acknowledged(sent) == []
         assert agent.rows("SELECT 1 FROM instances") == []
         assert "presentation context(s) for store: not among its services" in agent.log_tail()
+
+
+def test_sop_classes_pynetdicom_would_take_for_storage_but_dirigo_does_not_offer_are_refused(
+    tmp_data_dir: Path,
+) -> None:
+    """Modality Worklist FIND and Color Palette Q/R: pynetdicom 3.0.4 would accept them as
+    unknown storage classes, and a C-FIND on them would end in 0xC000 and a traceback."""
+    worklist, palette_move = "1.2.840.10008.5.1.4.31", "1.2.840.10008.5.1.4.39.3"
+    with Agent(tmp_data_dir) as agent:
+        ae = AE(ae_title="PACS")
+        for sop_class in (Verification, worklist, palette_move, "1.2.840.113619.4.2"):
+            ae.add_requested_context(sop_class)
+        assoc = ae.associate(LOOPBACK, agent.port, ae_title="DIRIGO")
+        assert assoc.is_established
+        try:
+            accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+            refused = {str(cx.abstract_syntax): cx.result for cx in assoc.rejected_contexts}
+        finally:
+            assoc.release()
+        assert accepted == {Verification, "1.2.840.113619.4.2"}  # a private class is stored
+        assert refused == {worklist: 0x01, palette_move: 0x01}
+        assert "refused 2 presentation context(s) of SOP classes Dirigo does not offer" in (
+            agent.log_tail()
+        )

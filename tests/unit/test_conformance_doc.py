@@ -105,9 +105,10 @@ def test_the_storage_class_count_and_pynetdicom_version_are_those_installed() ->
     assert phrase in " ".join(text.split())
 
 
-def test_the_non_storage_classes_pynetdicom_takes_for_storage_are_the_ones_named() -> None:
+def test_the_non_storage_classes_pynetdicom_takes_for_storage_are_named_and_refused() -> None:
     """With unrestricted storage, pynetdicom accepts a known SOP class whose keyword it does
-    not recognise as if it were an unknown storage class; the doc names each such class."""
+    not recognise as if it were an unknown storage class; the doc names each such class, and
+    the Gate refuses each one (`dicom.offered`)."""
     known = {
         value
         for name, value in vars(sop_class).items()
@@ -124,6 +125,8 @@ def test_the_non_storage_classes_pynetdicom_takes_for_storage_are_the_ones_named
     paragraph = section("3.2.1 SOP classes").split("Not supported:")[1]
     assert accepted == set(UID.findall(paragraph))
     assert f"with {_number_word(len(accepted))} exceptions" in " ".join(paragraph.split())
+    assert not any(dicom.offered(uid) for uid in accepted)
+    assert all(dicom.offered(str(c.abstract_syntax)) for c in AllStoragePresentationContexts)
 
 
 def _number_word(n: int) -> str:

@@ -13,7 +13,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from agent.config import Peer
-from agent.dicom import PeerPolicy, service_of
+from agent.dicom import PeerPolicy, offered, service_of
 
 
 def negotiated(sop_class: str, as_scu: bool, as_scp: bool) -> PresentationContext:
@@ -53,3 +53,24 @@ def test_each_negotiated_context_gives_one_service(
     sop_class: str, as_scu: bool, as_scp: bool, service: str
 ) -> None:
     assert service_of(negotiated(sop_class, as_scu, as_scp)) == service
+
+
+@pytest.mark.parametrize(
+    ("abstract_syntax", "is_offered"),
+    [
+        (Verification, True),
+        (StudyRootQueryRetrieveInformationModelFind, True),
+        (CTImageStorage, True),
+        ("1.2.840.10008.5.1.4.39.1", True),  # Color Palette Storage (a non-patient storage class)
+        ("1.2.840.113619.4.2", True),  # a private storage class
+        ("1.2.840.10008.5.1.4.1.1.9999", True),  # a standard UID pynetdicom does not know yet
+        ("1.2.840.10008.5.1.4.31", False),  # Modality Worklist FIND
+        ("1.2.840.10008.5.1.4.39.2", False),  # Color Palette Q/R FIND
+        ("1.2.840.10008.5.1.4.39.4", False),  # Color Palette Q/R GET
+        ("1.2.840.10008.1.20.1", False),  # Storage Commitment Push
+    ],
+)
+def test_a_sop_class_of_a_service_dirigo_does_not_offer_is_not_offered_as_storage(
+    abstract_syntax: str, is_offered: bool
+) -> None:
+    assert offered(abstract_syntax) is is_offered

@@ -19,6 +19,7 @@ FRAGMENTS = [
     "not its host",
     "association slots are in use",
     "services in dicom.peers",
+    " Dirigo does not offer",
     "no association request within",
     "listening as",
     "disk above high-water mark",
