@@ -148,11 +148,8 @@ class Daemon:
         if requeued:
             logger.warning("returned %d interrupted job(s) to the queue", requeued)
         self.query_retrieve = QueryRetrieve(self.settings, self._retriever())
-        self.server = self._start_server(self.store, self.query_retrieve)
-        self.workers = self._start_uploads(self.store, http)
         cloud = self.settings.cloud
         self.probe = CloudProbe(CloudHttp.open(cloud), cloud.upload_url, DicomWeb.open(cloud))
-        self.probe.start()
         endpoints = Endpoints(
             self.settings,
             self.store,
@@ -162,7 +159,12 @@ class Daemon:
             self.metrics,
             self.probe,
         )
+        # Health first: a start that fails (its port taken) must fail before the PACS has seen
+        # the DICOM port answer. /readyz says not ready until that port listens.
         self.health_server = self._start_health(endpoints)
+        self.server = self._start_server(self.store, self.query_retrieve)
+        self.workers = self._start_uploads(self.store, http)
+        self.probe.start()
         if self.settings.watch.dirs and self.receiver is not None:
             importer = Importer(self.spool, self.receiver)
             stall_after = self.settings.health.stall_after
