@@ -5,14 +5,17 @@ Run from the repository root:
     python bench/receive.py                 # CT series + real images, 3 runs each
     python bench/receive.py --large         # also one 600 MB instance
     python bench/receive.py --repeat 5 --receivers storescp orthanc
+    python bench/receive.py --associations 1 4   # also 4 storescu at once, files dealt out
 
 For each payload and receiver, a fresh receiver is started in a fresh
 temporary directory (on the same disk as the payload), DCMTK's storescu (with
-TCP_NODELAY=1) sends the whole payload in one association, and we record the
-wall time of the storescu run, instances/s, MB/s (payload file bytes, 10^6,
-over that wall time) and the receiver's peak resident memory (VmHWM at the
-end of the run). The median of `--repeat` runs is reported; every run is in
-bench/results/receive.json.
+TCP_NODELAY=1) sends the whole payload in one association (or, with
+`--associations N`, N storescu processes at once, the files dealt out among
+them round-robin, as a PACS with several send queues does), and we record the
+wall time of the storescu run (of the slowest, with several), instances/s,
+MB/s (payload file bytes, 10^6, over that wall time) and the receiver's peak
+resident memory (VmHWM at the end of the run). The median of `--repeat` runs
+is reported; every run is in bench/results/receive.json.
 
 Receivers: DCMTK storescp (default options: the dataset is held in memory,
 then written), storescp +B (bit-preserving: streamed to disk as it arrives),
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -141,22 +145,28 @@ class Run:
     peak_rss_bytes: int
 
 
-def measure_once(spec: ReceiverSpec, payload: Payload, scratch: Path) -> Run:
-    """Start a receiver from `spec`, send `payload` with storescu, return the measurement.
+def measure_once(spec: ReceiverSpec, payload: Payload, scratch: Path, associations: int = 1) -> Run:
+    """Start a receiver from `spec`, send `payload` with `associations` storescu processes at
+    once (the files dealt out round-robin), return the measurement.
 
-    Raise RuntimeError if storescu fails or any instance is not acknowledged.
+    Raise RuntimeError if a storescu fails or any instance is not acknowledged.
     """
     work_dir = Path(tempfile.mkdtemp(prefix="receive-", dir=scratch))
+    shares = [payload.files[i::associations] for i in range(associations)]
     try:
-        with spec(work_dir) as receiver:
+        with spec(work_dir) as receiver, ThreadPoolExecutor(associations) as senders:
+
+            def send(files: list[Path]) -> subprocess.CompletedProcess[str]:
+                return dcmtk.storescu(files, receiver.port, CALLING_AE, receiver.ae, timeout=1800)
+
             started = time.perf_counter()
-            result = dcmtk.storescu(
-                payload.files, receiver.port, CALLING_AE, receiver.ae, timeout=1800
-            )
+            results = list(senders.map(send, shares))
             seconds = time.perf_counter() - started
             peak = vm_hwm_bytes(receiver.pid)
-        acked = len(dcmtk.acknowledged(result))
-        if result.returncode != 0 or acked != len(payload.files):
+        acked = sum(len(dcmtk.acknowledged(result)) for result in results)
+        failed = [result for result in results if result.returncode != 0]
+        if failed or acked != len(payload.files):
+            result = failed[0] if failed else results[0]
             detail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
             raise RuntimeError(
                 f"storescu: exit {result.returncode}, {acked}/{len(payload.files)} "
@@ -173,6 +183,7 @@ class Row:
 
     payload: str
     receiver: str
+    associations: int
     instances: int
     payload_bytes: int
     seconds: float
@@ -183,14 +194,22 @@ class Row:
     runs: list[Run]
 
 
-def measure(name: str, spec: ReceiverSpec, payload: Payload, repeat: int, scratch: Path) -> Row:
-    runs = [measure_once(spec, payload, scratch) for _ in range(repeat)]
+def measure(
+    name: str,
+    spec: ReceiverSpec,
+    payload: Payload,
+    repeat: int,
+    scratch: Path,
+    associations: int = 1,
+) -> Row:
+    runs = [measure_once(spec, payload, scratch, associations) for _ in range(repeat)]
     times = [r.seconds for r in runs]
     seconds = statistics.median(times)
     size = payload.size
     return Row(
         payload=payload.name,
         receiver=name,
+        associations=associations,
         instances=len(payload.files),
         payload_bytes=size,
         seconds=round(seconds, 3),
@@ -224,14 +243,14 @@ def payloads(cache: Path, large: bool) -> list[Payload]:
 # --- report ---------------------------------------------------------------------------
 
 HEADER = (
-    f"{'payload':<22} {'receiver':<11} {'inst':>5} {'MB':>7} {'s':>7} "
+    f"{'payload':<22} {'receiver':<11} {'assoc':>5} {'inst':>5} {'MB':>7} {'s':>7} "
     f"{'inst/s':>8} {'MB/s':>7} {'peak RSS MB':>11} {'spread':>6}"
 )
 
 
 def format_row(row: Row) -> str:
     return (
-        f"{row.payload:<22} {row.receiver:<11} {row.instances:>5} "
+        f"{row.payload:<22} {row.receiver:<11} {row.associations:>5} {row.instances:>5} "
         f"{row.payload_bytes / 1e6:>7.1f} {row.seconds:>7.3f} {row.instances_per_s:>8.1f} "
         f"{row.mb_per_s:>7.1f} {row.peak_rss_mb:>11.1f} {row.spread_pct:>5.0f}%"
     )
@@ -246,7 +265,7 @@ def environment() -> dict[str, object]:
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "dcmtk": dcmtk.version(),
         "orthanc": orthanc.version(),
-        "sender": "DCMTK storescu -R, TCP_NODELAY=1, one association per payload",
+        "sender": "DCMTK storescu -R, TCP_NODELAY=1; `associations` storescu at once per payload",
         "mb": "10^6 bytes",
     }
 
@@ -260,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=sorted(RECEIVERS),
         default=["storescp", "storescp+B", "orthanc", "dirigo"],
+    )
+    parser.add_argument(
+        "--associations",
+        nargs="+",
+        type=int,
+        default=[1],
+        metavar="N",
+        help="measure each payload with N storescu at once, for each N given (default 1)",
     )
     parser.add_argument(
         "--cache", type=Path, default=DEFAULT_CACHE, help="where generated payloads are kept"
@@ -279,16 +306,23 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     # Scratch space beside the payload cache: same disk, removed afterwards.
     with tempfile.TemporaryDirectory(prefix="scratch-", dir=args.cache) as scratch:
-        for payload in loads:
-            for name in args.receivers:
-                try:
-                    row = measure(name, RECEIVERS[name], payload, args.repeat, Path(scratch))
-                except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
-                    failures.append(f"{payload.name} → {name}: {exc}")
-                    print(f"{payload.name:<22} {name:<11} FAILED (see below)", flush=True)
-                    continue
-                rows.append(row)
-                print(format_row(row), flush=True)
+        for payload, associations, name in (
+            (payload, n, name)
+            for payload in loads
+            for n in args.associations
+            if n <= len(payload.files)
+            for name in args.receivers
+        ):
+            try:
+                row = measure(
+                    name, RECEIVERS[name], payload, args.repeat, Path(scratch), associations
+                )
+            except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
+                failures.append(f"{payload.name} in {associations} → {name}: {exc}")
+                print(f"{payload.name:<22} {name:<11} {associations:>5} FAILED", flush=True)
+                continue
+            rows.append(row)
+            print(format_row(row), flush=True)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
