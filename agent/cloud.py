@@ -374,7 +374,14 @@ class TusClient:
             raise CloudError(
                 "the tus server created an upload but gave no Location", retryable=True
             )
-        url = urljoin(self.endpoint, location)
+        try:
+            url = urljoin(self.endpoint, location)
+        except ValueError:  # not a URL: a bracketed host that is no IP address, say (not quoted:
+            # a Location may carry a signature)
+            raise CloudError(
+                "the tus server created an upload but gave an unusable Location (not a URL)",
+                retryable=True,
+            ) from None
         if not same_origin(url, self.endpoint):
             # The chunks would carry the bearer token and patient data to wherever the
             # Location points: only the configured endpoint's scheme, host and port are trusted.
