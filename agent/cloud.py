@@ -245,6 +245,14 @@ class CloudHttp:
             )
         except requests.exceptions.RequestException as exc:
             raise unanswered(action, url, exc) from None
+        except ValueError:
+            # requests reads the Location of any 3xx answer, followed or not, and raises
+            # ValueError (UnicodeDecodeError among them) when it is not UTF-8 or not a URL.
+            raise CloudError(
+                f"cannot {action}: {redact_url(url)} answered with a redirect to a Location"
+                " that is not a URL",
+                retryable=True,
+            ) from None
         check_answer(
             method,
             url,
