@@ -531,15 +531,21 @@ def unanswered(action: str, url: str, exc: Exception) -> CloudError:
     return CloudError(f"cannot {action}: {problem}", retryable=True)
 
 
+_MAX_DIGITS = 30
+"""More digits than any offset or size needs (and int() refuses past 4300)."""
+
+
 def _split(header: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in header.split(",") if part.strip())
 
 
 def _int_or_none(text: str | None) -> int | None:
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
+    """Return the number a header holds as tus and HTTP write one (1*DIGIT: `Upload-Offset`,
+    `Upload-Length`, `Tus-Max-Size`, a `Retry-After` in seconds), or None if it holds anything
+    else. Stricter than int(), which reads "1_000", "+5" and " 7 " as numbers too."""
+    if text is None or not (text.isascii() and text.isdigit()):
         return None
+    return int(text) if len(text) <= _MAX_DIGITS else None
 
 
 def _retry_after(text: str | None) -> float | None:
