@@ -28,6 +28,8 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
@@ -384,12 +386,29 @@ def _elements(result: Mapping[str, Any], wanted: set[int]) -> dict[int, DataElem
             element = DataElement.from_json(
                 Dataset, key, vr, entry.get(value_key) if value_key else None, value_key, _no_bulk
             )
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except Exception:  # pydicom's JSON reader raises whatever bad JSON provokes
             continue
         if value_key == "BulkDataURI":
             continue  # a URI to fetch is no answer to give
-        found[tag] = element
+        if _encodable(element):
+            found[tag] = element
     return found
+
+
+def _encodable(element: DataElement) -> bool:
+    """Return whether `element` can go into a C-FIND answer as it is: a value the archive's
+    JSON gives that its VR cannot hold (text in an FL, an empty UN sequence) would otherwise
+    fail the encoding of the whole answer, and with it the C-FIND. Checked in Explicit VR
+    Little Endian (its 16-bit lengths are the stricter) and UTF-8 (what `answer` declares for
+    text beyond ASCII)."""
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    try:
+        _ = element.value  # a raw (UN) value is decoded on access, as the encoder would
+        write_data_element(out, element, encodings=["utf_8"])
+    except Exception:  # pydicom raises whatever a value of the wrong type provokes
+        return False
+    return True
 
 
 def _no_bulk(tag: str, vr: str, uri: str) -> None:
