@@ -42,7 +42,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.fileset import FileSet
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -276,7 +275,8 @@ class FolderWatch:
         try:
             file_set = FileSet(dcmread(index))
             named = [Path(instance.path) for instance in file_set]
-        except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError) as exc:
+        except Exception as exc:  # pydicom raises whatever a malformed DICOMDIR provokes
+            # (NotImplementedError for an unknown VR, struct.error for a cut header, ...)
             if not self._taken(folder, index):
                 self._reject(folder, index, f"unreadable DICOMDIR: {exc}")
             return None

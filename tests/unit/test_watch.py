@@ -142,16 +142,21 @@ def test_move_to_another_file_system_copies_durably_then_removes_the_source(
         target.parent.parent.rmdir()
 
 
-def test_a_cds_contents_copied_straight_into_the_folder_are_one_file_set(
-    folder: WatchDir, importer: Importer
-) -> None:
+def cd_file_set(count: int) -> FileSet:
+    """A CD's file set of `count` CT instances of one patient, study and series."""
     file_set = FileSet()
-    for n in range(2):
+    for n in range(count):
         ds = dcmread(io.BytesIO(part10(f"1.2.826.0.1.3680043.10.7.2{n}")))
         ds.StudyDate, ds.StudyTime, ds.StudyID = "20260101", "1200", "1"
         ds.PatientID, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "P", "CT", 1, n + 1
         file_set.add(ds)
-    file_set.write(folder.path)
+    return file_set
+
+
+def test_a_cds_contents_copied_straight_into_the_folder_are_one_file_set(
+    folder: WatchDir, importer: Importer
+) -> None:
+    cd_file_set(2).write(folder.path)
     listed = sorted(p.relative_to(folder.path) for p in folder.path.rglob("*") if p.is_file())
     (folder.path / "AUTORUN.INF").write_text("[autorun]\n")
     watcher = watch(folder, importer)
