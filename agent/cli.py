@@ -11,7 +11,7 @@ import pwd
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
@@ -19,12 +19,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agent import __version__
+from agent.audit import Auditor, parse_since
+from agent.audit import entry_document as audit_document
+from agent.audit import render_entries as render_audit
+from agent.auditmessage import Identity
 from agent.cloud import CloudConfigError, CloudError
 from agent.config import ConfigError, Peer, Settings, load_config
 from agent.config.units import parse_duration
 from agent.daemon import CACHE, DATABASE, Daemon, StartupError
 from agent.dicom import EchoFailed, echo, peer_by_title
 from agent.dicomweb import DicomWeb
+from agent.dimse import QRStatus
 from agent.doctor import examine, failed
 from agent.doctor import render as render_findings
 from agent.health import job_document, render, render_jobs, snapshot
@@ -34,9 +39,10 @@ from agent.quarantine import Quarantine, entry_document, render_entries, render_
 from agent.receive import Receiver
 from agent.serve.cache import InstanceCache
 from agent.serve.query import QueryError, Scope, study_scope
-from agent.serve.retrieve import Counts, Item, Listing, Retriever, push
+from agent.serve.retrieve import Counts, Failed, Item, Listing, Retriever, push
+from agent.serve.trail import Delivery, RequestTally, Who, retrieve_entry
 from agent.spool import AGENT_LOCK, SWEEP_LOCK, Locked, Spool
-from agent.store import JobState, SchemaError, Store, StoreError
+from agent.store import AuditEntry, JobState, SchemaError, Store, StoreError
 from agent.store.maintenance import backup, version_of
 from agent.store.schema import latest_version
 from agent.systemd import JournalFormatter, journal_stream
@@ -144,6 +150,22 @@ def _parser() -> argparse.ArgumentParser:
     _quarantine_parser(commands, common)
     doctor = command("doctor", _doctor, "check configuration, disk, database, cloud and peers")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    audit = command(
+        "audit", _audit, "list the audit trail: associations, studies, parts, queries, retrieves"
+    )
+    audit.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only records from this long ago (24h, 7d) or this ISO date/time (UTC) on",
+    )
+    audit.add_argument("--study", metavar="UID", help="only records of this Study Instance UID")
+    audit.add_argument(
+        "--peer", metavar="AE_OR_ADDRESS", help="only records involving this AE title or address"
+    )
+    audit.add_argument(
+        "--limit", type=int, metavar="N", help="only the newest N records (default: all)"
+    )
+    audit.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
     copy = command("backup", _backup, "copy the database, consistent while the agent runs")
     copy.add_argument("--to", required=True, type=Path, metavar="FILE", help="the copy to write")
     migrate = command(
@@ -394,6 +416,39 @@ def _doctor(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failed(findings) else EXIT_OK
 
 
+def _audit(settings: Settings, args: argparse.Namespace) -> int:
+    since = None
+    if args.since is not None:
+        try:
+            since = parse_since(args.since, time.time())
+        except ValueError as exc:
+            raise CommandError(f"--since: {exc}") from None
+    if args.limit is not None and args.limit < 1:
+        raise CommandError("--limit: give a number of records, 1 or more")
+    with _opened_store(settings) as store:
+        entries = store.audit.entries(since, args.study, args.peer, args.limit)
+    if args.json:
+        print(json.dumps({"audit": [audit_document(e) for e in entries]}, indent=2))
+    else:
+        print(render_audit(entries))
+    return EXIT_OK
+
+
+def _record_audit(settings: Settings, entry: AuditEntry) -> None:
+    """Record what this command did in the agent's audit trail (and send it to syslog with
+    `audit.syslog`, waiting briefly); a trail that cannot be written is a warning."""
+    try:
+        with _opened_store(settings) as store:
+            identity = Identity.here(settings.dicom.ae_title, settings.site)
+            auditor = Auditor.open(store, settings.audit, identity)
+            try:
+                auditor.record(entry)
+            finally:
+                auditor.close()
+    except CommandError as exc:
+        logger.warning("audit record not kept: %s", exc)
+
+
 def _backup(settings: Settings, args: argparse.Namespace) -> int:
     target: Path = args.to
     if target.is_dir():
@@ -576,9 +631,18 @@ def _push_listed(settings: Settings, retriever: Retriever, refs: Listing, peer: 
     assert peer.host is not None and peer.port is not None
     counts = Counts()
     bar = tqdm(total=len(refs), unit="instance", file=sys.stderr, disable=not sys.stderr.isatty())
+    who = Who(settings.dicom.ae_title, peer.ae_title, peer.host)
+    tally, delivery = RequestTally(), Delivery()
 
     def progress(item: Item) -> None:
         bar.update(1)
+        delivery.offered(item.ref, isinstance(item, Failed))
+
+    def audited() -> None:
+        entry = retrieve_entry(
+            who, "dirigo retrieve", peer.ae_title, peer.host, {}, tally, delivery
+        )
+        _record_audit(settings, replace(entry, detail={**entry.detail, "operator": _operator()}))
 
     try:
         with bar, logging_redirect_tqdm():
@@ -586,7 +650,15 @@ def _push_listed(settings: Settings, retriever: Retriever, refs: Listing, peer: 
                 ae, peer.host, peer.port, peer.ae_title, retriever, refs, progress, counts
             )
     except ConnectionError as exc:
+        tally.final, tally.reason = QRStatus.UNABLE_TO_PROCESS, str(exc)
+        audited()
         raise CommandError(str(exc)) from exc
+    if pushed.failures:
+        tally.final = QRStatus.SUB_OPERATIONS_FAILED
+        tally.reason = f"{len(pushed.failures)} of {len(refs)} instances not sent"
+    else:
+        tally.final = QRStatus.SUCCESS
+    audited()
     for failure in pushed.failures:
         print(f"not sent: {failure}", file=sys.stderr)
     print(
@@ -594,6 +666,14 @@ def _push_listed(settings: Settings, retriever: Retriever, refs: Listing, peer: 
         f" ({counts.summary()})"
     )
     return EXIT_OK if not pushed.failures else EXIT_FAILURE
+
+
+def _operator() -> str:
+    """Return the name of the user running this command."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def _push_destination(settings: Settings, title: str | None) -> Peer:

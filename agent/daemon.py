@@ -19,9 +19,12 @@ from types import FrameType
 from typing import Any, cast
 
 from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 
+from agent.audit import Associations, Auditor
+from agent.auditmessage import Identity
 from agent.cloud import CloudHttp, Throttle, TusClient
 from agent.config import ConfigError, Settings
 from agent.config.rules import listen_address
@@ -41,7 +44,7 @@ from agent.serve.fetchsyntax import Choice
 from agent.serve.handlers import QueryRetrieve
 from agent.serve.retrieve import Retriever
 from agent.spool import AGENT_LOCK, SWEEP_LOCK, Locked, Spool
-from agent.store import Store, StoreError
+from agent.store import AuditEntry, AuditEvent, Store, StoreError
 from agent.store.choices import FETCH_SYNTAX
 from agent.systemd import Watchdog, notify, status_line, watchdog_interval
 from agent.transcode import missing_codec
@@ -91,6 +94,7 @@ class Daemon:
         self.probe: CloudProbe | None = None
         self.watchdog: Watchdog | None = None
         self.heartbeat: Heartbeat | None = None
+        self.auditor: Auditor | None = None
 
     def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
@@ -138,6 +142,8 @@ class Daemon:
         if self.settings.upload.transcode not in ("none", "auto") and (problem := missing_codec()):
             raise StartupError(problem)
         self.store = Store.open(self.settings.data_dir / DATABASE, migrate=True)
+        identity = Identity.here(self.settings.dicom.ae_title, self.settings.site)
+        self.auditor = Auditor.open(self.store, self.settings.audit, identity)
         with self.spool.lock(SWEEP_LOCK, exclusive=True, wait=True):  # waits for `dirigo send`
             self.spool.sweep(self.store.spool_paths())
             self.spool.sweep_quarantine(self.store.quarantine_paths())
@@ -148,6 +154,7 @@ class Daemon:
         if requeued:
             logger.warning("returned %d interrupted job(s) to the queue", requeued)
         self.query_retrieve = QueryRetrieve(self.settings, self._retriever())
+        self.query_retrieve.audit = self.auditor.record
         cloud = self.settings.cloud
         self.probe = CloudProbe(CloudHttp.open(cloud), cloud.upload_url, DicomWeb.open(cloud))
         endpoints = Endpoints(
@@ -162,8 +169,8 @@ class Daemon:
         # Health first: a start that fails (its port taken) must fail before the PACS has seen
         # the DICOM port answer. /readyz says not ready until that port listens.
         self.health_server = self._start_health(endpoints)
-        self.server = self._start_server(self.store, self.query_retrieve)
-        self.workers = self._start_uploads(self.store, http)
+        self.server = self._start_server(self.store, self.query_retrieve, self.auditor)
+        self.workers = self._start_uploads(self.store, http, self.auditor)
         self.probe.start()
         if self.settings.watch.dirs and self.receiver is not None:
             importer = Importer(self.spool, self.receiver)
@@ -177,6 +184,9 @@ class Daemon:
             host,
             port,
             self.settings.data_dir,
+        )
+        self.auditor.record(
+            AuditEntry(time.time(), AuditEvent.APPLICATION_START, calling_ae=identity.ae_title)
         )
         notify("READY=1")
         self._start_monitoring(endpoints)
@@ -224,7 +234,7 @@ class Daemon:
         except StoreError as exc:
             logger.warning("cannot record the fetch syntax chosen: %s", exc)
 
-    def _start_server(self, store: Store, query_retrieve: QueryRetrieve) -> Any:
+    def _start_server(self, store: Store, query_retrieve: QueryRetrieve, auditor: Auditor) -> Any:
         dicom = self.settings.dicom
         try:
             policy = PeerPolicy(dicom.peers, dicom.accept_unknown_peers)
@@ -234,7 +244,9 @@ class Daemon:
             self.spool, store, concurrency=dicom.max_associations, limits=self.settings.spool
         )
         receiver.observe = self._count
+        receiver.audit = auditor.record
         self.receiver = receiver
+        associations = Associations(auditor.record)
 
         def on_store(event: evt.Event) -> Any:
             request = cast(C_STORE, event.request)
@@ -245,12 +257,21 @@ class Daemon:
                 address=event.assoc.requestor.address,
                 sop_instance_uid=str(uid) if uid else None,
             )
-            return receiver.accept(arrival).as_dataset()
+            reply = receiver.accept(arrival)
+            outcome = reply.outcome or Status(reply.status).name.lower()
+            associations.stored(event.assoc, str(outcome), reply.study_uid, reply.sop_class_uid)
+            return reply.as_dataset()
+
+        def on_closed(event: evt.Event) -> None:
+            associations.ended(event.assoc)
 
         self.gate = Gate(dicom, policy)
+        self.gate.on_admitted = lambda assoc: associations.admitted(assoc, *_parties(assoc))
+        self.gate.on_refused = lambda assoc, reason: associations.refused(*_parties(assoc), reason)
         handlers: list[EventHandlerType] = [
             *self.gate.handlers(),
             (evt.EVT_C_STORE, on_store),
+            (evt.EVT_CONN_CLOSE, on_closed),
             *query_retrieve.handlers(),
         ]
         ae = build_ae(dicom)
@@ -308,7 +329,7 @@ class Daemon:
             raise StartupError(f"cannot serve health endpoints on {health.listen}: {exc}") from exc
         return server
 
-    def _start_uploads(self, store: Store, http: CloudHttp) -> UploadWorkers:
+    def _start_uploads(self, store: Store, http: CloudHttp, auditor: Auditor) -> UploadWorkers:
         upload = self.settings.upload
         client = TusClient(http, self.settings.cloud.upload_url)
         uploader = Uploader(
@@ -320,6 +341,7 @@ class Daemon:
             progress=self.liveness.beat,
             metrics=self.metrics,
         )
+        uploader.audit = auditor.record
         stall_after = self.settings.health.stall_after
         workers = UploadWorkers(uploader, upload.concurrency, self.liveness, stall_after)
         workers.start()
@@ -345,6 +367,8 @@ class Daemon:
         if self.query_retrieve is not None and self.query_retrieve.retriever is not None:
             self.query_retrieve.retriever.cache.trim()  # a full disk empties the cache first
         purge(self.settings, self.store, self.spool, now)
+        if self.auditor is not None:
+            self.auditor.prune(now, self.settings.audit.keep)
         if self.receiver is not None:
             self.receiver.housekeeping(now)
         self._reap_associations()
@@ -408,6 +432,16 @@ class Daemon:
         if self.query_retrieve is not None:
             self.query_retrieve.close()
             self.query_retrieve = None
+        if self.auditor is not None:
+            self.auditor.record(
+                AuditEntry(
+                    time.time(),
+                    AuditEvent.APPLICATION_STOP,
+                    calling_ae=self.settings.dicom.ae_title,
+                )
+            )
+            self.auditor.close()
+            self.auditor = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -418,3 +452,11 @@ class Daemon:
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
+
+
+def _parties(assoc: Association) -> tuple[str, str, str]:
+    """Return an association's calling AE title, called AE title and the peer's address."""
+    request = assoc.requestor.primitive
+    calling = request.calling_ae_title if request is not None else assoc.requestor.ae_title
+    called = request.called_ae_title if request is not None else ""
+    return str(calling).strip(), str(called).strip(), str(assoc.requestor.address)

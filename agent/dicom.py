@@ -294,6 +294,10 @@ class Gate:
         self._clock = clock
         self._lock = threading.Lock()
         self._connections: dict[Association, _Connection] = {}  # oldest first
+        self.on_admitted: Callable[[Association], None] | None = None
+        """Told of each association admitted (the audit trail)."""
+        self.on_refused: Callable[[Association, str], None] | None = None
+        """Told of each association refused, and why (the audit trail)."""
 
     def handlers(self) -> list[EventHandlerType]:
         """Return the event handlers every accepted association gets."""
@@ -332,6 +336,7 @@ class Gate:
         admission = self.policy.admit(calling_ae, assoc.requestor.address)
         if not admission.accepted:
             logger.warning("rejected association: %s", admission.reason)
+            self._refused(assoc, admission.reason)
             _reject(
                 assoc,
                 RejectResult.PERMANENT,
@@ -354,6 +359,7 @@ class Gate:
                 calling_ae.strip(),
                 limit,
             )
+            self._refused(assoc, f"all {limit} association slots are in use")
             _reject(
                 assoc,
                 RejectResult.TRANSIENT,
@@ -363,6 +369,8 @@ class Gate:
             return
         if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
             assoc.dul.socket.socket.settimeout(self.settings.network_timeout)
+        if self.on_admitted is not None:
+            self.on_admitted(assoc)
         services = admission.services
 
         def judge(context: PresentationContext) -> str | None:
@@ -391,6 +399,10 @@ class Gate:
                 )
 
         internals.refuse_contexts(assoc, judge, report)
+
+    def _refused(self, assoc: Association, reason: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(assoc, reason)
 
     def reap(self) -> list[Association]:
         """Close each connection that has not passed admission within acse_timeout (a reader

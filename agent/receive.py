@@ -26,7 +26,16 @@ from agent.config.units import format_duration, format_size
 from agent.dimse import Status
 from agent.instance import InstanceHeader, InvalidInstance, Problem, inspect
 from agent.spool import Spool
-from agent.store import NewInstance, Outcome, Store, StoreError
+from agent.store import (
+    AuditEntry,
+    AuditEvent,
+    AuditOutcome,
+    NewInstance,
+    Outcome,
+    Store,
+    StoreError,
+)
+from agent.store.audit import Record
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +68,9 @@ class Reply:
     comment: str = ""
     outcome: Outcome | None = None
     quarantined: bool = False
+    study_uid: str | None = None
+    sop_class_uid: str | None = None
+    """The study and SOP class of an instance answered with Success (for the audit trail)."""
 
     def as_dataset(self) -> Dataset:
         """Return the C-STORE response status dataset pynetdicom sends."""
@@ -94,6 +106,8 @@ class Receiver:
         self.observe: Callable[[Reply, int], None] | None = None
         """Told every reply and the size of the file it answers for, whatever the source
         (C-STORE, a watch folder): the agent's metrics."""
+        self.audit: Record | None = None
+        """Told of every input quarantined (the audit trail)."""
 
     def close(self) -> None:
         """Wait for pending flushes and stop the flusher threads."""
@@ -201,7 +215,12 @@ class Receiver:
                     logger.info(
                         "duplicate %s from %s ignored", header.sop_instance_uid, arrival.calling_ae
                     )
-                    return Reply(Status.SUCCESS, outcome=Outcome.DUPLICATE)
+                    return Reply(
+                        Status.SUCCESS,
+                        outcome=Outcome.DUPLICATE,
+                        study_uid=header.study_uid,
+                        sop_class_uid=header.sop_class_uid,
+                    )
                 # The recorded copy is lost and the cloud may not hold it yet: keep this one.
                 damaged = known.path
             settled.result()
@@ -236,7 +255,12 @@ class Receiver:
             header.size,
             arrival.calling_ae,
         )
-        return Reply(Status.SUCCESS, outcome=result.outcome)
+        return Reply(
+            Status.SUCCESS,
+            outcome=result.outcome,
+            study_uid=header.study_uid,
+            sop_class_uid=header.sop_class_uid,
+        )
 
     def _quarantine(self, arrival: Arrival, exc: InvalidInstance) -> Reply:
         status = _STATUS_FOR_PROBLEM[exc.problem]
@@ -266,6 +290,18 @@ class Receiver:
                 # The input is quarantined and recorded: that is the answer. The daemon's
                 # housekeeping trims again.
                 logger.warning("could not trim the quarantine: %s", trim_failed)
+        if self.audit is not None:
+            self.audit(
+                AuditEntry(
+                    self.clock(),
+                    AuditEvent.QUARANTINE,
+                    AuditOutcome.FAILURE,
+                    exc.detail,
+                    arrival.calling_ae,
+                    address=arrival.address,
+                    detail={"sop_instance_uid": arrival.sop_instance_uid, "kept": kept},
+                )
+            )
         logger.error(
             "quarantined %s from %s (%s): %s",
             arrival.sop_instance_uid,

@@ -27,8 +27,10 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from agent import stow
 from agent.cloud import CloudError, CloudHttp, OffsetConflict, TusClient, UploadGone
@@ -43,7 +45,17 @@ from agent.metrics import Metrics
 from agent.pack import Compression, PackError, PartInfo, pack, sent_hashes
 from agent.retry import Backoff
 from agent.spool import Spool, SpoolFileError
-from agent.store import UPLOAD, Job, LeaseLost, Store, StoreError, StudyState
+from agent.store import (
+    UPLOAD,
+    AuditEntry,
+    AuditEvent,
+    Job,
+    LeaseLost,
+    Store,
+    StoreError,
+    StudyState,
+)
+from agent.store.audit import Record
 from agent.store.uploads import Bundle, PartFile, Purgeable, UploadRecord
 from agent.transcode import missing_codec
 
@@ -104,6 +116,8 @@ class Uploader:
         if upload.transcode == "auto":
             self.chooser = CodecChooser(upload.compression, unavailable=missing_codec())
         self._probing = threading.Lock()
+        self.audit: Record | None = None
+        """Told of each part sent and confirmed (the audit trail)."""
 
     # -- one job --------------------------------------------------------------------------
 
@@ -172,6 +186,7 @@ class Uploader:
                 size = bundle.size
             self.store.uploads.mark_sent(job.study_id, job.lease, self.clock())
             logger.info("study %s part %d: sent", job.study_uid, job.part)
+            self._audit(AuditEvent.PART_SENT, job, files, self._upload_host())
             if self.metrics is not None:
                 self.metrics.part_uploaded(size, time.monotonic() - started)
         if self.settings.cloud.dicomweb_url and record.state != StudyState.CONFIRMED:
@@ -422,6 +437,34 @@ class Uploader:
         )
         self.store.uploads.mark_confirmed(job.study_id, job.lease, self.clock())
         logger.info("study %s part %d: confirmed by the archive", job.study_uid, job.part)
+        files = self.store.uploads.part_files(job.study_id)
+        self._audit(AuditEvent.PART_CONFIRMED, job, files, urlsplit(dicomweb_url).hostname)
+
+    def _upload_host(self) -> str | None:
+        cloud = self.settings.cloud
+        url = cloud.dicomweb_url if self.settings.upload.protocol == "stow-rs" else cloud.upload_url
+        return urlsplit(url or "").hostname
+
+    def _audit(self, event: AuditEvent, job: Job, files: list[PartFile], host: str | None) -> None:
+        """Record that the part of `job` (its `files`) went to, or is held by, the cloud."""
+        if self.audit is None:
+            return
+        classes = Counter(file.sop_class_uid for file in files)
+        self.audit(
+            AuditEntry(
+                self.clock(),
+                event,
+                calling_ae=self.settings.dicom.ae_title,
+                address=host,
+                study_uid=job.study_uid,
+                detail={
+                    "part": job.part,
+                    "instances": len(files),
+                    "bytes": sum(file.size for file in files),
+                    "sop_classes": dict(classes),
+                },
+            )
+        )
 
     def _sent_hashes(self, job: Job) -> dict[str, str]:
         """Return the sha256 of each instance's dataset as the part sent it: as its bundle's

@@ -8,6 +8,7 @@ say which key has which type and default.
 
 from agent.config.loading import load_config, parse_config
 from agent.config.models import (
+    AuditSettings,
     CloudSettings,
     DicomSettings,
     HealthSettings,
@@ -25,6 +26,7 @@ from agent.config.rules import redact_url
 from agent.config.units import parse_duration, parse_size
 
 __all__ = [
+    "AuditSettings",
     "CloudSettings",
     "ConfigError",
     "DicomSettings",

@@ -25,6 +25,7 @@ from pydantic_core import ErrorDetails, InitErrorDetails
 from agent.config.rules import (
     AETitle,
     Associations,
+    AuditRetention,
     Bandwidth,
     BindAddress,
     CacheSize,
@@ -45,6 +46,7 @@ from agent.config.rules import (
     Percent,
     Port,
     QuarantineSize,
+    QueueLength,
     QuietTime,
     Retention,
     Section,
@@ -52,6 +54,7 @@ from agent.config.rules import (
     Services,
     SiteId,
     StowBatch,
+    SyslogAddress,
     Timeout,
     UnsetUrl,
     Workers,
@@ -62,6 +65,7 @@ from agent.config.rules import (
     redact_url,
     rule,
 )
+from agent.config.units import YEAR
 
 PEER_SERVICES: tuple[Service, ...] = ("store", "echo", "find", "get", "move")
 """What a peer with a `host` may use unless its `services` say otherwise."""
@@ -286,6 +290,30 @@ class WatchSettings(BaseModel):
         return self
 
 
+class AuditSettings(BaseModel):
+    """The audit trail: every association, study, part, query, retrieve and quarantine is kept
+    in the database for `keep`; with `syslog`, each is also sent as a DICOM audit message
+    (PS3.15 A.5) to a syslog collector."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    syslog: SyslogAddress = None
+    """`tcp://host:port` or `tcp+tls://host:port` (RFC 5425); None: kept in the database only."""
+    ca: OptionalFile = None
+    """With `tcp+tls`, the CA bundle that signed the collector's certificate (default: the
+    system's trusted CAs)."""
+    keep: AuditRetention = float(YEAR)
+    queue: QueueLength = 10000
+    """Messages waiting for the collector at most; beyond, new ones are dropped (and counted),
+    never waited for: they stay in the database either way."""
+
+    @model_validator(mode="after")
+    def _ca_with_tls(self) -> AuditSettings:
+        if self.ca is not None and not (self.syslog or "").lower().startswith("tcp+tls://"):
+            raise ValueError("'ca' is set but 'syslog' is not a tcp+tls:// address")
+        return self
+
+
 class Settings(BaseModel):
     """The whole validated configuration. Dumping it (`redacted`, `model_dump`) gives the YAML
     form: durations as ``90s``, sizes as ``1MiB``, percentages as ``90%``, URLs redacted."""
@@ -303,6 +331,7 @@ class Settings(BaseModel):
     serve: Annotated[ServeSettings, Section] = Field(default_factory=ServeSettings)
     health: Annotated[HealthSettings, Section] = Field(default_factory=HealthSettings)
     watch: Annotated[WatchSettings, Section] = Field(default_factory=WatchSettings)
+    audit: Annotated[AuditSettings, Section] = Field(default_factory=AuditSettings)
 
     @model_validator(mode="wrap")
     @classmethod

@@ -10,12 +10,13 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar, get_args
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from pydantic import BeforeValidator, PlainSerializer, ValidationInfo
 
 from agent.config.units import (
     NUMBER,
+    YEAR,
     as_bytes,
     as_seconds,
     format_duration,
@@ -145,22 +146,47 @@ def _host(value: object) -> str:
     raise ValueError(f"{show(text)} is not a host name or IP address{hint}")
 
 
-def _url(value: object) -> str:
-    text = _text(value, "a URL").strip()
-    problem = f"{show(text)} is not an http:// or https:// URL with a host"
+def _url_parts(value: object, what: str, form: str) -> tuple[str, SplitResult]:
+    """Return `value` as text and split; raise ValueError, saying it is not `form`, if it holds
+    white space or control characters or cannot be split (an unclosed '[' of an IPv6 host)."""
+    text = _text(value, what).strip()
+    problem = f"{show(text)} is not {form}"
     if any(char.isspace() or not char.isprintable() for char in text):
         raise ValueError(problem)
     try:
-        parts = urlsplit(text)
-        ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # an unclosed '[' of an IPv6 host
-        ok = False
-    if not ok:
-        raise ValueError(problem)
+        return text, urlsplit(text)
+    except ValueError:
+        raise ValueError(problem) from None
+
+
+def _url(value: object) -> str:
+    form = "an http:// or https:// URL with a host"
+    text, parts = _url_parts(value, "a URL", form)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{show(text)} is not {form}")
     try:
         parts.port  # noqa: B018 -- urlsplit checks the port only when asked for it
     except ValueError:
         raise ValueError(f"{show(text)} has an invalid port (1-65535)") from None
+    return text
+
+
+SYSLOG_SCHEMES = ("tcp", "tcp+tls")
+
+
+def _syslog(value: object) -> str:
+    """A syslog collector as `tcp://host:port` or `tcp+tls://host:port`: the port is required
+    (RFC 5425's 6514 for TLS is only a convention, and a guess would send audit messages to a
+    port nobody reads)."""
+    form = "tcp://host:port or tcp+tls://host:port"
+    text, parts = _url_parts(value, "a syslog address", form)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    extra = parts.path not in ("", "/") or parts.query or parts.fragment or parts.username
+    if parts.scheme.lower() not in SYSLOG_SCHEMES or not parts.hostname or port is None or extra:
+        raise ValueError(f"{show(text)} is not {form}")
     return text
 
 
@@ -192,14 +218,16 @@ def _log_level(value: object) -> LogLevel:
     raise ValueError(f"{show(text)} is not a log level (debug, info, warning or error{hint})")
 
 
-def _duration(minimum: float, *, inclusive: bool) -> Callable[[object], float]:
+def _duration(
+    minimum: float, *, inclusive: bool, maximum: float = MAX_DURATION
+) -> Callable[[object], float]:
     def check(value: object) -> float:
         seconds = as_seconds(value)
         if seconds < minimum or (seconds == minimum and not inclusive):
             bound = "at least" if inclusive else "more than"
             raise ValueError(f"{show(value)} is too short ({bound} {format_duration(minimum)})")
-        if seconds > MAX_DURATION:
-            raise ValueError(f"{show(value)} is too long (at most 365d)")
+        if seconds > maximum:
+            raise ValueError(f"{show(value)} is too long (at most {format_duration(maximum)})")
         return seconds
 
     return check
@@ -363,6 +391,14 @@ Workers = Annotated[int, rule(_bounded_int(1, 64, "number of uploads"))]
 CompressionLevel = Annotated[int, rule(_bounded_int(1, 19, "zstd level"))]
 CompressionThreads = Annotated[int, rule(_bounded_int(0, 64, "number of threads"))]
 Retention = Annotated[float, rule(_duration(0, inclusive=True)), PlainSerializer(format_duration)]
+AuditRetention = Annotated[
+    float,
+    rule(_duration(0, inclusive=True, maximum=30 * YEAR)),
+    PlainSerializer(format_duration),
+]
+"""How long audit records are kept: records laws ask for years (HIPAA's six, some longer)."""
+SyslogAddress = Annotated[str | None, rule(_syslog, optional=True)]
+QueueLength = Annotated[int, rule(_bounded_int(1, 1_000_000, "queue length"))]
 CacheSize = Annotated[
     int, rule(_size_between(0, 2**50, "cache size")), PlainSerializer(format_size)
 ]

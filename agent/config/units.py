@@ -9,9 +9,12 @@ from fractions import Fraction
 from typing import Any
 
 NUMBER = r"([0-9]{1,30}(?:\.[0-9]{1,30})?)"  # ASCII digits only: \d would accept Arabic-Indic
-_DURATION = re.compile(NUMBER + r"\s*(ms|s|m|h|d|)")
+_DURATION = re.compile(NUMBER + r"\s*(ms|s|m|h|d|w|y|)")
 _SIZE = re.compile(NUMBER + r"\s*([A-Za-z]*)")
+YEAR = 365 * 86400
+"""A year as retention periods count it: 365 days (a leap day is not worth a unit of its own)."""
 _SECONDS_PER = {"ms": Fraction(1, 1000), "s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
+_SECONDS_PER |= {"w": 7 * 86400, "y": YEAR}
 _BYTES_PER = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _BYTES_PER |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SIZE_UNITS = (
@@ -25,9 +28,9 @@ _SIZE_UNITS = (
 
 
 def parse_duration(text: str | int | float) -> float:
-    """Given ``90s``, ``5m``, ``2h``, ``7d``, ``500ms`` or a bare number of seconds, return the
-    number of seconds. Raise ValueError for anything else, including negative, infinite or NaN
-    values and compound forms such as ``1h30m``."""
+    """Given ``90s``, ``5m``, ``2h``, ``7d``, ``2w``, ``1y`` (365 days), ``500ms`` or a bare
+    number of seconds, return the number of seconds. Raise ValueError for anything else,
+    including negative, infinite or NaN values and compound forms such as ``1h30m``."""
     return as_seconds(text)
 
 
@@ -79,7 +82,7 @@ def format_duration(seconds: float) -> str | float:
     if seconds == 0:
         return "0s"
     if seconds.is_integer():
-        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        for unit, size in (("y", YEAR), ("d", 86400), ("h", 3600), ("m", 60)):
             if seconds % size == 0:
                 return f"{int(seconds // size)}{unit}"
         return f"{int(seconds)}s"

@@ -57,6 +57,9 @@ from agent.serve.query import (
 )
 from agent.serve.retrieve import Counts, Failed, Item, Listing, Retriever, TooManyInstances
 from agent.serve.syntax import Accepted, accepted_by, proposals
+from agent.serve.trail import Delivery, RequestTally, Who, keys_of, query_entry, retrieve_entry
+from agent.store import AuditEntry
+from agent.store.audit import Record
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +100,8 @@ class QueryRetrieve:
         self.page_size = settings.serve.page_size
         self.retriever = retriever
         self.dicomweb: DicomWeb | None = retriever.dicomweb if retriever else None
+        self.audit: Record | None = None
+        """Told of each request when it ends (the audit trail)."""
         _quiet_failed_markers()
 
     def handlers(self) -> list[EventHandlerType]:
@@ -115,13 +120,24 @@ class QueryRetrieve:
     def on_find(self, event: evt.Event) -> Iterator[Response]:
         """Answer a C-FIND from QIDO-RS, page by page."""
         peer = _peer(event)
+        tally = RequestTally()
         try:
-            yield from self._find(event, peer)
+            for response in self._find(event, peer):
+                tally.saw(*response)
+                yield response
         except Exception:
             logger.exception("C-FIND from %s failed", peer)
-            yield (
-                Refusal(QRStatus.UNABLE_TO_PROCESS, "internal error at the gateway").as_status(),
-                None,
+            failure = Refusal(QRStatus.UNABLE_TO_PROCESS, "internal error at the gateway")
+            tally.saw(failure.as_status())
+            yield failure.as_status(), None
+        finally:
+            self._audit(
+                lambda: query_entry(
+                    Who.of(event),
+                    str(event.context.abstract_syntax),
+                    _identifier_or_none(event),
+                    tally,
+                )
             )
 
     def _find(self, event: evt.Event, peer: str) -> Iterator[Response]:
@@ -175,12 +191,16 @@ class QueryRetrieve:
         peer = _peer(event)
         title = (event.move_destination or "").strip()
         destination = peer_by_title(self.peers, title)
+        tally, delivery = RequestTally(), Delivery()
         if destination is None or destination.host is None or destination.port is None:
             logger.warning(
                 "C-MOVE from %s refused: destination %r is not a peer with host and port",
                 peer,
                 title,
             )
+            tally.final = QRStatus.MOVE_DESTINATION_UNKNOWN
+            tally.reason = f"destination {title!r} is not a peer with host and port"
+            self._audit_retrieve(event, "C-MOVE", title, None, tally, delivery)
             yield None, None
             return
         plan = self._plan(event, peer, "C-MOVE", propose=True)
@@ -210,9 +230,12 @@ class QueryRetrieve:
             return accepted_by(assoc.accepted_contexts) if assoc is not None else {}
 
         try:
-            yield from self._deliver(event, peer, "C-MOVE", where, plan, accepted)
+            yield from self._deliver(event, peer, "C-MOVE", where, plan, accepted, tally, delivery)
         finally:
             _close(plan)
+            self._audit_retrieve(
+                event, "C-MOVE", destination.ae_title, destination.host, tally, delivery
+            )
 
     # --- C-GET -----------------------------------------------------------------------------
 
@@ -225,10 +248,14 @@ class QueryRetrieve:
         def accepted() -> Accepted:
             return accepted_by(event.assoc.accepted_contexts)
 
+        tally, delivery = RequestTally(), Delivery()
         try:
-            yield from self._deliver(event, peer, "C-GET", f"to {peer}", plan, accepted)
+            yield from self._deliver(
+                event, peer, "C-GET", f"to {peer}", plan, accepted, tally, delivery
+            )
         finally:
             _close(plan)
+            self._audit_retrieve(event, "C-GET", peer, None, tally, delivery)
 
     # --- shared by C-MOVE and C-GET --------------------------------------------------------
 
@@ -267,15 +294,19 @@ class QueryRetrieve:
         where: str,
         plan: _Plan | Refusal,
         accepted: Callable[[], Accepted],
+        tally: RequestTally,
+        delivery: Delivery,
     ) -> Iterator[Any]:
         """Yield the sub-operation count, then one dataset per instance (pynetdicom's contract
-        after the destination)."""
+        after the destination); note in `tally` how it ended and in `delivery` what it
+        offered."""
         if isinstance(plan, Refusal):
             if plan.status is QRStatus.NOT_CONFIGURED:
                 logger.error("%s from %s refused: %s", kind, peer, _NOT_CONFIGURED)
             elif plan.status is QRStatus.IDENTIFIER_MISMATCH:
                 logger.warning("%s from %s refused: %s", kind, peer, plan.comment)
             # pynetdicom answers Success to zero sub-operations: announce one, then fail
+            tally.saw(plan.as_status())
             yield 1
             yield plan.as_status(), None
             return
@@ -301,6 +332,7 @@ class QueryRetrieve:
                         index,
                         len(refs),
                     )
+                    tally.saw(QRStatus.CANCEL)
                     yield QRStatus.CANCEL, None
                     return
                 _markers.active = False
@@ -313,9 +345,16 @@ class QueryRetrieve:
                         ref.sop_instance,
                         item.reason,
                     )
+                    delivery.offered(ref, failed=True)
                     yield QRStatus.PENDING, _failed_marker(ref)
                 else:
+                    delivery.offered(ref, failed=False)
                     yield QRStatus.PENDING, item.dataset
+            if delivery.failed:
+                tally.final = QRStatus.SUB_OPERATIONS_FAILED
+                tally.reason = f"{delivery.failed} of {len(refs)} instances could not be sent"
+            else:
+                tally.final = QRStatus.SUCCESS
         finally:
             items.close()
             polling()
@@ -327,6 +366,36 @@ class QueryRetrieve:
                 where,
                 counts.summary(),
             )
+
+    def _audit(self, entry: Callable[[], AuditEntry]) -> None:
+        """Hand the audit trail the entry `entry` makes; never raises into pynetdicom."""
+        if self.audit is None:
+            return
+        try:
+            self.audit(entry())
+        except Exception:
+            logger.exception("cannot audit a Query/Retrieve request")
+
+    def _audit_retrieve(
+        self,
+        event: evt.Event,
+        operation: str,
+        destination: str,
+        address: str | None,
+        tally: RequestTally,
+        delivery: Delivery,
+    ) -> None:
+        self._audit(
+            lambda: retrieve_entry(
+                Who.of(event),
+                operation,
+                destination,
+                address,
+                keys_of(_identifier_or_none(event)),
+                tally,
+                delivery,
+            )
+        )
 
     def _not_configured(self, kind: str, peer: str) -> Dataset:
         logger.error("%s from %s refused: %s", kind, peer, _NOT_CONFIGURED)
@@ -415,6 +484,13 @@ def _identifier(event: evt.Event) -> Dataset:
     if not isinstance(identifier, Dataset):
         raise QueryError("the request has no identifier")
     return identifier
+
+
+def _identifier_or_none(event: evt.Event) -> Dataset | None:
+    try:
+        return _identifier(event)
+    except QueryError:
+        return None
 
 
 def _peer(event: evt.Event) -> str:

@@ -2,7 +2,8 @@
 
 This package holds all of the project's SQL: this module the connection, its transactions,
 instances and studies; `jobs` the job queue (`Store.jobs`); `uploads` the way of each study part
-to the cloud (`Store.uploads`); `activity` what the status page shows (`Store.activity`). One
+to the cloud (`Store.uploads`); `activity` what the status page shows (`Store.activity`); `audit`
+the audit trail (`Store.audit`). One
 connection serves the whole process: pynetdicom runs every association in its own thread, so the
 connection is shared behind a lock, and every write is one short `BEGIN IMMEDIATE` transaction
 (taking the write lock up front, so a transaction never fails half-way with SQLITE_BUSY after it
@@ -28,6 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from agent.store.activity import Activity, Bucket, PartSummary, Problem
+from agent.store.audit import AuditEntry, AuditEvent, AuditOutcome, AuditRows
 from agent.store.choices import Choices
 from agent.store.errors import JobStateError, LeaseLost, SchemaError, StoreError
 from agent.store.jobs import UPLOAD, Job, JobRecord, Jobs, Lease, enqueue, revive
@@ -48,6 +50,10 @@ __all__ = [
     "MIGRATIONS",
     "UPLOAD",
     "Activity",
+    "AuditEntry",
+    "AuditEvent",
+    "AuditOutcome",
+    "AuditRows",
     "Bucket",
     "InstanceState",
     "Job",
@@ -168,6 +174,7 @@ class Store:
         self.activity = Activity(self)
         self.quarantine = QuarantineRows(self)
         self.choices = Choices(self)
+        self.audit = AuditRows(self)
 
     # -- opening --------------------------------------------------------------------------
 

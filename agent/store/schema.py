@@ -169,6 +169,30 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        7,
+        "audit trail",
+        (
+            # Who did what to which study, when, and how it ended (`dirigo audit`, and the DICOM
+            # audit messages sent to syslog from these rows' values). UIDs, AE titles and
+            # addresses only: never a patient's name or ID. `detail` is a JSON object whose
+            # keys depend on `event` (instance counts by SOP class, query keys, a destination).
+            """CREATE TABLE audit (
+                id INTEGER PRIMARY KEY,
+                at REAL NOT NULL,
+                event TEXT NOT NULL,
+                outcome TEXT NOT NULL CHECK (outcome IN ('success', 'failure')),
+                reason TEXT NULL,
+                calling_ae TEXT NULL,
+                called_ae TEXT NULL,
+                address TEXT NULL,
+                study_uid TEXT NULL,
+                detail TEXT NOT NULL DEFAULT '{}'
+            )""",
+            "CREATE INDEX audit_by_time ON audit (at)",
+            "CREATE INDEX audit_by_study ON audit (study_uid, at)",
+        ),
+    ),
 )
 
 SCHEMA_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -354,7 +354,7 @@ def test_timeouts_accept_fractions_of_a_second() -> None:
 
 def test_durations_longer_than_a_year_are_rejected() -> None:
     message = only_problem(minimal(dicom__network_timeout="366d"))
-    assert message == "At 'dicom.network_timeout': '366d' is too long (at most 365d)"
+    assert message == "At 'dicom.network_timeout': '366d' is too long (at most 1y)"
 
 
 def test_stable_after_must_be_at_least_one_second() -> None:
