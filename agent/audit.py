@@ -26,12 +26,17 @@ from typing import Any
 from agent.auditmessage import Identity, render
 from agent.config import AuditSettings
 from agent.config.units import parse_duration
+from agent.dimse import Status
+from agent.importer import IMPORT_AE, LOCAL_ADDRESS
+from agent.receive import Reply
 from agent.store import AuditEntry, AuditEvent, AuditOutcome, Store, StoreError
 from agent.store.audit import Record
 from agent.syslog import Collector, SyslogSender
 
 logger = logging.getLogger(__name__)
 
+IMPORTS = "imports"
+"""The key under which `Associations` counts imported files."""
 STOP_FLUSH = 3.0
 """Seconds the agent waits at stop for queued audit messages to reach the collector."""
 PRUNE_EVERY = 3600.0
@@ -154,37 +159,54 @@ class Associations:
                 self._clock(), calling_ae.strip(), called_ae.strip(), address
             )
 
-    def stored(
-        self, key: Hashable, outcome: str, study_uid: str | None, sop_class: str | None
-    ) -> None:
+    def stored(self, key: Hashable, reply: Reply) -> None:
         """Count one C-STORE answered on the association `key`: its outcome (stored,
-        duplicate, a failure status's name) and, when received, its study and SOP class."""
+        duplicate, replaced, or a failure status's name) and, when it holds one, its study
+        and SOP class."""
+        outcome = str(reply.outcome or Status(reply.status).name.lower())
         with self._lock:
             association = self._open.get(key)
             if association is None:
                 return
             association.outcomes[outcome] += 1
-            if study_uid is not None and sop_class is not None:
-                association.studies[study_uid][sop_class] += 1
+            if reply.study_uid is not None and reply.sop_class_uid is not None:
+                association.studies[reply.study_uid][reply.sop_class_uid] += 1
 
-    def ended(self, key: Hashable) -> None:
-        """Record the association `key` (if admitted) and the studies it brought."""
+    def imported(self, called_ae: str, reply: Reply) -> None:
+        """Count one file imported (`dirigo send`, a watch folder) as `stored` counts a
+        C-STORE; `flush_imports` writes the studies they brought."""
         with self._lock:
-            association = self._open.pop(key, None)
-        if association is None:
+            if IMPORTS not in self._open:
+                self._open[IMPORTS] = _Association(
+                    self._clock(), IMPORT_AE, called_ae, LOCAL_ADDRESS
+                )
+        self.stored(IMPORTS, reply)
+
+    def flush_imports(self) -> None:
+        """Record one row per study imported since the last flush (there is no association)."""
+        self.ended(IMPORTS, association=False)
+
+    def ended(self, key: Hashable, *, association: bool = True) -> None:
+        """Record the association `key` (if admitted), unless not an `association`, and the
+        studies it brought."""
+        with self._lock:
+            found = self._open.pop(key, None)
+        if found is None:
             return
         now = self._clock()
-        a = association
-        entries = [
-            AuditEntry(
-                a.at,
-                AuditEvent.ASSOCIATION,
-                calling_ae=a.calling_ae,
-                called_ae=a.called_ae,
-                address=a.address,
-                detail={"ended_at": now, "instances": dict(a.outcomes)},
+        a = found
+        entries = []
+        if association:
+            entries.append(
+                AuditEntry(
+                    a.at,
+                    AuditEvent.ASSOCIATION,
+                    calling_ae=a.calling_ae,
+                    called_ae=a.called_ae,
+                    address=a.address,
+                    detail={"ended_at": now, "instances": dict(a.outcomes)},
+                )
             )
-        ]
         for study_uid, classes in a.studies.items():
             entries.append(
                 AuditEntry(

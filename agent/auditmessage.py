@@ -21,7 +21,6 @@ No message carries a patient's name or ID: studies are named by UID, queries by 
 from __future__ import annotations
 
 import base64
-import io
 import ipaddress
 import os
 import pwd
@@ -33,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from agent.store.audit import AuditEntry, AuditEvent, AuditOutcome
@@ -279,8 +279,9 @@ def query_bytes(level: object, keys: Mapping[str, Any]) -> bytes:
         ds.QueryRetrieveLevel = str(level)
     for keyword, value in keys.items():
         setattr(ds, keyword, value)
-    buffer = io.BytesIO()
-    write_dataset(buffer, ds, (True, True))  # type: ignore[arg-type]
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
     return buffer.getvalue()
 
 

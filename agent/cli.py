@@ -19,7 +19,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agent import __version__
-from agent.audit import Auditor, parse_since
+from agent.audit import Associations, Auditor, parse_since
 from agent.audit import entry_document as audit_document
 from agent.audit import render_entries as render_audit
 from agent.auditmessage import Identity
@@ -331,8 +331,17 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
     tally = Tally()
     for item in unreadable:
         _report(tally, item)
-    with _acceptance(settings, "send") as (spool, _, receiver):
-        interrupted = _import(Importer(spool, receiver), sources, tally, args.debug)
+    with _acceptance(settings, "send") as (spool, store, receiver):
+        auditor = _auditor(settings, store)
+        associations = Associations(auditor.record)
+        receiver.audit = auditor.record
+        importer = Importer(spool, receiver)
+        importer.observed = lambda reply: associations.imported(settings.dicom.ae_title, reply)
+        try:
+            interrupted = _import(importer, sources, tally, args.debug)
+        finally:
+            associations.flush_imports()
+            auditor.close()
     print(tally.summary() + (" (interrupted)" if interrupted else ""))
     return EXIT_OK if tally.ok and not interrupted else EXIT_FAILURE
 
@@ -434,13 +443,20 @@ def _audit(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _auditor(settings: Settings, store: Store) -> Auditor:
+    """Return an auditor for what this command does: it writes to the agent's audit trail
+    and, with `audit.syslog`, sends (waiting briefly at `close`)."""
+    return Auditor.open(
+        store, settings.audit, Identity.here(settings.dicom.ae_title, settings.site)
+    )
+
+
 def _record_audit(settings: Settings, entry: AuditEntry) -> None:
-    """Record what this command did in the agent's audit trail (and send it to syslog with
-    `audit.syslog`, waiting briefly); a trail that cannot be written is a warning."""
+    """Record what this command did in the agent's audit trail; a trail that cannot be
+    written is a warning."""
     try:
         with _opened_store(settings) as store:
-            identity = Identity.here(settings.dicom.ae_title, settings.site)
-            auditor = Auditor.open(store, settings.audit, identity)
+            auditor = _auditor(settings, store)
             try:
                 auditor.record(entry)
             finally:

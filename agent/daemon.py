@@ -63,6 +63,8 @@ TICK = 0.25
 """How often the main loop checks its stop flag."""
 ACCEPTOR_DEADLINE = 30.0
 """The most seconds the DICOM acceptor may go without looping (it loops twice a second)."""
+IMPORTS_FLUSH = 60.0
+"""Seconds between two writes of the studies the watch folders brought (audit rows)."""
 SUPERVISOR = "supervisor"
 ACCEPTOR = "dicom-acceptor"
 
@@ -95,6 +97,8 @@ class Daemon:
         self.watchdog: Watchdog | None = None
         self.heartbeat: Heartbeat | None = None
         self.auditor: Auditor | None = None
+        self.associations: Associations | None = None
+        self._next_imports_flush = 0.0
 
     def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
@@ -165,6 +169,7 @@ class Daemon:
             lambda: self.server,
             self.metrics,
             self.probe,
+            audit=self.auditor.status,
         )
         # Health first: a start that fails (its port taken) must fail before the PACS has seen
         # the DICOM port answer. /readyz says not ready until that port listens.
@@ -174,6 +179,9 @@ class Daemon:
         self.probe.start()
         if self.settings.watch.dirs and self.receiver is not None:
             importer = Importer(self.spool, self.receiver)
+            if self.associations is not None:
+                associations, ae_title = self.associations, self.settings.dicom.ae_title
+                importer.observed = lambda reply: associations.imported(ae_title, reply)
             stall_after = self.settings.health.stall_after
             self.watch = FolderWatch(self.settings.watch, importer, self.liveness, stall_after)
             self.watch.start()
@@ -247,6 +255,7 @@ class Daemon:
         receiver.audit = auditor.record
         self.receiver = receiver
         associations = Associations(auditor.record)
+        self.associations = associations
 
         def on_store(event: evt.Event) -> Any:
             request = cast(C_STORE, event.request)
@@ -258,8 +267,7 @@ class Daemon:
                 sop_instance_uid=str(uid) if uid else None,
             )
             reply = receiver.accept(arrival)
-            outcome = reply.outcome or Status(reply.status).name.lower()
-            associations.stored(event.assoc, str(outcome), reply.study_uid, reply.sop_class_uid)
+            associations.stored(event.assoc, reply)
             return reply.as_dataset()
 
         def on_closed(event: evt.Event) -> None:
@@ -369,6 +377,10 @@ class Daemon:
         purge(self.settings, self.store, self.spool, now)
         if self.auditor is not None:
             self.auditor.prune(now, self.settings.audit.keep)
+        if self.associations is not None and now >= self._next_imports_flush:
+            # studies from the watch folders: one row per study per minute, not per file
+            self._next_imports_flush = now + IMPORTS_FLUSH
+            self.associations.flush_imports()
         if self.receiver is not None:
             self.receiver.housekeeping(now)
         self._reap_associations()
@@ -432,6 +444,9 @@ class Daemon:
         if self.query_retrieve is not None:
             self.query_retrieve.close()
             self.query_retrieve = None
+        if self.associations is not None:
+            self.associations.flush_imports()
+            self.associations = None
         if self.auditor is not None:
             self.auditor.record(
                 AuditEntry(

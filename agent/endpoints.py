@@ -66,6 +66,7 @@ class Endpoints:
         metrics: Metrics,
         probe: CloudProbe | None,
         clock: Callable[[], float] = time.monotonic,
+        audit: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -77,6 +78,10 @@ class Endpoints:
         self.clock = clock
         self.started = clock()
         metrics.read_state(self.metric_state)
+        self.audit = audit
+        """The audit trail's syslog sender counts (an `Auditor.status`), or None."""
+        if audit is not None:
+            metrics.read_audit(audit)
 
     def routes(self) -> dict[str, Route]:
         """Return the routes of these endpoints (the server adds /metrics and the page)."""
@@ -127,6 +132,8 @@ class Endpoints:
             last_upload_at=iso_time(self.metrics.last_upload),
             last_retrieve_at=iso_time(self.metrics.last_retrieve),
         )
+        if self.audit is not None and (audit := self.audit()) is not None:
+            document["audit"] = audit
         return document
 
     def exposition(self) -> Response:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from agent.dimse import Status
-from agent.receive import Arrival, Receiver
+from agent.receive import Arrival, Receiver, Reply
 from agent.spool import Spool
 from agent.store import Outcome
 
@@ -120,6 +120,8 @@ class Importer:
     def __init__(self, spool: Spool, receiver: Receiver) -> None:
         self.spool = spool
         self.receiver = receiver
+        self.observed: Callable[[Reply], None] | None = None
+        """Told the receiver's reply to each file it accepted or refused (the audit trail)."""
 
     def import_file(self, path: Path, progress: Callable[[int], None] | None = None) -> Imported:
         """Import one file; return what became of it. `progress` is called with the bytes of
@@ -141,6 +143,8 @@ class Importer:
                 reason = "its copy was removed from incoming/ (did the agent start?); send it again"
                 return Imported(path, Result.FAILED, reason)
             reply = self.receiver.accept(Arrival(copy, IMPORT_AE, LOCAL_ADDRESS, None))
+            if self.observed is not None:
+                self.observed(reply)
         finally:
             # accept() always consumes the copy; this covers an interrupted copy.
             if copy is not None:

@@ -13,9 +13,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from agent import __version__
@@ -101,6 +107,11 @@ class Metrics:
         """Expose the gauges `state()` returns, read at every scrape."""
         self.registry.register(StateCollector(state))
 
+    def read_audit(self, status: Callable[[], dict[str, Any] | None]) -> None:
+        """Expose the audit sender's counts, read from `status()` (an `Auditor.status`) at
+        every scrape."""
+        self.registry.register(AuditCollector(status))
+
     def instance_received(self, size: int) -> None:
         self.received.inc()
         self.received_bytes.inc(size)
@@ -171,6 +182,35 @@ class StateCollector(Collector):
         info = InfoMetricFamily("dirigo_build", "The agent's version.")
         info.add_metric([], {"version": __version__})
         yield info
+
+
+class AuditCollector(Collector):
+    """The audit trail's syslog sender, read at scrape time (nothing without `audit.syslog`)."""
+
+    def __init__(self, status: Callable[[], dict[str, Any] | None]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._status()
+        if status is None:
+            return
+        yield CounterMetricFamily(
+            "dirigo_audit_messages_sent", "Audit messages sent to syslog.", status["sent"]
+        )
+        yield CounterMetricFamily(
+            "dirigo_audit_messages_dropped",
+            "Audit messages not sent to syslog (its queue was full, or held them at stop);"
+            " each one is still in the database.",
+            status["dropped"],
+        )
+        yield GaugeMetricFamily(
+            "dirigo_audit_queue_messages", "Audit messages waiting for syslog.", status["queued"]
+        )
+        yield GaugeMetricFamily(
+            "dirigo_audit_syslog_up",
+            "0 while sending to the syslog collector fails, else 1.",
+            0.0 if status["failing"] else 1.0,
+        )
 
 
 def _by_label(name: str, documentation: str, label: str, counts: dict[str, int]) -> Metric:

@@ -206,6 +206,16 @@ def test_a_part_is_confirmed_once_the_archive_lists_it_and_its_files_then_leave_
         dcmtk.storescu(series, agent.port)
         assert agent.status()["studies"]["open"] == 0
         assert len(tus.uploads()) == 1
+        # The audit trail holds the part's way: sent to the upload host, then confirmed.
+        parts = agent.rows(
+            "SELECT event, study_uid, address, json_extract(detail, '$.instances') FROM audit"
+            " WHERE event LIKE 'part-%' ORDER BY id"
+        )
+        study = str(dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+        assert parts == [
+            ("part-sent", study, "127.0.0.1", 5),
+            ("part-confirmed", study, "127.0.0.1", 5),
+        ]
 
 
 def corrected(series: list[Path], out_dir: Path) -> list[Path]:

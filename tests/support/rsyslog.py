@@ -5,6 +5,7 @@ driver), writing each record it receives, as it parsed it, to a file there."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -51,13 +52,13 @@ class Tls:
 class Rsyslog:
     """One rsyslogd in the foreground; `records()` reads what it wrote so far."""
 
-    def __init__(self, directory: Path, tls: Tls | None = None) -> None:
+    def __init__(self, directory: Path, tls: Tls | None = None, port: int | None = None) -> None:
         binary = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
         if not Path(binary).exists():
             raise RsyslogMissing("rsyslogd is not installed: run scripts/setup")
         self.binary = binary
         self.directory = directory
-        self.port = free_port()
+        self.port = port or free_port()
         self.out = directory / "received.log"
         self.config = directory / "rsyslog.conf"
         (directory / "work").mkdir(parents=True, exist_ok=True)
@@ -79,8 +80,6 @@ class Rsyslog:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise PeerExited(f"rsyslogd exited: {tail(self.log)}")
-        import socket
-
         with socket.socket() as sock:
             sock.settimeout(0.5)
             return sock.connect_ex((LOOPBACK, self.port)) == 0
@@ -126,8 +125,8 @@ def _config(directory: Path, port: int, out: Path, tls: Tls | None) -> str:
         )
     stream = ' StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="anon"'
     return f"""
-global(workDirectory="{directory / 'work'}" maxMessageSize="64k"{driver})
-module(load="imtcp"{stream if tls is not None else ''})
+global(workDirectory="{directory / "work"}" maxMessageSize="64k"{driver})
+module(load="imtcp"{stream if tls is not None else ""})
 input(type="imtcp" address="{LOOPBACK}" port="{port}")
 template(name="fields" type="string" string="{template}\\n")
 *.* action(type="omfile" file="{out}" template="fields")
