@@ -461,7 +461,7 @@ def _record_audit(settings: Settings, entry: AuditEntry) -> None:
                 auditor.record(entry)
             finally:
                 auditor.close()
-    except CommandError as exc:
+    except (CommandError, StoreError) as exc:  # the command's work is done: say so, exit as it
         logger.warning("audit record not kept: %s", exc)
 
 
