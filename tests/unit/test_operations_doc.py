@@ -63,6 +63,9 @@ FRAGMENTS = [
     "instance rows written to ",
     " is up to date",
     "migrated from schema version ",
+    "audit: cannot send to ",
+    "audit: sending to ",
+    "audit: the syslog queue is full (",
 ]
 
 
