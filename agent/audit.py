@@ -186,9 +186,10 @@ class Associations:
         """Record one row per study imported since the last flush (there is no association)."""
         self.ended(IMPORTS, association=False)
 
-    def ended(self, key: Hashable, *, association: bool = True) -> None:
+    def ended(self, key: Hashable, *, association: bool = True, failure: str | None = None) -> None:
         """Record the association `key` (if admitted), unless not an `association`, and the
-        studies it brought."""
+        studies it brought. With `failure`, the association did not come about after all
+        (refused after admission, or no presentation context accepted): its row says why."""
         with self._lock:
             found = self._open.pop(key, None)
         if found is None:
@@ -201,6 +202,8 @@ class Associations:
                 AuditEntry(
                     a.at,
                     AuditEvent.ASSOCIATION,
+                    AuditOutcome.FAILURE if failure else AuditOutcome.SUCCESS,
+                    failure,
                     calling_ae=a.calling_ae,
                     called_ae=a.called_ae,
                     address=a.address,

@@ -63,6 +63,8 @@ TICK = 0.25
 """How often the main loop checks its stop flag."""
 ACCEPTOR_DEADLINE = 30.0
 """The most seconds the DICOM acceptor may go without looping (it loops twice a second)."""
+NO_CONTEXT = "no presentation context was accepted"
+"""Why the audit trail records an association that negotiated nothing as refused."""
 IMPORTS_FLUSH = 60.0
 """Seconds between two writes of the studies the watch folders brought (audit rows)."""
 SUPERVISOR = "supervisor"
@@ -271,7 +273,14 @@ class Daemon:
             return reply.as_dataset()
 
         def on_closed(event: evt.Event) -> None:
-            associations.ended(event.assoc)
+            # pynetdicom accepts an association whose contexts it all refused: for the audit
+            # trail that peer got nothing
+            refused = None if event.assoc.accepted_contexts else NO_CONTEXT
+            associations.ended(event.assoc, failure=refused)
+
+        def on_rejected(event: evt.Event) -> None:
+            # pynetdicom's own limit, after the Gate admitted it (rare: see build_ae)
+            associations.ended(event.assoc, failure="rejected: too many connections")
 
         self.gate = Gate(dicom, policy)
         self.gate.on_admitted = lambda assoc: associations.admitted(assoc, *_parties(assoc))
@@ -280,6 +289,7 @@ class Daemon:
             *self.gate.handlers(),
             (evt.EVT_C_STORE, on_store),
             (evt.EVT_CONN_CLOSE, on_closed),
+            (evt.EVT_REJECTED, on_rejected),
             *query_retrieve.handlers(),
         ]
         ae = build_ae(dicom)

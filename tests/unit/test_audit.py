@@ -158,6 +158,20 @@ def test_an_association_is_written_when_it_ends_with_one_row_per_study() -> None
     }
 
 
+def test_an_admitted_association_that_negotiated_nothing_is_recorded_as_refused() -> None:
+    recorded = Recorded()
+    associations = Associations(recorded, lambda: T0)
+    associations.admitted("key", "PACS", "DIRIGO", "10.0.0.5")
+    associations.ended("key", failure="no presentation context was accepted")
+    ((row,),) = recorded.batches
+    assert (row.outcome, row.reason) == (
+        AuditOutcome.FAILURE,
+        "no presentation context was accepted",
+    )
+    message = build(row, IDENTITY)
+    assert message is not None and code(message[0].find("EventID"))[0] == "110113"
+
+
 def test_imported_files_become_study_rows_without_an_association() -> None:
     recorded = Recorded()
     associations = Associations(recorded, lambda: T0)
