@@ -348,7 +348,9 @@ class Patients:
             counts = (patient.studies, patient.series, patient.instances)
             for tag, count in zip(_PATIENT_COUNTS, counts, strict=True):
                 if tag in patient.answer:
-                    patient.answer[tag].value = count
+                    # A new element, not a new value: the first study's JSON may have given the
+                    # key another VR (an AE), which cannot hold a count.
+                    patient.answer.add_new(tag, _dictionary_vr(tag), count)
             answers.append(patient.answer)
         return answers
 
