@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -254,14 +254,28 @@ def entry_document(entry: AuditEntry) -> dict[str, Any]:
     return document
 
 
-def render_entries(entries: list[AuditEntry]) -> str:
-    """Return the entries as a table: when, event, outcome, who, study, what."""
-    if not entries:
-        return "no audit records match"
-    rows = [("WHEN (UTC)", "EVENT", "OUTCOME", "WHO", "ADDRESS", "STUDY", "WHAT")]
+COLUMNS: tuple[tuple[str, int], ...] = (
+    ("WHEN (UTC)", 19),
+    ("EVENT", 17),
+    ("OUTCOME", 7),
+    ("WHO", 24),
+    ("ADDRESS", 15),
+    ("STUDY", 44),
+    ("WHAT", 0),
+)
+"""The table's columns and their widths: fixed, so that rows print as they are read (a year
+of them need not fit in memory); a longer value pushes the rest of its line along."""
+
+
+def render_entries(entries: Iterable[AuditEntry]) -> Iterator[str]:
+    """Yield the entries as the lines of a table: when, event, outcome, who, study, what."""
+    empty = True
     for entry in entries:
+        if empty:
+            yield _line(tuple(name for name, _ in COLUMNS))
+            empty = False
         who = " -> ".join(ae for ae in (entry.calling_ae, entry.called_ae) if ae)
-        rows.append(
+        yield _line(
             (
                 _iso(entry.at)[:19].replace("T", " "),
                 str(entry.event),
@@ -272,7 +286,12 @@ def render_entries(entries: list[AuditEntry]) -> str:
                 summary(entry),
             )
         )
-    return table(rows)
+    if empty:
+        yield "no audit records match"
+
+
+def _line(cells: tuple[str, ...]) -> str:
+    return "  ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True)).rstrip()
 
 
 def summary(entry: AuditEntry) -> str:
@@ -301,20 +320,6 @@ def summary(entry: AuditEntry) -> str:
     if entry.reason:
         parts.append(entry.reason)
     return "; ".join(parts)
-
-
-def table(rows: Sequence[tuple[str, ...]]) -> str:
-    """Return `rows` (the first being the header) as aligned columns; the last column is not
-    padded (it may be long)."""
-    columns = len(rows[0]) - 1
-    widths = [max(len(row[i]) for row in rows) for i in range(columns)]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row[:columns], widths, strict=True))
-        + "  "
-        + row[columns]
-        for row in rows
-    ]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def _iso(at: float) -> str:

@@ -435,11 +435,16 @@ def _audit(settings: Settings, args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise CommandError("--limit: give a number of records, 1 or more")
     with _opened_store(settings) as store:
-        entries = store.audit.entries(since, args.study, args.peer, args.limit)
-    if args.json:
-        print(json.dumps({"audit": [audit_document(e) for e in entries]}, indent=2))
-    else:
-        print(render_audit(entries))
+        entries = store.audit.each(since, args.study, args.peer, args.limit)
+        if args.json:
+            # streamed, one record a line: the document is valid JSON however many there are
+            print('{"audit": [', end="")
+            for index, entry in enumerate(entries):
+                print(("," if index else "") + "\n  " + json.dumps(audit_document(entry)), end="")
+            print("\n]}")
+        else:
+            for line in render_audit(entries):
+                print(line)
     return EXIT_OK
 
 

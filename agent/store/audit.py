@@ -9,7 +9,7 @@ name or ID: the trail may be shown to people who may not see the images.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -79,6 +79,8 @@ class Record(Protocol):
     def __call__(self, *entries: AuditEntry) -> None: ...
 
 
+_BATCH = 500
+"""Rows read at a time when streaming."""
 _COLUMNS = "id, at, event, outcome, reason, calling_ae, called_ae, address, study_uid, detail"
 
 
@@ -118,10 +120,21 @@ class AuditRows:
         peer: str | None = None,
         limit: int | None = None,
     ) -> list[AuditEntry]:
-        """Return the entries at or after `since`, of `study_uid` (the study's own rows, and
+        """Return the entries `each` yields, as a list."""
+        return list(self.each(since, study_uid, peer, limit))
+
+    def each(
+        self,
+        since: float | None = None,
+        study_uid: str | None = None,
+        peer: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[AuditEntry]:
+        """Yield the entries at or after `since`, of `study_uid` (the study's own rows, and
         retrieves that named it among others), involving `peer` (as calling or called AE
         title, address, or a retrieve's destination), oldest first; the newest `limit` if
-        given."""
+        given. Without `limit` they stream from one read transaction (a year of them may not
+        fit in memory), so consume them before writing with the same store."""
         where: list[str] = ["1 = 1"]
         params: list[object] = []
         if since is not None:
@@ -139,15 +152,18 @@ class AuditRows:
                 " OR json_extract(detail, '$.destination') = ?)"
             )
             params += [peer] * 4
-        query = (
-            f"SELECT {_COLUMNS} FROM audit WHERE {' AND '.join(where)} ORDER BY at DESC, id DESC"
-        )
+        query = f"SELECT {_COLUMNS} FROM audit WHERE {' AND '.join(where)}"
         if limit is not None:
-            query += " LIMIT ?"
-            params.append(limit)
+            with self._store.read() as db:
+                rows = db.execute(
+                    f"{query} ORDER BY at DESC, id DESC LIMIT ?", (*params, limit)
+                ).fetchall()
+            yield from (_entry(row) for row in reversed(rows))
+            return
         with self._store.read() as db:
-            rows = db.execute(query, params).fetchall()
-        return [_entry(row) for row in reversed(rows)]
+            cursor = db.execute(f"{query} ORDER BY at, id", params)
+            while batch := cursor.fetchmany(_BATCH):
+                yield from (_entry(row) for row in batch)
 
     def prune(self, before: float) -> int:
         """Delete the entries older than `before`; return how many."""

@@ -478,7 +478,7 @@ def test_the_table_shows_who_what_and_why() -> None:
             detail={"level": "STUDY", "keys": {"StudyInstanceUID": STUDY}, "matches": 1},
         ),
     ]
-    table = render_entries(rows).splitlines()
+    table = list(render_entries(rows))
     assert table[0].split() == [
         "WHEN",
         "(UTC)",
@@ -491,4 +491,4 @@ def test_the_table_shows_who_what_and_why() -> None:
     ]
     assert "EVIL -> DIRIGO" in table[1] and table[1].endswith("not a peer")
     assert summary(rows[1]) == f"STUDY StudyInstanceUID={STUDY}: 1 match(es)"
-    assert render_entries([]) == "no audit records match"
+    assert list(render_entries([])) == ["no audit records match"]
