@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pwd
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +47,7 @@ from agent.store import AuditEntry, JobState, SchemaError, Store, StoreError
 from agent.store.maintenance import backup, version_of
 from agent.store.schema import latest_version
 from agent.systemd import JournalFormatter, journal_stream
+from agent.tls import load as load_tls
 
 logger = logging.getLogger("agent")
 
@@ -588,19 +590,30 @@ def _echo(settings: Settings, args: argparse.Namespace) -> int:
         raise CommandError(
             f"no peer {args.peer!r} with a host and port in dicom.peers (configured: {known})"
         )
+    tls = _tls_args(settings, peer)
     try:
-        elapsed = echo(settings.dicom.ae_title, peer, settings.dicom.acse_timeout)
+        elapsed = echo(settings.dicom.ae_title, peer, settings.dicom.acse_timeout, tls)
     except EchoFailed as exc:
         raise CommandError(str(exc)) from None
+    over = " over TLS" if tls is not None else ""
     print(
-        f"C-ECHO to {peer.ae_title} at {peer.host}:{peer.port}: Success ({elapsed * 1000:.0f} ms)"
+        f"C-ECHO to {peer.ae_title} at {peer.host}:{peer.port}{over}: Success"
+        f" ({elapsed * 1000:.0f} ms)"
     )
     return EXIT_OK
+
+
+def _tls_args(settings: Settings, peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+    """Return the TLS arguments of an association to `peer`: None unless it is marked `tls`.
+    Raise ConfigError if a file of `dicom.tls` is unusable."""
+    tls = load_tls(settings.dicom.tls) if peer.tls else None
+    return tls.args_for(peer) if tls is not None else None
 
 
 def _retrieve(settings: Settings, args: argparse.Namespace) -> int:
     """Pull a study from the cloud and push it to a peer: the same path as a C-MOVE."""
     peer = _push_destination(settings, args.to)
+    tls = _tls_args(settings, peer)  # before any work: an unusable certificate stops it here
     try:
         scope = study_scope(args.study)
     except QueryError as exc:
@@ -623,13 +636,18 @@ def _retrieve(settings: Settings, args: argparse.Namespace) -> int:
     assert dicomweb is not None  # dicomweb_url is set
     retriever = Retriever(dicomweb, cache, settings.serve.page_size, settings.serve.fetch_syntax)
     try:
-        return _push_study(settings, retriever, scope, args.study, peer)
+        return _push_study(settings, retriever, scope, args.study, peer, tls)
     finally:
         dicomweb.close()
 
 
 def _push_study(
-    settings: Settings, retriever: Retriever, scope: Scope, study_uid: str, peer: Peer
+    settings: Settings,
+    retriever: Retriever,
+    scope: Scope,
+    study_uid: str,
+    peer: Peer,
+    tls: tuple[ssl.SSLContext, str] | None,
 ) -> int:
     try:
         refs = retriever.instances(scope)
@@ -638,10 +656,16 @@ def _push_study(
     with contextlib.closing(refs):
         if not refs:
             raise CommandError(f"the cloud archive has no instances of study {study_uid}")
-        return _push_listed(settings, retriever, refs, peer)
+        return _push_listed(settings, retriever, refs, peer, tls)
 
 
-def _push_listed(settings: Settings, retriever: Retriever, refs: Listing, peer: Peer) -> int:
+def _push_listed(
+    settings: Settings,
+    retriever: Retriever,
+    refs: Listing,
+    peer: Peer,
+    tls: tuple[ssl.SSLContext, str] | None,
+) -> int:
     from pynetdicom import AE
 
     ae = AE(ae_title=settings.dicom.ae_title)
@@ -668,7 +692,7 @@ def _push_listed(settings: Settings, retriever: Retriever, refs: Listing, peer: 
     try:
         with bar, logging_redirect_tqdm():
             pushed = push(
-                ae, peer.host, peer.port, peer.ae_title, retriever, refs, progress, counts
+                ae, peer.host, peer.port, peer.ae_title, retriever, refs, progress, counts, tls
             )
     except ConnectionError as exc:
         tally.final, tally.reason = QRStatus.UNABLE_TO_PROCESS, str(exc)
@@ -716,6 +740,7 @@ def _push_destination(settings: Settings, title: str | None) -> Peer:
 def _check_config(settings: Settings, args: argparse.Namespace) -> int:
     if exposed := settings.exposed_secret_files():
         raise ConfigError(exposed)  # the agent would refuse to start
+    load_tls(settings.dicom.tls)  # so would it with an unusable certificate file
     print(f"# {args.config}: valid")
     for warning in settings.warnings():
         print(f"warning: {warning}", file=sys.stderr)

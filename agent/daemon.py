@@ -11,6 +11,7 @@ import logging
 import multiprocessing.util
 import os
 import signal
+import ssl
 import tempfile
 import threading
 import time
@@ -47,6 +48,8 @@ from agent.spool import AGENT_LOCK, SWEEP_LOCK, Locked, Spool
 from agent.store import AuditEntry, AuditEvent, Store, StoreError
 from agent.store.choices import FETCH_SYNTAX
 from agent.systemd import Watchdog, notify, status_line, watchdog_interval
+from agent.tls import DicomTls
+from agent.tls import load as load_tls
 from agent.transcode import missing_codec
 from agent.upload import Uploader, UploadWorkers, purge
 from agent.watch import FolderWatch
@@ -69,6 +72,7 @@ IMPORTS_FLUSH = 60.0
 """Seconds between two writes of the studies the watch folders brought (audit rows)."""
 SUPERVISOR = "supervisor"
 ACCEPTOR = "dicom-acceptor"
+TLS_ACCEPTOR = "dicom-tls-acceptor"
 
 
 class StartupError(Exception):
@@ -84,6 +88,9 @@ class Daemon:
         self.store: Store | None = None
         self.receiver: Receiver | None = None
         self.server: Any = None
+        self.tls_server: Any = None
+        """The server of the TLS port (`dicom.tls`), beside the plain one."""
+        self.tls: DicomTls | None = None
         self.workers: UploadWorkers | None = None
         self.query_retrieve: QueryRetrieve | None = None
         self.watch: FolderWatch | None = None
@@ -128,6 +135,7 @@ class Daemon:
         Raise ConfigError if a secret file (a private key, a token) is readable by others."""
         if exposed := self.settings.exposed_secret_files():
             raise ConfigError(exposed)
+        self.tls = load_tls(self.settings.dicom.tls)  # unusable certificate files: ConfigError
         try:
             self.spool.prepare()
         except OSError as exc:
@@ -159,7 +167,7 @@ class Daemon:
         requeued = self.store.jobs.requeue_expired(time.time(), every_claim=True)
         if requeued:
             logger.warning("returned %d interrupted job(s) to the queue", requeued)
-        self.query_retrieve = QueryRetrieve(self.settings, self._retriever())
+        self.query_retrieve = QueryRetrieve(self.settings, self._retriever(), self.tls)
         self.query_retrieve.audit = self.auditor.record
         cloud = self.settings.cloud
         self.probe = CloudProbe(CloudHttp.open(cloud), cloud.upload_url, DicomWeb.open(cloud))
@@ -168,7 +176,7 @@ class Daemon:
             self.store,
             self.spool,
             self.liveness,
-            lambda: self.server,
+            self._servers,
             self.metrics,
             self.probe,
             audit=self.auditor.status,
@@ -188,11 +196,13 @@ class Daemon:
             self.watch = FolderWatch(self.settings.watch, importer, self.liveness, stall_after)
             self.watch.start()
         host, port = self.server.server_address[:2]
+        tls = f", TLS on port {self.tls_server.server_address[1]}" if self.tls_server else ""
         logger.info(
-            "listening as %s on %s:%d (data_dir %s)",
+            "listening as %s on %s:%d%s (data_dir %s)",
             self.settings.dicom.ae_title,
             host,
             port,
+            tls,
             self.settings.data_dir,
         )
         self.auditor.record(
@@ -293,13 +303,40 @@ class Daemon:
             *query_retrieve.handlers(),
         ]
         ae = build_ae(dicom)
-        try:
-            server = ae.start_server((dicom.bind, dicom.port), block=False, evt_handlers=handlers)
-        except OSError as exc:
-            where = f"{dicom.bind}:{dicom.port}"
-            raise StartupError(f"cannot listen on {where}: {exc.strerror}") from exc
-        self._watch_acceptor(server)
+        server = self._listen(ae, dicom.port, handlers, None, ACCEPTOR)
+        if dicom.tls is not None and self.tls is not None:
+            # the same AE, Gate and handlers: the TLS port differs only in its transport
+            try:
+                self.tls_server = self._listen(
+                    ae, dicom.tls.port, handlers, self.tls.server, TLS_ACCEPTOR
+                )
+            except StartupError:
+                server.shutdown()
+                raise
         return server
+
+    def _listen(
+        self,
+        ae: Any,
+        port: int,
+        handlers: list[EventHandlerType],
+        ssl_context: ssl.SSLContext | None,
+        acceptor: str,
+    ) -> Any:
+        """Start serving `port` on dicom.bind; raise StartupError if it cannot be bound."""
+        bind = self.settings.dicom.bind
+        try:
+            server = ae.start_server(
+                (bind, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+            )
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {bind}:{port}: {exc.strerror}") from exc
+        self._watch_acceptor(server, acceptor)
+        return server
+
+    def _servers(self) -> list[Any]:
+        """Return the DICOM servers running: the plain port's and the TLS port's."""
+        return [server for server in (self.server, self.tls_server) if server is not None]
 
     def _count(self, reply: Reply, size: int) -> None:
         if reply.status == Status.SUCCESS:
@@ -307,15 +344,15 @@ class Daemon:
         else:
             self.metrics.instance_rejected(Status(reply.status).name.lower(), reply.quarantined)
 
-    def _watch_acceptor(self, server: Any) -> None:
+    def _watch_acceptor(self, server: Any, name: str) -> None:
         """Have the acceptor beat each time round its loop: socketserver's `serve_forever` calls
         `service_actions` after every poll (half a second) and every accepted connection."""
         deadline = min(ACCEPTOR_DEADLINE, self.settings.health.stall_after)
-        self.liveness.watch(ACCEPTOR, deadline)
+        self.liveness.watch(name, deadline)
         loop_action = server.service_actions
 
         def service_actions() -> None:
-            self.liveness.beat(ACCEPTOR)
+            self.liveness.beat(name)
             loop_action()
 
         server.service_actions = service_actions
@@ -439,15 +476,17 @@ class Daemon:
             # Each worker pauses after its current chunk and gives its job back.
             self.workers.stop(SHUTDOWN_GRACE)
             self.workers = None
-        if self.server is not None:
-            self.server.shutdown()
-            deadline = time.monotonic() + SHUTDOWN_GRACE
-            while self.server.active_associations and time.monotonic() < deadline:
-                time.sleep(0.05)
-            for assoc in self.server.active_associations:
+        servers = self._servers()
+        for server in servers:
+            server.shutdown()
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while any(s.active_associations for s in servers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for server in servers:
+            for assoc in server.active_associations:
                 logger.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
                 assoc.abort()
-            self.server = None
+        self.server = self.tls_server = None
         if self.receiver is not None:
             self.receiver.close()
             self.receiver = None

@@ -10,6 +10,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +38,7 @@ from agent.config import DicomSettings, Peer
 from agent.config.models import HOSTLESS_SERVICES
 from agent.dimse import RejectReason, RejectResult, RejectSource, Status
 from agent.pynetdicom_internals import quiet_identifiers
+from agent.tls import describe_handshake_failure
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +82,11 @@ class PeerPolicy:
             peer.ae_title: resolve(peer.host) if peer.host else None for peer in peers
         }
         self._services = {peer.ae_title: frozenset(peer.services) for peer in peers}
+        self._tls_only = frozenset(peer.ae_title for peer in peers if peer.tls)
 
-    def admit(self, calling_ae: str, address: str) -> Admission:
+    def admit(self, calling_ae: str, address: str, tls: bool = False) -> Admission:
+        """Judge an association request from `address` calling as `calling_ae`, which came
+        over TLS (the TLS port) or not."""
         calling_ae = calling_ae.strip()
         if calling_ae not in self._peers:
             if self.accept_unknown:
@@ -91,6 +96,12 @@ class PeerPolicy:
         if allowed is not None and normalize_address(address) not in allowed:
             return Admission(
                 False, f"calling AE title {calling_ae!r} connected from {address}, not its host"
+            )
+        if calling_ae in self._tls_only and not tls:
+            return Admission(
+                False,
+                f"calling AE title {calling_ae!r} is marked tls in dicom.peers and called the"
+                " plain port; it must use the TLS port",
             )
         return Admission(True, services=self._services[calling_ae])
 
@@ -259,10 +270,14 @@ def set_keepalive(sock: socket.socket) -> None:
 
 
 def close_connection(assoc: Association) -> None:
-    """Shut the association's socket down; a reactor blocked reading it wakes up and ends."""
+    """Shut the association's socket down; a reactor blocked reading it wakes up and ends.
+
+    A TLS socket is shut down beneath its TLS layer: `SSLSocket.shutdown` drops the TLS state
+    first, and a reader on another thread would then take the raw ciphertext for PDUs.
+    """
     if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
         with contextlib.suppress(OSError):
-            assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(assoc.dul.socket.socket, socket.SHUT_RDWR)
 
 
 @dataclass
@@ -314,8 +329,8 @@ class Gate:
     def _on_open(self, event: evt.Event) -> None:
         assoc = event.assoc
         tune(assoc)
-        if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
-            sock = assoc.dul.socket.socket
+        sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+        if sock is not None:
             sock.settimeout(self.settings.acse_timeout)
             set_keepalive(sock)
         with self._lock:
@@ -328,15 +343,49 @@ class Gate:
                 oldest.requestor.address,
             )
             close_connection(oldest)
+        if isinstance(sock, ssl.SSLSocket):
+            self._handshake(assoc, sock)
+
+    def _handshake(self, assoc: Association, sock: ssl.SSLSocket) -> None:
+        """Do the TLS handshake of a connection to the TLS port on its own thread (see
+        `agent.tls.DeferredHandshakeContext`), bounded by acse_timeout; on failure (a plain
+        DICOM peer, an untrusted or missing client certificate, no common cipher suite, a
+        silent client) refuse the connection and say why."""
+        try:
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:
+            reason = f"TLS handshake failed: {describe_handshake_failure(exc)}"
+            self._refused(assoc, None, reason)
+            # Closed before its reactor starts, which then reads nothing of what the peer
+            # sent; with no wait for a request that cannot come, it ends at once instead of
+            # holding its thread for acse_timeout.
+            if assoc.dul.socket is not None:
+                assoc.dul.socket.close()
+            assoc.acse_timeout = 0
+
+    def _refused(self, assoc: Association, calling_ae: str | None, reason: str) -> None:
+        """Log a refused connection or association in one line (where it came from, which
+        port, the AE title it called as: None when it never got as far as asking, and why),
+        and tell `on_refused` (the audit trail)."""
+        port = "TLS" if is_tls(assoc) else "plain"
+        caller = "" if calling_ae is None else f", calling AE title {calling_ae.strip()!r}"
+        logger.warning(
+            "rejected association from %s (%s port%s): %s",
+            assoc.requestor.address,
+            port,
+            caller,
+            reason,
+        )
+        if self.on_refused is not None:
+            self.on_refused(assoc, reason)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         request = assoc.requestor.primitive
         calling_ae = request.calling_ae_title if request is not None else ""
-        admission = self.policy.admit(calling_ae, assoc.requestor.address)
+        admission = self.policy.admit(calling_ae, assoc.requestor.address, is_tls(assoc))
         if not admission.accepted:
-            logger.warning("rejected association: %s", admission.reason)
-            self._refused(assoc, admission.reason)
+            self._refused(assoc, calling_ae, admission.reason)
             _reject(
                 assoc,
                 RejectResult.PERMANENT,
@@ -354,12 +403,7 @@ class Gate:
             if busy < limit:
                 self._connections.setdefault(assoc, _Connection(self._clock())).admitted = True
         if busy >= limit:
-            logger.warning(
-                "rejected association from %s: all %d association slots are in use",
-                calling_ae.strip(),
-                limit,
-            )
-            self._refused(assoc, f"all {limit} association slots are in use")
+            self._refused(assoc, calling_ae, f"all {limit} association slots are in use")
             _reject(
                 assoc,
                 RejectResult.TRANSIENT,
@@ -400,10 +444,6 @@ class Gate:
 
         internals.refuse_contexts(assoc, judge, report)
 
-    def _refused(self, assoc: Association, reason: str) -> None:
-        if self.on_refused is not None:
-            self.on_refused(assoc, reason)
-
     def reap(self) -> list[Association]:
         """Close each connection that has not passed admission within acse_timeout (a reader
         blocked on it wakes up and ends); forget the associations that ended, and return them."""
@@ -430,6 +470,12 @@ class Gate:
             return sum(1 for a, c in self._connections.items() if c.admitted and a.is_alive())
 
 
+def is_tls(assoc: Association) -> bool:
+    """Return True if the association runs over TLS."""
+    transport = assoc.dul.socket
+    return transport is not None and isinstance(transport.socket, ssl.SSLSocket)
+
+
 def _reject(assoc: Association, result: int, source: int, reason: int) -> None:
     assoc.acse.send_reject(result, source, reason)
     # As pynetdicom's own rejection does: wait until the reject is on the wire, or the reactor
@@ -446,19 +492,22 @@ class EchoFailed(Exception):
     """A C-ECHO got no Success; the message says how far it got."""
 
 
-def echo(ae_title: str, peer: Peer, timeout: float) -> float:
-    """Send a C-ECHO as `ae_title` to `peer` (which has a host and port); return how long it
-    took in seconds. Raise EchoFailed if the peer cannot be reached, rejects the association
-    or answers with anything but Success."""
+def echo(
+    ae_title: str, peer: Peer, timeout: float, tls_args: tuple[ssl.SSLContext, str] | None = None
+) -> float:
+    """Send a C-ECHO as `ae_title` to `peer` (which has a host and port), over TLS with
+    `tls_args`; return how long it took in seconds. Raise EchoFailed if the peer cannot be
+    reached, rejects the association or answers with anything but Success."""
     assert peer.host is not None and peer.port is not None
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
     started = time.monotonic()
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         outcome = "rejected the association" if assoc.is_rejected else "could not be reached"
-        raise EchoFailed(f"{peer.ae_title} at {peer.host}:{peer.port} {outcome}")
+        over = " over TLS" if tls_args is not None else ""
+        raise EchoFailed(f"{peer.ae_title} at {peer.host}:{peer.port}{over} {outcome}")
     try:
         status = assoc.send_c_echo()
     finally:

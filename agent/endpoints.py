@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -53,8 +53,8 @@ class Readiness:
 class Endpoints:
     """The answers of /healthz, /readyz and /status for one running agent.
 
-    `server` returns the DICOM server (None once it is closed): its listening socket and its
-    open associations."""
+    `servers` returns the DICOM servers (the plain port's, and the TLS port's when there is
+    one; none once they are closed): their listening sockets and their open associations."""
 
     def __init__(
         self,
@@ -62,7 +62,7 @@ class Endpoints:
         store: Store,
         spool: Spool,
         liveness: Liveness,
-        server: Callable[[], Any],
+        servers: Callable[[], Sequence[Any]],
         metrics: Metrics,
         probe: CloudProbe | None,
         clock: Callable[[], float] = time.monotonic,
@@ -72,7 +72,7 @@ class Endpoints:
         self.store = store
         self.spool = spool
         self.liveness = liveness
-        self.server = server
+        self.servers = servers
         self.metrics = metrics
         self.probe = probe
         self.clock = clock
@@ -161,8 +161,8 @@ class Endpoints:
         """Return the open associations by the services they negotiated (one association may
         count for several: a PACS that stores and queries on one)."""
         counts: dict[str, int] = dict.fromkeys(SERVICES, 0)
-        server = self.server()
-        for assoc in [] if server is None else list(server.active_associations):
+        associations = [assoc for server in self.servers() for assoc in server.active_associations]
+        for assoc in associations:
             for service in {service_of(context) for context in assoc.accepted_contexts}:
                 counts[service] = counts.get(service, 0) + 1
         return counts
@@ -188,15 +188,19 @@ class Endpoints:
         return None
 
     def _listening_problem(self) -> str | None:
-        server = self.server()
-        sock = None if server is None else server.socket
-        if sock is None or sock.fileno() < 0:
+        servers = self.servers()
+        if not servers:
             return "the DICOM port is closed"
-        try:
-            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                return "the DICOM socket is not listening"
-        except OSError as exc:
-            return f"the DICOM socket is unusable: {exc}"
+        for server in servers:
+            sock = server.socket
+            name = "DICOM TLS" if server.ssl_context is not None else "DICOM"
+            if sock is None or sock.fileno() < 0:
+                return f"the {name} port is closed"
+            try:
+                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    return f"the {name} socket is not listening"
+            except OSError as exc:
+                return f"the {name} socket is unusable: {exc}"
         return None
 
     def _disk_problem(self) -> str | None:

@@ -15,7 +15,6 @@ import logging
 import os
 import queue
 import select
-import socket
 import ssl
 import threading
 import time
@@ -84,8 +83,14 @@ def idle_on_socket(assoc: Association, seconds: float) -> Callable[[], None]:
     side queues for the reactor to send (a pending C-MOVE or C-GET response, a release, a
     C-STORE that takes pynetdicom's own path) waits up to `seconds` for its turn, so this fits
     associations that send their C-STOREs themselves (`send_from_files`) or only answer.
+
+    A TLS association keeps polling: every message it sends goes through the reactor's queue
+    (the direct writes are fenced off, see `_lock_writes`), and each PDU of a C-STORE would
+    wait its turn.
     """
     dul = assoc.dul
+    if dul.socket is not None and isinstance(dul.socket.socket, ssl.SSLSocket):
+        return lambda: None
     process = dul._process_recv_primitive
     delay = dul._run_loop_delay
 
@@ -94,7 +99,7 @@ def idle_on_socket(assoc: Association, seconds: float) -> Callable[[], None]:
             return True
         transport = dul.socket
         sock = transport.socket if transport is not None else None
-        if sock is not None and dul.event_queue.empty() and not _tls_pending(sock):
+        if sock is not None and dul.event_queue.empty():
             # closed under us (OSError, ValueError): the reactor's own check next says so
             with contextlib.suppress(OSError, ValueError):
                 select.select([sock], [], [], seconds)
@@ -108,11 +113,6 @@ def idle_on_socket(assoc: Association, seconds: float) -> Callable[[], None]:
         dul._run_loop_delay = delay
 
     return undo
-
-
-def _tls_pending(sock: socket.socket) -> bool:
-    """Return True if a TLS socket holds decrypted bytes that `select` cannot see."""
-    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
 def keep_responses(assoc: Association) -> None:

@@ -77,16 +77,20 @@ def orthanc() -> Iterator[OrthancFactory]:
 def storescp(tmp_path: Path) -> Iterator[StoreSCPFactory]:
     """Return a factory that starts DCMTK storescp peers; all are stopped after the test.
 
-    `storescp(ae="STORESCP", extra_args=("+xa",)) -> StoreSCP`, already
-    answering C-ECHO, writing into a fresh directory under tmp_path.
+    `storescp(ae="STORESCP", extra_args=("+xa",), echo_args=()) -> StoreSCP`, already
+    answering C-ECHO (sent with `echo_args`), writing into a fresh directory under tmp_path.
     """
     procs = []
 
-    def start(ae: str = "STORESCP", extra_args: tuple[str, ...] = ("+xa",)) -> StoreSCP:
+    def start(
+        ae: str = "STORESCP",
+        extra_args: tuple[str, ...] = ("+xa",),
+        echo_args: tuple[str, ...] = (),
+    ) -> StoreSCP:
         port = free_port()
         out_dir = tmp_path / f"storescp-{ae}-{port}"
         try:
-            procs.append(dcmtk.start_storescp(out_dir, port, ae, extra_args))
+            procs.append(dcmtk.start_storescp(out_dir, port, ae, extra_args, echo_args=echo_args))
         except dcmtk.ToolMissing as exc:
             pytest.fail(str(exc), pytrace=False)
         return StoreSCP(port, ae, out_dir)

@@ -33,6 +33,7 @@ from agent.config.rules import (
     CompressionLevel,
     CompressionThreads,
     DataDir,
+    File,
     Flag,
     Host,
     Level,
@@ -59,6 +60,8 @@ from agent.config.rules import (
     UnsetUrl,
     Workers,
     check_ae_title,
+    check_flag,
+    check_port,
     choice,
     empty_as_no_items,
     listen_address,
@@ -84,6 +87,9 @@ class Peer(BaseModel):
     host: Host = None
     port: OptionalPort = None
     services: Services = PEER_SERVICES
+    tls: Flag = False
+    """The peer speaks DICOM over TLS: its associations are admitted on the TLS port only, and
+    ours to it (C-MOVE destination, `dirigo echo`, `dirigo retrieve`) use TLS."""
 
     @model_validator(mode="before")
     @classmethod
@@ -94,6 +100,30 @@ class Peer(BaseModel):
             default = HOSTLESS_SERVICES if data.get("host") is None else PEER_SERVICES
             return {**data, "services": default}
         return data
+
+
+class TlsSettings(BaseModel):
+    """DICOM over TLS (PS3.15 Annex B.9, the BCP 195 RFC 8996 TLS profile): a second port,
+    served by the same agent, and the certificates for it and for our TLS associations."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    port: Port
+    cert: File
+    """Our certificate (PEM), followed by its chain; with the private key too when `key` is
+    not set."""
+    key: OptionalFile = None
+    ca: OptionalFile = None
+    """The CA certificates (PEM) that client certificates and TLS peers' certificates must
+    chain to."""
+    require_client_cert: Flag = True
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _ca_to_verify(cls, value: Any, handler: ModelWrapValidatorHandler[TlsSettings]) -> Any:
+        """Report a missing `ca` while client certificates are required together with the
+        section's other problems."""
+        return _with_problems(cls.__name__, _ca_problems(value), handler, value)
 
 
 class DicomSettings(BaseModel):
@@ -111,6 +141,7 @@ class DicomSettings(BaseModel):
     network_timeout: Timeout = 120.0
     peers: Annotated[tuple[Peer, ...], BeforeValidator(empty_as_no_items)] = ()
     accept_unknown_peers: Flag = False
+    tls: TlsSettings | None = None
 
     @field_validator("peers", mode="wrap")
     @classmethod
@@ -118,6 +149,13 @@ class DicomSettings(BaseModel):
         """Validate the peers and report every repeated AE title at its own index, together
         with the peers' other problems (pydantic would stop at the first)."""
         return _with_problems(cls.__name__, _duplicate_titles(value), handler, value)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _tls_for_peers(cls, value: Any, handler: ModelWrapValidatorHandler[DicomSettings]) -> Any:
+        """Report what TLS needs (a peer marked `tls` needs `dicom.tls` with a `ca`; the TLS
+        port is not the plain one) together with every other problem of the section."""
+        return _with_problems(cls.__name__, _tls_problems(value), handler, value)
 
     def warnings(self) -> list[str]:
         """Return the admission rules that let a caller in on its AE title alone."""
@@ -437,6 +475,51 @@ def _duplicate_titles(value: object) -> list[InitErrorDetails]:
             error = ValueError(f"duplicate AE title {title!r}")
             details.append(_value_error((index, "ae_title"), raw, error))
         seen.add(title)
+    return details
+
+
+def _ca_problems(value: object) -> list[InitErrorDetails]:
+    """Return the raw `dicom.tls` data's missing `ca` while client certificates are required."""
+    if not isinstance(value, dict) or value.get("ca") is not None:
+        return []
+    try:
+        required = check_flag(value.get("require_client_cert", True))
+    except ValueError:
+        return []  # reported by the field itself
+    if not required:
+        return []
+    error = ValueError(
+        "required while 'require_client_cert' is true: client certificates are checked against"
+        " it (set require_client_cert: false to admit TLS clients without one)"
+    )
+    return [_value_error(("ca",), None, error)]
+
+
+def _tls_problems(value: object) -> list[InitErrorDetails]:
+    """Return what the raw `dicom` data's peers marked `tls` need and its `tls` lacks, and a
+    TLS port that is the plain port too."""
+    data = value if isinstance(value, dict) else {}
+    tls, peers = data.get("tls"), data.get("peers")
+    tls = tls if isinstance(tls, dict) else None
+    details: list[InitErrorDetails] = []
+    for index, peer in enumerate(peers if isinstance(peers, list | tuple) else ()):
+        marked = peer.tls if isinstance(peer, Peer) else isinstance(peer, dict) and peer.get("tls")
+        if marked is True and (tls is None or tls.get("ca") is None):
+            missing = "dicom.tls.ca" if tls is not None else "dicom.tls"
+            error = ValueError(
+                f"the peer is marked tls but {missing} is not set: it is what the peer's"
+                " certificate is checked against"
+            )
+            details.append(_value_error(("peers", index, "tls"), True, error))
+    if tls is not None:
+        try:
+            port = check_port(tls.get("port"))
+            plain = check_port(data.get("port", DicomSettings.model_fields["port"].default))
+        except ValueError:
+            return details  # reported by the fields themselves
+        if port == plain:
+            error = ValueError(f"{port} is dicom.port too; the TLS port needs a port of its own")
+            details.append(_value_error(("tls", "port"), tls.get("port"), error))
     return details
 
 

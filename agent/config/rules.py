@@ -201,7 +201,7 @@ def _percent(value: object) -> float:
     raise ValueError(f"{show(value)} is not a valid percentage (1% to 100%)")
 
 
-def _boolean(value: object) -> bool:
+def check_flag(value: object) -> bool:
     if isinstance(value, bool):
         return value
     hint = " (write it without quotes)" if value in ("true", "false") else ""
@@ -358,20 +358,22 @@ def empty_as_no_items(value: object) -> object:
 # The types of the settings: each parses the YAML forms, checks, and formats back for dumping.
 SiteId = Annotated[str, rule(_site)]
 DataDir = Annotated[Path, BeforeValidator(_absolute_path)]
+File = Annotated[Path, BeforeValidator(_absolute_path)]
 OptionalFile = Annotated[Path | None, BeforeValidator(_optional_path)]
 Level = Annotated[LogLevel, rule(_log_level)]
 AETitle = Annotated[str, rule(check_ae_title)]
 BindAddress = Annotated[str, rule(_bind)]
 Listen = Annotated[str, rule(_listen)]
 Host = Annotated[str | None, rule(_host, optional=True)]
-Port = Annotated[int, rule(_bounded_int(1, 65535, "port"))]
-OptionalPort = Annotated[int | None, rule(_bounded_int(1, 65535, "port"), optional=True)]
+check_port = _bounded_int(1, 65535, "port")
+Port = Annotated[int, rule(check_port)]
+OptionalPort = Annotated[int | None, rule(check_port, optional=True)]
 Associations = Annotated[int, rule(_bounded_int(1, 1000, "number of associations"))]
 PduSize = Annotated[int, rule(_pdu_size), PlainSerializer(format_size)]
 Timeout = Annotated[float, rule(_duration(0, inclusive=False)), PlainSerializer(format_duration)]
 QuietTime = Annotated[float, rule(_duration(1, inclusive=True)), PlainSerializer(format_duration)]
 Percent = Annotated[float, rule(_percent), PlainSerializer(format_percent)]
-Flag = Annotated[bool, rule(_boolean)]
+Flag = Annotated[bool, rule(check_flag)]
 Services = Annotated[tuple[Service, ...], rule(_services)]
 Url = Annotated[str, rule(_url), PlainSerializer(redact_url)]
 OptionalUrl = Annotated[

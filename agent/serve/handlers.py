@@ -60,6 +60,7 @@ from agent.serve.syntax import Accepted, accepted_by, proposals
 from agent.serve.trail import Delivery, RequestTally, Who, keys_of, query_entry, retrieve_entry
 from agent.store import AuditEntry
 from agent.store.audit import Record
+from agent.tls import DicomTls
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +92,15 @@ class QueryRetrieve:
     """The Query/Retrieve SCP of one agent: its handlers, its cloud archive and its cache.
 
     `retriever` is None when `cloud.dicomweb_url` is not set: every request is then answered
-    with 0xC0D1 and a log line saying why.
+    with 0xC0D1 and a log line saying why. `tls` carries the C-STOREs of a C-MOVE to a
+    destination marked `tls` (None when `dicom.tls` is not set, and then no peer is).
     """
 
-    def __init__(self, settings: Settings, retriever: Retriever | None) -> None:
+    def __init__(
+        self, settings: Settings, retriever: Retriever | None, tls: DicomTls | None = None
+    ) -> None:
         self.ae_title = settings.dicom.ae_title
+        self.tls = tls
         self.peers: Sequence[Peer] = settings.dicom.peers
         self.page_size = settings.serve.page_size
         self.retriever = retriever
@@ -221,9 +226,10 @@ class QueryRetrieve:
                 "ae_title": destination.ae_title,
                 "contexts": contexts,
                 "evt_handlers": [(evt.EVT_CONN_OPEN, opened)],
+                "tls_args": self.tls.args_for(destination) if self.tls else None,
             },
         )
-        where = f"to {destination.ae_title}"
+        where = f"to {destination.ae_title}" + (" over TLS" if destination.tls else "")
 
         def accepted() -> Accepted:
             assoc = store.get("assoc")

@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import os
+import ssl
 import tempfile
 import threading
 import time
@@ -488,12 +489,15 @@ def push(
     refs: Iterable[InstanceRef],
     progress: Callable[[Item], None],
     counts: Counts,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
 ) -> Pushed:
     """Send `refs` to a storage SCP by C-STORE, the way a C-MOVE does: same proposals, same
-    preparation. `progress` is called after each instance. Raise ConnectionError if the
-    destination cannot be associated with."""
+    preparation, over TLS with `tls_args`. `progress` is called after each instance. Raise
+    ConnectionError if the destination cannot be associated with."""
     contexts = proposals(retriever.known_syntaxes(refs))
-    assoc: Association = ae.associate(host, port, contexts=contexts, ae_title=ae_title)
+    assoc: Association = ae.associate(
+        host, port, contexts=contexts, ae_title=ae_title, tls_args=tls_args
+    )
     if not assoc.is_established:
         outcome = "rejected the association" if assoc.is_rejected else "could not be reached"
         raise ConnectionError(f"{ae_title} at {host}:{port} {outcome}")

@@ -129,9 +129,10 @@ def echoscu(
     called_ae: str = "DIRIGO",
     host: str = LOOPBACK,
     timeout: float = 10.0,
+    extra_args: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Send one C-ECHO; returncode 0 means the peer accepted and answered."""
-    args = ["-to", "5", "-ta", "5", "-td", "5"]
+    args = ["-to", "5", "-ta", "5", "-td", "5", *extra_args]
     return run("echoscu", [*args, *_association_args(calling_ae, called_ae, host, port)], timeout)
 
 
@@ -300,8 +301,10 @@ def start_storescp(
     ae: str = "STORESCP",
     extra_args: Sequence[str] = ("+xa",),
     timeout: float = 15.0,
+    echo_args: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start storescp writing received files into `out_dir`; return once it answers C-ECHO.
+    """Start storescp writing received files into `out_dir`; return once it answers C-ECHO
+    (sent with `echo_args`: a storescp with `+tls` answers only an echoscu with TLS options).
 
     `+xa` (default) accepts every transfer syntax DCMTK knows, so dcmsend can
     store compressed files. Output goes to an anonymous temporary file that is
@@ -316,7 +319,7 @@ def start_storescp(
         )
         try:
             wait_until(
-                lambda: _answers_echo(proc, port, ae, log),
+                lambda: _answers_echo(proc, port, ae, log, echo_args),
                 timeout,
                 interval=0.1,
                 what=f"storescp on port {port} answering C-ECHO",
@@ -327,10 +330,13 @@ def start_storescp(
     return proc
 
 
-def _answers_echo(proc: subprocess.Popen[bytes], port: int, ae: str, log: IO[bytes]) -> bool:
+def _answers_echo(
+    proc: subprocess.Popen[bytes], port: int, ae: str, log: IO[bytes], echo_args: Sequence[str]
+) -> bool:
     if proc.poll() is not None:
         raise PeerExited(f"storescp exited with {proc.returncode}:\n{tail(log)}")
-    return echoscu(port, calling_ae="ECHO", called_ae=ae, timeout=10).returncode == 0
+    echo = echoscu(port, calling_ae="ECHO", called_ae=ae, timeout=10, extra_args=echo_args)
+    return echo.returncode == 0
 
 
 @contextlib.contextmanager

@@ -522,6 +522,73 @@ def test_peers_admitted_on_their_ae_title_alone_are_warnings_naming_their_keys()
     assert parse_config(minimal(dicom__peers=peers[:1])).warnings() == []
 
 
+# --- DICOM TLS ------------------------------------------------------------------------------------
+
+TLS = {"port": 2762, "cert": "/etc/dirigo/dicom.pem", "key": "/etc/dirigo/dicom.key"}
+
+
+def test_tls_is_off_by_default_and_peers_are_plain() -> None:
+    settings = parse_config(minimal(dicom__peers=[{"ae_title": "PACS"}]))
+    assert settings.dicom.tls is None
+    assert settings.dicom.peers[0].tls is False
+
+
+def test_tls_keeps_its_files_and_requires_client_certificates_by_default() -> None:
+    tls = {**TLS, "ca": "/etc/dirigo/ca.pem"}
+    peers = [{"ae_title": "PACS", "host": "10.0.0.9", "port": 104, "tls": True}]
+    settings = parse_config(minimal(dicom__tls=tls, dicom__peers=peers))
+    assert settings.dicom.tls is not None
+    assert settings.dicom.tls.port == 2762
+    assert settings.dicom.tls.cert == Path("/etc/dirigo/dicom.pem")
+    assert settings.dicom.tls.ca == Path("/etc/dirigo/ca.pem")
+    assert settings.dicom.tls.require_client_cert is True
+    assert settings.dicom.peers[0].tls is True
+    assert parse_config(settings.redacted()) == settings
+
+
+def test_tls_files_are_taken_from_the_config_files_directory(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    tls = {"port": 2762, "cert": "dicom.pem", "require_client_cert": False}
+    config.write_text(yaml.safe_dump(minimal(dicom__tls=tls)))
+    found = load_config(config).dicom.tls
+    assert found is not None and found.cert == tmp_path / "dicom.pem"
+
+
+def test_tls_problems_are_reported_together_each_at_its_key() -> None:
+    peers = [{"ae_title": "PACS", "tls": True}, {"ae_title": "CT1", "tls": "yes"}]
+    tls = {"port": 11112, "cert": "/etc/dirigo/dicom.pem"}
+    assert problems(minimal(dicom__tls=tls, dicom__peers=peers)) == [
+        "At 'dicom.peers[1].tls': 'yes' is not true or false",
+        "At 'dicom.tls.ca': required while 'require_client_cert' is true: client certificates"
+        " are checked against it (set require_client_cert: false to admit TLS clients without"
+        " one)",
+        "At 'dicom.peers[0].tls': the peer is marked tls but dicom.tls.ca is not set: it is what"
+        " the peer's certificate is checked against",
+        "At 'dicom.tls.port': 11112 is dicom.port too; the TLS port needs a port of its own",
+    ]
+
+
+def test_a_peer_marked_tls_needs_the_tls_section() -> None:
+    message = only_problem(minimal(dicom__peers=[{"ae_title": "PACS", "tls": True}]))
+    assert message.startswith("At 'dicom.peers[0].tls': the peer is marked tls but dicom.tls is")
+
+
+def test_tls_needs_its_port_and_certificate() -> None:
+    assert problems(minimal(dicom__tls={"require_client_cert": False})) == [
+        "At 'dicom.tls.port': required",
+        "At 'dicom.tls.cert': required",
+    ]
+
+
+def test_the_tls_private_key_is_a_secret_file(tmp_path: Path) -> None:
+    key = tmp_path / "dicom.key"
+    key.write_text("secret")
+    key.chmod(0o644)
+    tls = {"port": 2762, "cert": str(tmp_path / "dicom.pem"), "key": str(key), "ca": "/c.pem"}
+    (finding,) = parse_config(minimal(dicom__tls=tls)).exposed_secret_files()
+    assert finding.startswith(f"At 'dicom.tls.key': {key} is readable by its group or by others")
+
+
 def test_duplicate_peer_ae_title_names_the_second_entry() -> None:
     message = only_problem(minimal(dicom__peers=[{"ae_title": "PACS"}, {"ae_title": "PACS "}]))
     assert message == "At 'dicom.peers[1].ae_title': duplicate AE title 'PACS'"
@@ -882,6 +949,7 @@ def test_redacted_uses_the_yaml_forms() -> None:
         "network_timeout": "2m",
         "peers": [],
         "accept_unknown_peers": False,
+        "tls": None,
     }
     assert dumped["study"] == {"stable_after": "2h"}
     assert dumped["spool"] == {

@@ -74,3 +74,16 @@ def test_a_sop_class_of_a_service_dirigo_does_not_offer_is_not_offered_as_storag
     abstract_syntax: str, is_offered: bool
 ) -> None:
     assert offered(abstract_syntax) is is_offered
+
+
+def test_a_peer_marked_tls_is_admitted_over_tls_only_and_told_why_not() -> None:
+    peers = [Peer(ae_title="PACS", host="127.0.0.1", tls=True), Peer(ae_title="CT1")]
+    policy = PeerPolicy(peers, accept_unknown=True)
+    assert policy.admit("PACS", "127.0.0.1", tls=True).accepted
+    plain = policy.admit("PACS", "127.0.0.1", tls=False)
+    assert not plain.accepted
+    assert "marked tls in dicom.peers and called the plain port" in plain.reason
+    # a peer without the mark, and an unknown caller, may use either port
+    assert policy.admit("CT1", "10.1.2.3", tls=False).accepted
+    assert policy.admit("CT1", "10.1.2.3", tls=True).accepted
+    assert policy.admit("STRANGER", "10.1.2.3", tls=True).accepted
