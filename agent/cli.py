@@ -28,7 +28,7 @@ from agent.cloud import CloudConfigError, CloudError
 from agent.config import ConfigError, Peer, Settings, load_config
 from agent.config.units import parse_duration
 from agent.daemon import CACHE, DATABASE, Daemon, StartupError
-from agent.dicom import EchoFailed, echo, peer_by_title
+from agent.dicom import EchoFailed, echo, peer_by_title, quiet_tracebacks
 from agent.dicomweb import DicomWeb
 from agent.dimse import QRStatus
 from agent.doctor import examine, failed
@@ -668,6 +668,7 @@ def _push_listed(
 ) -> int:
     from pynetdicom import AE
 
+    quiet_tracebacks()
     ae = AE(ae_title=settings.dicom.ae_title)
     ae.acse_timeout = settings.dicom.acse_timeout
     ae.dimse_timeout = settings.dicom.dimse_timeout

@@ -193,15 +193,33 @@ def tune(assoc: Association, *, sends_stores: bool = False) -> None:
         internals.idle_on_socket(assoc, IDLE_WAIT)
 
 
-class NoTimeoutTracebacks(logging.Filter):
-    """Drop the traceback pynetdicom logs, at ERROR, each time a read from a peer times out.
+class NoTracebacks(logging.Filter):
+    """Drop the record pynetdicom logs with a traceback, at ERROR, for an exception of `kind`.
 
-    The line it logs just before ("Connection closed before the entire PDU was received") says
-    what happened; a traceback per silent connection would let a port scan fill the log.
+    Each time a read from a peer times out, the line it logs just before ("Connection closed
+    before the entire PDU was received") says what happened, and a traceback per silent
+    connection would let a port scan fill the log; each time a TLS association it requests
+    fails (the peer's certificate not trusted, say), the line before ("TCP Initialisation
+    Error: [SSL: CERTIFICATE_VERIFY_FAILED] ...") says why, and C-MOVEs repeat it.
     """
 
+    def __init__(self, kind: type[BaseException]) -> None:
+        super().__init__()
+        self.kind = kind
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], TimeoutError))
+        return not (record.exc_info and isinstance(record.exc_info[1], self.kind))
+
+
+_QUIETED = (("pynetdicom.dul", TimeoutError), ("pynetdicom.transport", ssl.SSLError))
+
+
+def quiet_tracebacks() -> None:
+    """Install the `NoTracebacks` filters on pynetdicom's loggers (once)."""
+    for name, kind in _QUIETED:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, NoTracebacks) and f.kind is kind for f in log.filters):
+            log.addFilter(NoTracebacks(kind))
 
 
 def build_ae(settings: DicomSettings) -> AE:
@@ -220,9 +238,7 @@ def build_ae(settings: DicomSettings) -> AE:
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     quiet_identifiers()
-    dul_log = logging.getLogger("pynetdicom.dul")
-    if not any(isinstance(f, NoTimeoutTracebacks) for f in dul_log.filters):
-        dul_log.addFilter(NoTimeoutTracebacks())
+    quiet_tracebacks()
     ae = AE(ae_title=settings.ae_title)
     # pynetdicom counts every accepted connection against this, admitted or not; the Gate
     # keeps max_associations for admitted peers, so pynetdicom's own count must leave room
@@ -499,6 +515,7 @@ def echo(
     `tls_args`; return how long it took in seconds. Raise EchoFailed if the peer cannot be
     reached, rejects the association or answers with anything but Success."""
     assert peer.host is not None and peer.port is not None
+    quiet_tracebacks()
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import requests
 
 from agent.cloud import CloudConfigError, CloudError, CloudHttp, TusClient
-from agent.config import Settings
+from agent.config import ConfigError, Settings
 from agent.daemon import DATABASE
 from agent.dicom import EchoFailed, echo
 from agent.dicomweb import DicomWeb
@@ -31,6 +31,7 @@ from agent.spool import Spool
 from agent.store import StoreError
 from agent.store.maintenance import check
 from agent.store.schema import outdated, too_new
+from agent.tls import DicomTls
 
 CERT_WARN_DAYS = 30
 CLOCK_WARN_SECONDS = 300.0
@@ -380,12 +381,28 @@ def _cloud_hint(exc: CloudError) -> str:
 
 
 def _peers(settings: Settings, timeout: float) -> Iterator[Finding]:
+    tls: DicomTls | None = None
+    if settings.dicom.tls is not None:
+        try:
+            tls = DicomTls.load(settings.dicom.tls)
+        except ConfigError as exc:
+            more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
+            hint = "the agent refuses to start until this is fixed"
+            yield Finding("dicom tls", Verdict.FAIL, exc.problems[0] + more, hint)
+        else:
+            port = settings.dicom.tls.port
+            yield Finding("dicom tls", Verdict.OK, f"the certificates load; TLS port {port}")
     for peer in settings.dicom.peers:
         if peer.host is None or peer.port is None:
             continue
         name = f"peer {peer.ae_title}"
+        if peer.tls and tls is None:
+            yield Finding(name, Verdict.FAIL, "marked tls, and dicom.tls is unusable", "see above")
+            continue
         try:
-            elapsed = echo(settings.dicom.ae_title, peer, timeout)
+            elapsed = echo(
+                settings.dicom.ae_title, peer, timeout, tls.args_for(peer) if tls else None
+            )
         except EchoFailed as exc:
             yield Finding(
                 name,
@@ -397,5 +414,6 @@ def _peers(settings: Settings, timeout: float) -> Iterator[Finding]:
         yield Finding(
             name,
             Verdict.OK,
-            f"C-ECHO to {peer.host}:{peer.port}: Success ({elapsed * 1000:.0f} ms)",
+            f"C-ECHO to {peer.host}:{peer.port}{' over TLS' if peer.tls else ''}: Success"
+            f" ({elapsed * 1000:.0f} ms)",
         )

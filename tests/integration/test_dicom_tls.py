@@ -393,7 +393,7 @@ def test_a_get_over_tls_brings_the_instances_intact(
     assert (pydicom.dcmread(path).pixel_array == reference).all()
 
 
-def test_dirigo_echo_and_retrieve_reach_a_tls_peer(
+def test_dirigo_echo_retrieve_and_doctor_reach_a_tls_peer(
     tmp_path: Path,
     tmp_data_dir: Path,
     certs: Certificates,
@@ -406,8 +406,12 @@ def test_dirigo_echo_and_retrieve_reach_a_tls_peer(
     load(archive, series)
     plain = storescp(ae="PLAIN")  # a peer wrongly marked tls: it cannot speak TLS
     wrong = {"ae_title": "PLAIN", "host": LOOPBACK, "port": plain.port, "tls": True}
-    cloud = {"dicomweb_url": archive.dicomweb_url}
-    agent = TlsAgent(tmp_data_dir, certs, destination_peer(destination), wrong, cloud=cloud)
+    # a TLS peer whose certificate the site's CA did not issue
+    stranger_tls = (*certs.stranger.dcmtk_args(certs.ca), "-ic")
+    stranger = storescp(ae="STRANGER", extra_args=stranger_tls, echo_args=stranger_tls)
+    untrusted = {"ae_title": "STRANGER", "host": LOOPBACK, "port": stranger.port, "tls": True}
+    peers = (destination_peer(destination), wrong, untrusted)
+    agent = TlsAgent(tmp_data_dir, certs, *peers, cloud={"dicomweb_url": archive.dicomweb_url})
 
     def dirigo(*args: str) -> subprocess.CompletedProcess[str]:
         command = agent.command(*args)
@@ -415,13 +419,21 @@ def test_dirigo_echo_and_retrieve_reach_a_tls_peer(
 
     echo = dirigo("echo", "DEST")
     refused = dirigo("echo", "PLAIN")
+    distrusted = dirigo("echo", "STRANGER")
     study = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
     retrieve = dirigo("retrieve", "--study", study, "--to", "DEST")
+    doctor = dirigo("doctor").stdout
 
     assert echo.returncode == 0, echo.stderr
     assert f"C-ECHO to DEST at {LOOPBACK}:{destination.port} over TLS: Success" in echo.stdout
     assert refused.returncode == 1
     assert f"PLAIN at {LOOPBACK}:{plain.port} over TLS could not be reached" in refused.stderr
+    assert distrusted.returncode == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in distrusted.stderr
+    assert "Traceback" not in distrusted.stderr  # the line before the traceback says it all
     assert retrieve.returncode == 0, retrieve.stderr
     assert "4 of 4 instances sent to DEST" in retrieve.stdout
     assert received(destination.out_dir) == sent(series)
+    assert "OK    dicom tls: the certificates load; TLS port" in doctor
+    assert f"OK    peer DEST: C-ECHO to {LOOPBACK}:{destination.port} over TLS: Success" in doctor
+    assert "FAIL  peer PLAIN:" in doctor

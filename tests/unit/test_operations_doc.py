@@ -13,7 +13,11 @@ RUNBOOK = " ".join((ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
 CODE = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / "agent").rglob("*.py"))
 
 FRAGMENTS = [
-    "rejected association: ",
+    "rejected association from ",
+    "is marked tls in dicom.peers and called the",
+    "it must use the TLS port",
+    "TLS handshake failed: ",
+    "certificate not accepted: ",
     "calling AE title ",
     " is not a configured peer",
     "not its host",
