@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, so
 from pynetdicom.presentation import build_context, negotiate_unrestricted
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from agent import dicom, receive
+from agent import dicom, receive, tls
 from agent.config import parse_config
 from agent.dimse import QRStatus, RejectReason, Status
 from agent.instance import MAX_SEQUENCE_DEPTH
@@ -301,3 +302,28 @@ def test_each_configuration_key_exists_with_the_default_the_doc_gives() -> None:
             node = node.setdefault(name, {})
         node[path[-1]] = yaml.safe_load(row["default"].strip("`"))
         assert parse_config(data) == defaults, row["key"]
+
+
+# --- security profiles -----------------------------------------------------------------------
+
+
+def test_the_tls_profile_lists_the_cipher_suites_and_versions_the_contexts_allow() -> None:
+    """The TLS 1.2 suites the statement names (IANA names) are exactly those an SSL context
+    with Dirigo's profile enables (OpenSSL names), and its floor is the version named."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls._profile(context)
+    enabled = {
+        _iana(cipher["name"]) for cipher in context.get_ciphers() if cipher["protocol"] == "TLSv1.2"
+    }
+    text = section("6.1 Security profiles")
+    named = set(re.findall(r"`(TLS_ECDHE_\w+)`", text))
+    assert named == enabled
+    assert context.minimum_version is ssl.TLSVersion.TLSv1_2
+    assert "TLS 1.2 or 1.3, never older" in text
+
+
+def _iana(openssl_name: str) -> str:
+    match = re.fullmatch(r"ECDHE-(RSA|ECDSA)-AES(128|256)-GCM-(SHA\d+)", openssl_name)
+    assert match, f"{openssl_name} is outside the profile"
+    auth, bits, mac = match.groups()
+    return f"TLS_ECDHE_{auth}_WITH_AES_{bits}_GCM_{mac}"
