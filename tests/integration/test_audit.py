@@ -113,7 +113,7 @@ def audit_rows(agent: Agent, *args: str) -> list[dict[str, Any]]:
     return rows
 
 
-def test_a_send_a_query_a_move_and_a_refusal_reach_rsyslog_as_dicom_audit_messages(
+def test_a_send_a_query_a_move_a_get_and_refusals_reach_rsyslog_as_dicom_audit_messages(
     tmp_path: Path,
     tmp_data_dir: Path,
     orthanc: OrthancFactory,
@@ -135,6 +135,7 @@ def test_a_send_a_query_a_move_and_a_refusal_reach_rsyslog_as_dicom_audit_messag
             agent.port, [f"StudyInstanceUID={uid(prior[0])}"], out_dir=tmp_path / "found"
         )
         moved = dcmtk.movescu(agent.port, [f"StudyInstanceUID={uid(prior[0])}"], "DEST")
+        got = dcmtk.getscu(agent.port, [f"StudyInstanceUID={uid(prior[0])}"], tmp_path / "got")
         refused = dcmtk.echoscu(agent.port, calling_ae="INTRUDER")
         worklist = AE(ae_title="PACS")
         worklist.add_requested_context(ModalityWorklistInformationFind)
@@ -145,6 +146,7 @@ def test_a_send_a_query_a_move_and_a_refusal_reach_rsyslog_as_dicom_audit_messag
     assert stored.returncode == 0, stored.stdout[-2000:] + log
     assert dcmtk.final_status(found) == SUCCESS, found.stdout[-2000:]
     assert dcmtk.final_status(moved) == SUCCESS, moved.stdout[-2000:]
+    assert dcmtk.final_status(got) == SUCCESS, got.stdout[-2000:]
     assert refused.returncode != 0
 
     # every row but the accepted associations has its message (start, store, query, move,
@@ -168,9 +170,17 @@ def test_a_send_a_query_a_move_and_a_refusal_reach_rsyslog_as_dicom_audit_messag
     (sop_class,) = stored_message.iter("SOPClass")
     assert sop_class.get("NumberOfInstances") == "3"
     assert ("110112", "E", "") in by_event
-    moved_message = by_event[("110104", "R", "")]
-    assert studies_of(moved_message) == {uid(prior[0])}
-    assert "DEST" in {p.get("UserID") for p in moved_message.iter("ActiveParticipant")}
+    retrieves = [m for e, m in zip(events, received, strict=True) if e == ("110104", "R", "")]
+    assert [studies_of(m) for m in retrieves] == [{uid(prior[0])}] * 2
+    destinations = [
+        {p.get("UserID"): p.get("UserIsRequestor") for p in m.iter("ActiveParticipant")}
+        for m in retrieves
+    ]
+    # C-MOVE: to DEST for PACS, the requester; C-GET: back to PACS itself
+    assert destinations == [
+        {"DIRIGO": "false", "DEST": "false", "PACS": "true"},
+        {"DIRIGO": "false", "PACS": "true"},
+    ]
     alerts = [m[0] for e, m in zip(events, received, strict=True) if e == ("110113", "E", "110126")]
     assert {a.get("EventOutcomeIndicator") for a in alerts} == {"4"}
     descriptions = sorted(a.findtext("EventOutcomeDescription") or "" for a in alerts)
@@ -191,8 +201,10 @@ def test_a_send_a_query_a_move_and_a_refusal_reach_rsyslog_as_dicom_audit_messag
     assert "not a configured peer" in refusals[0]["reason"]
     assert [r["event"] for r in audit_rows(agent, "--study", uid(sent[0]))] == ["study-received"]
     by_prior = audit_rows(agent, "--study", uid(prior[0]))
-    assert [r["event"] for r in by_prior] == ["query", "retrieve"]
-    assert by_prior[1]["detail"]["destination"] == "DEST"
+    assert [r["event"] for r in by_prior] == ["query", "retrieve", "retrieve"]
+    assert [r["detail"]["operation"] for r in by_prior[1:]] == ["C-MOVE", "C-GET"]
+    assert [r["detail"]["destination"] for r in by_prior[1:]] == ["DEST", "PACS"]
+    assert [r["detail"]["instances"] for r in by_prior[1:]] == [4, 4]
     assert {r["event"] for r in audit_rows(agent, "--peer", "DEST")} == {"retrieve"}
     table = subprocess.run(
         agent.command("audit", "--since", "1h"), capture_output=True, text=True, timeout=60
