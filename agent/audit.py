@@ -125,6 +125,7 @@ class _Association:
     calling_ae: str
     called_ae: str
     address: str
+    tls: bool = False
     studies: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     """SOP classes (and how many instances of each) received, by study."""
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -140,23 +141,30 @@ class Associations:
         self._lock = threading.Lock()
         self._open: dict[Hashable, _Association] = {}
 
-    def refused(self, calling_ae: str, called_ae: str, address: str, reason: str) -> None:
+    def refused(
+        self, calling_ae: str, called_ae: str, address: str, reason: str, *, tls: bool = False
+    ) -> None:
+        """Record a connection or association refused, and why; the AE titles are empty
+        when it never got as far as asking (a failed TLS handshake)."""
         self._record(
             AuditEntry(
                 self._clock(),
                 AuditEvent.ASSOCIATION,
                 AuditOutcome.FAILURE,
                 reason,
-                calling_ae.strip(),
-                called_ae.strip(),
+                calling_ae.strip() or None,
+                called_ae.strip() or None,
                 address,
+                detail={"tls": tls},
             )
         )
 
-    def admitted(self, key: Hashable, calling_ae: str, called_ae: str, address: str) -> None:
+    def admitted(
+        self, key: Hashable, calling_ae: str, called_ae: str, address: str, *, tls: bool = False
+    ) -> None:
         with self._lock:
             self._open[key] = _Association(
-                self._clock(), calling_ae.strip(), called_ae.strip(), address
+                self._clock(), calling_ae.strip(), called_ae.strip(), address, tls
             )
 
     def stored(self, key: Hashable, reply: Reply) -> None:
@@ -207,7 +215,7 @@ class Associations:
                     calling_ae=a.calling_ae,
                     called_ae=a.called_ae,
                     address=a.address,
-                    detail={"ended_at": now, "instances": dict(a.outcomes)},
+                    detail={"ended_at": now, "instances": dict(a.outcomes), "tls": a.tls},
                 )
             )
         for study_uid, classes in a.studies.items():

@@ -29,7 +29,7 @@ from agent.auditmessage import Identity
 from agent.cloud import CloudHttp, Throttle, TusClient
 from agent.config import ConfigError, Settings
 from agent.config.rules import listen_address
-from agent.dicom import Gate, PeerPolicy, build_ae
+from agent.dicom import Gate, PeerPolicy, build_ae, is_tls
 from agent.dicomweb import DicomWeb
 from agent.dimse import Status
 from agent.endpoints import Endpoints
@@ -293,8 +293,12 @@ class Daemon:
             associations.ended(event.assoc, failure="rejected: too many connections")
 
         self.gate = Gate(dicom, policy)
-        self.gate.on_admitted = lambda assoc: associations.admitted(assoc, *_parties(assoc))
-        self.gate.on_refused = lambda assoc, reason: associations.refused(*_parties(assoc), reason)
+        self.gate.on_admitted = lambda assoc: associations.admitted(
+            assoc, *_parties(assoc), tls=is_tls(assoc)
+        )
+        self.gate.on_refused = lambda assoc, reason: associations.refused(
+            *_parties(assoc), reason, tls=is_tls(assoc)
+        )
         handlers: list[EventHandlerType] = [
             *self.gate.handlers(),
             (evt.EVT_C_STORE, on_store),

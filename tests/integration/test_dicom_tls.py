@@ -191,9 +191,22 @@ def test_a_peer_marked_tls_is_rejected_on_the_plain_port_with_the_reason(
             "rejected association from 127.0.0.1 (plain port, calling AE title 'PACS'): calling"
             " AE title 'PACS' is marked tls in dicom.peers and called the plain port",
         )
+        refusals = agent.rows(
+            "SELECT calling_ae, address, reason, json_extract(detail, '$.tls') FROM audit"
+            " WHERE event = 'association' AND outcome = 'failure'"
+        )
 
     assert result.returncode != 0
     assert "Association Rejected" in result.stdout + result.stderr
+    assert refusals == [
+        (
+            "PACS",
+            "127.0.0.1",
+            "calling AE title 'PACS' is marked tls in dicom.peers and called the plain port;"
+            " it must use the TLS port",
+            0,
+        )
+    ]
 
 
 def test_an_untrusted_or_missing_client_certificate_is_refused(
@@ -208,6 +221,15 @@ def test_an_untrusted_or_missing_client_certificate_is_refused(
             "TLS handshake failed: certificate not accepted: unable to get local issuer",
             "TLS handshake failed: peer did not return a certificate",
         )
+        refusals = agent.rows(
+            "SELECT calling_ae, reason, json_extract(detail, '$.tls') FROM audit"
+            " WHERE event = 'association' AND outcome = 'failure' ORDER BY id"
+        )
+
+    # the audit trail keeps each refusal at the handshake, before any AE title was sent
+    assert [(calling, tls) for calling, _, tls in refusals] == [(None, 1), (None, 1)]
+    assert refusals[0][1].startswith("TLS handshake failed: certificate not accepted")
+    assert refusals[1][1] == "TLS handshake failed: peer did not return a certificate"
 
     assert stranger.returncode != 0 and dcmtk.acknowledged(stranger) == []
     assert anonymous.returncode != 0

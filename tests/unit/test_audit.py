@@ -151,6 +151,7 @@ def test_an_association_is_written_when_it_ends_with_one_row_per_study() -> None
     assert association.detail == {
         "ended_at": T0 + 5,
         "instances": {"stored": 4, "out_of_resources": 1},
+        "tls": False,
     }
     assert {s.study_uid: dict(s.detail) for s in studies} == {
         STUDY: {"instances": 3, "sop_classes": {CT: 2, MR: 1}},
