@@ -8,7 +8,8 @@ kernel's `PR_SET_MDWE` too, `RestrictAddressFamilies=`, `RestrictNamespaces=`,
 `RestrictRealtime=`), `NoNewPrivileges=`, `UMask=`, and a /proc as `ProtectProc=invisible` and
 `ProcSubset=pid` mount it. What needs systemd's own mount and user set-up (`ProtectSystem=`,
 `PrivateTmp=`, `PrivateDevices=`, `User=`, capabilities) is not exercised here; `systemd-analyze
-verify` checks that the unit says it correctly (tests/integration/test_packaging.py).
+verify` checks that the unit says it correctly (below, and on the unit the package installs in
+tests/integration/test_deb.py).
 """
 
 from __future__ import annotations

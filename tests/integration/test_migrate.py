@@ -31,6 +31,7 @@ DATABASE_COMMANDS: list[tuple[str, ...]] = [
     ("quarantine", "purge", "1"),
     ("send", "SENDME"),
     ("doctor",),
+    ("audit",),
 ]
 
 
