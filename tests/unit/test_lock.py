@@ -36,7 +36,7 @@ def pins(lock: str) -> list[tuple[str, Version, Marker | None, str]]:
 def requirements(*extras: str) -> list[Requirement]:
     wanted = [*PROJECT["dependencies"]]
     for extra in extras:
-        wanted += PROJECT["optional-dependencies"][extra]
+        wanted += PROJECT["optional-dependencies"].get(extra, [])  # transcode may become core
     own = canonicalize_name(PROJECT["name"])
     return [r for r in map(Requirement, wanted) if canonicalize_name(r.name) != own]
 
