@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import socket
+import ssl
 from pathlib import Path
 
 import pynetdicom
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket
 
 import agent
 from agent import pynetdicom_internals as internals
@@ -48,3 +51,28 @@ def test_no_other_module_of_the_agent_touches_pynetdicom_internals() -> None:
         for found in INTERNALS.finditer(path.read_text())
     ]
     assert not touching
+
+
+def association_over(sock: socket.socket) -> Association:
+    """Return an association (never started) whose connection is `sock`."""
+    assoc = Association(AE(), "requestor")
+    assoc.dul.socket = AssociationSocket(assoc, client_socket=sock)
+    return assoc
+
+
+def test_a_tls_association_keeps_pynetdicoms_own_send_path_and_its_polling() -> None:
+    # OpenSSL takes no write from one thread while another reads the same connection: on TLS
+    # the reactor alone reads and writes, and it must not wait on a socket its queue feeds
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # wraps an unconnected socket as it is
+    with socket.socket() as raw, context.wrap_socket(raw, server_side=True) as tls:
+        assoc = association_over(tls)
+        process = assoc.dul._process_recv_primitive
+        assert internals._lock_writes(assoc) is None
+        tune(assoc, sends_stores=True)
+        assert assoc.dul._process_recv_primitive == process
+        assert assoc.dul._run_loop_delay == DUL_POLL_INTERVAL
+    with socket.socket() as plain:
+        assoc = association_over(plain)
+        assert internals._lock_writes(assoc) is not None
+        tune(assoc, sends_stores=True)
+        assert assoc.dul._process_recv_primitive != process
