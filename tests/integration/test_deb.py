@@ -282,7 +282,8 @@ def _exists(lookup: Any, name: str) -> bool:
 
 
 def configure(dicom_port: int) -> None:
-    """The admin's edit of the conffile: loopback ports, a cloud that is not there."""
+    """The admin's edit of the conffile: loopback ports, a cloud that is not there, and none of
+    the example's files (TLS certificates, CAs, tokens) that this machine does not have."""
     config = yaml.safe_load(CONFIG.read_text())
     config.update(
         {
@@ -297,6 +298,7 @@ def configure(dicom_port: int) -> None:
             "cloud": {"upload_url": f"http://{LOOPBACK}:{free_port()}/files/"},
             "health": {"listen": f"{LOOPBACK}:{free_port()}"},
             "watch": {"dirs": []},
+            "audit": {},  # the example's syslog server and its CA file are not here
         }
     )
     for section in ("dicom",):
