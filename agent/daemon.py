@@ -107,13 +107,21 @@ class Daemon:
         self.heartbeat: Heartbeat | None = None
         self.auditor: Auditor | None = None
         self.associations: Associations | None = None
+        self._started = False
+        """The start was recorded in the audit trail (so its stop will be)."""
         self._next_imports_flush = 0.0
 
     def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            # What did start (the health server, whose thread would keep the process alive
+            # with nothing listening for DICOM) stops, and the error goes on to the CLI.
+            self.stop()
+            raise
         stall_after = self.settings.health.stall_after
         self.liveness.watch(SUPERVISOR, stall_after, threading.current_thread())
         try:
@@ -208,6 +216,7 @@ class Daemon:
         self.auditor.record(
             AuditEntry(time.time(), AuditEvent.APPLICATION_START, calling_ae=identity.ae_title)
         )
+        self._started = True
         notify("READY=1")
         self._start_monitoring(endpoints)
 
@@ -501,13 +510,12 @@ class Daemon:
             self.associations.flush_imports()
             self.associations = None
         if self.auditor is not None:
-            self.auditor.record(
-                AuditEntry(
-                    time.time(),
-                    AuditEvent.APPLICATION_STOP,
-                    calling_ae=self.settings.dicom.ae_title,
+            if self._started:  # a start that failed half-way has no stop to record
+                stopped = time.time()
+                ae_title = self.settings.dicom.ae_title
+                self.auditor.record(
+                    AuditEntry(stopped, AuditEvent.APPLICATION_STOP, calling_ae=ae_title)
                 )
-            )
             self.auditor.close()
             self.auditor = None
         if self.store is not None:

@@ -77,7 +77,8 @@ class CloudProbe:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop probing; a probe in flight ends within `cloud.timeout` on its own."""
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # never started: a start that failed first
+            self._thread.join(timeout)
         if not self._thread.is_alive():  # else the daemon thread ends with the process
             self.http.session.close()
             if self.dicomweb is not None:
