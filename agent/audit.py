@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.auditmessage import Identity, render
-from agent.config import AuditSettings
+from agent.config import AuditSettings, ConfigError
 from agent.config.units import parse_duration
 from agent.dimse import Status
 from agent.importer import IMPORT_AE, LOCAL_ADDRESS
@@ -61,7 +61,8 @@ class Auditor:
 
     @classmethod
     def open(cls, store: Store, settings: AuditSettings, identity: Identity) -> Auditor:
-        """Return the auditor `settings` ask for; its sender (with `audit.syslog`) is started."""
+        """Return the auditor `settings` ask for; its sender (with `audit.syslog`) is started.
+        Raise ConfigError if `audit.ca` cannot be read or holds no CA certificate."""
         sender = None
         if settings.syslog is not None:
             collector = Collector.parse(settings.syslog, settings.ca)
@@ -69,7 +70,11 @@ class Auditor:
             def rendered(entry: AuditEntry) -> bytes | None:
                 return render(entry, identity)
 
-            sender = SyslogSender(collector, rendered, settings.queue)
+            try:
+                sender = SyslogSender(collector, rendered, settings.queue)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise ConfigError([f"At 'audit.ca': cannot use {settings.ca}: {reason}"]) from None
             sender.start()
         return cls(store, sender)
 

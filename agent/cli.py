@@ -468,7 +468,7 @@ def _record_audit(settings: Settings, entry: AuditEntry) -> None:
                 auditor.record(entry)
             finally:
                 auditor.close()
-    except (CommandError, StoreError) as exc:  # the command's work is done: say so, exit as it
+    except (CommandError, StoreError, ConfigError) as exc:  # its work is done: say so, go on
         logger.warning("audit record not kept: %s", exc)
 
 

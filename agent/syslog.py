@@ -62,16 +62,22 @@ class Collector:
     def __str__(self) -> str:
         return f"{'tcp+tls' if self.tls else 'tcp'}://{self.host}:{self.port}"
 
-    def connect(self) -> socket.socket:
-        """Return a connected socket (TLS 1.2 or later, the collector's certificate and name
-        checked, with `tls`). Raise OSError (ssl.SSLError included) if that fails."""
+    def context(self) -> ssl.SSLContext | None:
+        """Return the TLS context to reach the collector with (None without `tls`): TLS 1.2 or
+        later, its certificate checked against `ca` (or the system's CAs) and its name. Raise
+        OSError (ssl.SSLError included) if `ca` cannot be read or holds no certificate."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=str(self.ca) if self.ca is not None else None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    def connect(self, context: ssl.SSLContext | None) -> socket.socket:
+        """Return a connected socket, over TLS with `context`. Raise OSError (ssl.SSLError
+        included) if that fails."""
         sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
         try:
-            if self.tls:
-                context = ssl.create_default_context(
-                    cafile=str(self.ca) if self.ca is not None else None
-                )
-                context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if context is not None:
                 sock = context.wrap_socket(sock, server_hostname=self.host)
             sock.settimeout(SEND_TIMEOUT)
         except BaseException:
@@ -84,7 +90,8 @@ class SyslogSender(Generic[T]):
     """Sends what `render` makes of each submitted item to one collector, from its own thread.
 
     `render` returns the framed record, or None for an item that has no record; it runs on the
-    sender's thread, so the cost of building a message never falls on the caller.
+    sender's thread, so the cost of building a message never falls on the caller. Raise OSError
+    (ssl.SSLError included) if the collector's TLS context cannot be made (its CA file).
     """
 
     def __init__(
@@ -95,6 +102,7 @@ class SyslogSender(Generic[T]):
         backoff: Backoff = RECONNECT,
     ) -> None:
         self.collector = collector
+        self._context = collector.context()  # a CA that cannot be read fails here, at once
         self._render = render
         self._queue: queue.Queue[T] = queue.Queue(maxsize=capacity)
         self._backoff = backoff
@@ -211,7 +219,7 @@ class SyslogSender(Generic[T]):
         if self._sock is not None and _closed_by_peer(self._sock):
             self._disconnect()
         if self._sock is None:
-            self._sock = self.collector.connect()
+            self._sock = self.collector.connect(self._context)
         return self._sock
 
     def _disconnect(self) -> None:

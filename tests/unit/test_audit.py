@@ -23,6 +23,7 @@ from agent.auditmessage import (
     render,
     syslog_record,
 )
+from agent.config import AuditSettings, ConfigError
 from agent.config.units import parse_duration
 from agent.dimse import Status
 from agent.receive import Reply
@@ -451,6 +452,19 @@ def test_a_collector_address_is_parsed_with_its_tls_and_ca() -> None:
         Path("/etc/ca.pem"),
     )
     assert str(Collector.parse("tcp://10.0.0.1:514")) == "tcp://10.0.0.1:514"
+
+
+def test_a_ca_that_cannot_be_used_stops_the_start_naming_the_key(
+    store: Store, tmp_path: Path
+) -> None:
+    not_a_ca = tmp_path / "not-a-ca.pem"
+    not_a_ca.write_text("hello")
+    for ca in (tmp_path / "missing.pem", not_a_ca):
+        settings = AuditSettings(syslog="tcp+tls://audit.example:6514", ca=ca)
+        with pytest.raises(ConfigError) as raised:
+            Auditor.open(store, settings, IDENTITY)
+        (problem,) = raised.value.problems
+        assert problem.startswith(f"At 'audit.ca': cannot use {ca}: ")
 
 
 def test_since_takes_a_duration_or_an_iso_date() -> None:
