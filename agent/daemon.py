@@ -96,6 +96,7 @@ class Daemon:
         self.watch: FolderWatch | None = None
         self._agent_lock: contextlib.ExitStack | None = None
         self._stopping = False
+        self._reload_tls = False
         self._next_housekeeping = 0.0
         self.gate: Gate | None = None
         self.liveness = Liveness()
@@ -112,9 +113,11 @@ class Daemon:
         self._next_imports_flush = 0.0
 
     def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
+        """Start, serve until SIGTERM/SIGINT, then stop gracefully. SIGHUP reads the
+        `dicom.tls` certificate files again (`reload_tls`)."""
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGHUP, self._request_tls_reload)
         try:
             self.start()
         except BaseException:
@@ -127,6 +130,9 @@ class Daemon:
         try:
             while not self._stopping:
                 self.liveness.beat(SUPERVISOR)
+                if self._reload_tls:
+                    self._reload_tls = False
+                    self.reload_tls()
                 try:
                     self.housekeeping(time.time())
                 except (OSError, StoreError) as exc:
@@ -528,6 +534,31 @@ class Daemon:
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
+
+    def _request_tls_reload(self, signum: int, frame: FrameType | None) -> None:
+        self._reload_tls = True
+
+    def reload_tls(self) -> None:
+        """Read the `dicom.tls` files again (a renewed certificate, key or CA, at the same
+        paths) and use them for every TLS connection from now on; those open keep theirs. Files
+        that are now unusable change nothing: the current ones stay, and the log says why."""
+        if self.settings.dicom.tls is None:
+            logger.info("SIGHUP: dicom.tls is not set, no certificates to reload")
+            return
+        try:
+            tls = DicomTls.load(self.settings.dicom.tls)
+        except ConfigError as exc:
+            logger.error(
+                "dicom.tls certificates not reloaded, the current ones stay: %s",
+                "; ".join(exc.problems),
+            )
+            return
+        self.tls = tls
+        if self.tls_server is not None:
+            self.tls_server.ssl_context = tls.server  # read at each accepted connection
+        if self.query_retrieve is not None:
+            self.query_retrieve.tls = tls
+        logger.info("dicom.tls certificates reloaded")
 
 
 def _parties(assoc: Association) -> tuple[str, str, str]:

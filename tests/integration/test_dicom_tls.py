@@ -6,6 +6,9 @@ untrusted or missing client certificate, a peer marked `tls` on the plain port."
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -258,6 +261,34 @@ def test_an_unreadable_certificate_file_stops_the_agent_at_start_naming_the_key(
     for result in (run, check):
         assert result.returncode == 78, result.stderr
         assert f"At 'dicom.tls.cert': cannot read {certs.dirigo.cert}" in result.stderr
+
+
+def test_sighup_takes_a_renewed_certificate_and_keeps_the_current_one_if_unusable(
+    tmp_path: Path, tmp_data_dir: Path, certs: Certificates
+) -> None:
+    renewing = Pki(tmp_path / "pki" / "renewed", "renewed-ca")
+    renewed = renewing.issue("dirigo-renewed")
+    # the PACS trusts only the CA that issued the renewed certificate
+    trusts_renewed = certs.pacs.dcmtk_args(renewing.ca_file)
+    with TlsAgent(tmp_data_dir, certs, PACS_TLS) as agent:
+        before = dcmtk.echoscu(agent.tls_port, extra_args=trusts_renewed)
+        shutil.copyfile(renewed.cert, certs.dirigo.cert)
+        shutil.copyfile(renewed.key, certs.dirigo.key)
+        os.kill(agent.pid, signal.SIGHUP)
+        logged(agent, "dicom.tls certificates reloaded")
+        after = dcmtk.echoscu(agent.tls_port, extra_args=trusts_renewed)
+        certs.dirigo.cert.write_text("not a certificate")
+        os.kill(agent.pid, signal.SIGHUP)
+        logged(
+            agent,
+            "dicom.tls certificates not reloaded, the current ones stay: At 'dicom.tls.cert':",
+        )
+        still = dcmtk.echoscu(agent.tls_port, extra_args=trusts_renewed)
+        assert agent.proc is not None and agent.proc.poll() is None
+
+    assert before.returncode != 0
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert still.returncode == 0, still.stdout + still.stderr
 
 
 # --- retrieving to a TLS-only destination ------------------------------------------------------
