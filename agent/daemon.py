@@ -455,7 +455,8 @@ class Daemon:
 
     def _reap_associations(self) -> None:
         """Close connections that never asked for an association in time, and delete the
-        half-received file of every association that has ended.
+        half-received file of every association that has ended (and write its audit rows if
+        its close event never came).
 
         pynetdicom leaves that file behind when a receive is cut off (sender gone, disk full: then
         its network thread dies with no event at all), and on a full disk it keeps the disk full.
@@ -463,6 +464,9 @@ class Daemon:
         if self.gate is None:
             return
         for assoc in self.gate.reap():
+            if self.associations is not None:
+                # its audit rows, when its thread died with no close event (written once)
+                self.associations.ended(assoc)
             partial = partial_dataset_file(assoc)
             if partial is not None:
                 partial.close()
