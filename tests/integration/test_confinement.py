@@ -85,6 +85,7 @@ def test_the_units_exposure_is_at_most_2(tmp_path: Path, drop_in: bool) -> None:
     assert level <= EXPOSURE_LIMIT
     readme = (REPO / "README.md").read_text()
     assert f"exposure level {level}" in readme, "README.md states another figure"
+    assert f"rates this unit {level}" in UNIT.read_text(), "the unit's comment states another"
     verified = subprocess.run(
         [analyze(), "verify", "--man=no", str(unit_dir / "dirigo.service")],
         capture_output=True,
