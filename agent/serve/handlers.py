@@ -485,6 +485,11 @@ def _identifier(event: evt.Event) -> Dataset:
     """Return the request's identifier. Raise QueryError if it cannot be decoded."""
     try:
         identifier = event.identifier
+        if isinstance(identifier, Dataset):
+            # pydicom decodes each element on its first access: decode them all now, so that
+            # a malformed one is this refusal, not an error in the middle of the search
+            for element in identifier.iterall():
+                _ = element.value
     except Exception as exc:  # pynetdicom decodes on access; a malformed one raises anything
         raise QueryError(f"the identifier cannot be decoded: {type(exc).__name__}") from None
     if not isinstance(identifier, Dataset):
