@@ -741,12 +741,22 @@ def _push_destination(settings: Settings, title: str | None) -> Peer:
 def _check_config(settings: Settings, args: argparse.Namespace) -> int:
     if exposed := settings.exposed_secret_files():
         raise ConfigError(exposed)  # the agent would refuse to start
-    load_tls(settings.dicom.tls)  # so would it with an unusable certificate file
     print(f"# {args.config}: valid")
-    for warning in settings.warnings():
+    for warning in settings.warnings() + _tls_file_problems(settings):
         print(f"warning: {warning}", file=sys.stderr)
     print(_dump(settings), end="")
     return EXIT_OK
+
+
+def _tls_file_problems(settings: Settings) -> list[str]:
+    """Return what is wrong with the files `dicom.tls` names, each a sentence naming its key.
+    Only warnings here: the file may be checked where the certificates are not installed (the
+    agent itself refuses to start with them, and `dirigo doctor` checks them where it runs)."""
+    try:
+        load_tls(settings.dicom.tls)
+    except ConfigError as exc:
+        return [f"{problem} (`dirigo run` refuses to start)" for problem in exc.problems]
+    return []
 
 
 def _dump(settings: Settings) -> str:

@@ -258,9 +258,11 @@ def test_an_unreadable_certificate_file_stops_the_agent_at_start_naming_the_key(
         agent.command("check-config"), capture_output=True, text=True, timeout=60
     )
 
-    for result in (run, check):
-        assert result.returncode == 78, result.stderr
-        assert f"At 'dicom.tls.cert': cannot read {certs.dirigo.cert}" in result.stderr
+    assert run.returncode == 78, run.stderr
+    assert f"At 'dicom.tls.cert': cannot read {certs.dirigo.cert}" in run.stderr
+    # the file may be checked where the certificates are not installed: a warning there
+    assert check.returncode == 0, check.stderr
+    assert f"warning: At 'dicom.tls.cert': cannot read {certs.dirigo.cert}" in check.stderr
 
 
 def test_sighup_takes_a_renewed_certificate_and_keeps_the_current_one_if_unusable(
