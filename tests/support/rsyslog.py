@@ -17,8 +17,8 @@ from tests.support.process import stop_process, tail
 
 SEPARATOR = " |#| "
 """Between the fields rsyslog writes for each record (none of them holds it)."""
-FIELDS = ("pri", "protocol-version", "timereported:::date-rfc3339", "hostname", "app-name")
-FIELDS += ("procid", "msgid", "structured-data", "msg")
+FIELDS: tuple[str, ...] = ("pri", "protocol-version", "timereported:::date-rfc3339")
+FIELDS += ("hostname", "app-name", "procid", "msgid", "structured-data", "msg")
 
 
 class RsyslogMissing(RuntimeError):

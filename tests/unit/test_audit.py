@@ -29,6 +29,7 @@ from agent.dimse import Status
 from agent.receive import Reply
 from agent.store import AuditEntry, AuditEvent, AuditOutcome, Outcome, Store
 from agent.syslog import Collector, SyslogSender
+from tests.support import auditschema
 
 STUDY = "1.2.826.0.1.3680043.8.498.10"
 OTHER = "1.2.826.0.1.3680043.8.498.11"
@@ -213,27 +214,30 @@ def code(element: ET.Element | None) -> tuple[str, str, str]:
 
 
 def check_structure(message: ET.Element) -> None:
-    """The element order and required attributes PS3.15 A.5.1's schema gives AuditMessage."""
-    assert message.tag == "AuditMessage"
-    tags = [child.tag for child in message]
-    participants = tags.count("ActiveParticipant")
-    assert tags[0] == "EventIdentification"
-    assert participants >= 1 and tags[1 : 1 + participants] == ["ActiveParticipant"] * participants
-    assert tags[1 + participants] == "AuditSourceIdentification"
-    assert set(tags[2 + participants :]) <= {"ParticipantObjectIdentification"}
-    event = message[0]
-    assert event.get("EventActionCode") in {"C", "R", "U", "D", "E"}
-    datetime.fromisoformat(event.get("EventDateTime", ""))
-    assert event.get("EventOutcomeIndicator") in {"0", "4", "8", "12"}
-    assert event[0].tag == "EventID"
-    for participant in message.iter("ActiveParticipant"):
-        assert participant.get("UserID")
-        assert participant.get("UserIsRequestor") in {"true", "false"}
-    source = message.find("AuditSourceIdentification")
-    assert source is not None and source.get("AuditSourceID")
-    for obj in message.iter("ParticipantObjectIdentification"):
-        assert obj.get("ParticipantObjectID")
-        assert obj[0].tag == "ParticipantObjectIDTypeCode"
+    """The message conforms to PS3.15 A.5.1's schema (`tests.support.auditschema`)."""
+    assert auditschema.problems(message) == []
+
+
+def test_the_schema_checks_catch_what_the_schema_forbids() -> None:
+    good = build(entry(AuditEvent.QUERY, calling_ae="VIEWER", detail={"sop_class": CT}), IDENTITY)
+    assert good is not None and auditschema.problems(good) == []
+    reordered = ET.fromstring(ET.tostring(good))
+    source = reordered.find("AuditSourceIdentification")
+    assert source is not None
+    reordered.remove(source)
+    reordered.insert(1, source)
+    participant = reordered.find("ActiveParticipant")
+    assert participant is not None
+    del participant.attrib["UserIsRequestor"]
+    participant.set("NetworkAccessPointTypeCode", "9")
+    obj = reordered.find("ParticipantObjectIdentification")
+    assert obj is not None
+    query = obj.find("ParticipantObjectQuery")
+    assert query is not None
+    query.text = "not base64!"
+    found = auditschema.problems(reordered)
+    assert len(found) == 4, found
+    assert any("order" in p for p in found) and any("UserIsRequestor" in p for p in found)
 
 
 def roles(message: ET.Element) -> dict[str, tuple[str, str]]:
