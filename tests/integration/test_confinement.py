@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd/dirigo.service"
 DROP_IN = REPO / "systemd/dirigo.service.d/data-dir.conf.example"
 EXPOSURE_LIMIT = 2.0
+MEASURED_WITH = 252
+"""The systemd release whose figure README.md and the unit's comment state."""
 LAUNCHER = (sys.executable, str(Path(confine.__file__)), str(UNIT), "--")
 
 
@@ -83,9 +85,11 @@ def test_the_units_exposure_is_at_most_2(tmp_path: Path, drop_in: bool) -> None:
     unit_dir = staged_unit(tmp_path, drop_in=drop_in)
     level = exposure(unit_dir)
     assert level <= EXPOSURE_LIMIT
-    readme = (REPO / "README.md").read_text()
-    assert f"exposure level {level}" in readme, "README.md states another figure"
-    assert f"rates this unit {level}" in UNIT.read_text(), "the unit's comment states another"
+    version = subprocess.run([analyze(), "--version"], capture_output=True, text=True).stdout
+    if version.startswith(f"systemd {MEASURED_WITH} "):  # another release weighs otherwise
+        readme = " ".join((REPO / "README.md").read_text().split())  # however it is wrapped
+        assert f"(systemd {MEASURED_WITH}, Debian 12) rates it at exposure level {level}" in readme
+        assert f"rates this unit {level} (systemd {MEASURED_WITH})" in UNIT.read_text()
     verified = subprocess.run(
         [analyze(), "verify", "--man=no", str(unit_dir / "dirigo.service")],
         capture_output=True,
