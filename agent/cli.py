@@ -54,6 +54,7 @@ logger = logging.getLogger("agent")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_SCHEMA = 65  # sysexits' EX_DATAERR: the unit does not restart the agent on it
 EXIT_SOFTWARE = 70
 EXIT_CONFIG = 78
 DEFAULT_CONFIG = Path("/etc/dirigo/config.yaml")
@@ -86,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except CloudConfigError as exc:
         return _fail(args.debug, f"configuration error: {exc}", EXIT_CONFIG)
+    except SchemaError as exc:
+        # The database is older (run `dirigo migrate`) or newer than this code: restarting the
+        # same code cannot change that, so a service manager must not retry it every few seconds.
+        return _fail(args.debug, str(exc), EXIT_SCHEMA)
     except (CommandError, StartupError, StoreError) as exc:
         return _fail(args.debug, str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
