@@ -32,6 +32,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -148,30 +149,49 @@ class InstanceCache:
         """Store an instance: `write` writes its Part-10 bytes into the file it is given.
         Return its path, kept from eviction until `release`. Nothing is kept if `write` raises
         (its exception propagates), nor if the bytes are not a Part-10 file (NotDicom)."""
+        incoming = self.incoming(sop_instance_uid)
+        try:
+            write(incoming.file)
+        except BaseException:
+            incoming.abandon()
+            raise
+        return self.place(incoming)
+
+    def incoming(self, sop_instance_uid: str) -> Incoming:
+        """Return a new temporary file for an instance's Part-10 bytes, to `place` once they are
+        written (or to `abandon`): writing and placing may then run on different threads, so
+        that one placing (its fsyncs wait on the disk) overlaps the writing of the next."""
         final = self.path(sop_instance_uid)
         temporary = self.root / "tmp" / f"{sop_instance_uid}.{secrets.token_hex(4)}{PARTIAL}"
+        out = temporary.open("x+b")
+        fcntl.flock(out.fileno(), fcntl.LOCK_SH)  # not an orphan while it is written
+        return Incoming(sop_instance_uid, final, temporary, out)
+
+    def place(self, incoming: Incoming) -> Path:
+        """Put the instance written into `incoming` under its final name, durably; return its
+        path, kept from eviction until `release`. Raise NotDicom if the bytes are not a Part-10
+        file, OSError if the disk fails; nothing is kept then."""
         try:
-            with temporary.open("x+b") as out:
-                fcntl.flock(out.fileno(), fcntl.LOCK_SH)  # not an orphan while it is written
-                write(out)
+            with incoming.file as out:
                 out.flush()
                 os.fsync(out.fileno())
                 size = out.tell()
                 if os.pread(out.fileno(), 4, _PREAMBLE) != b"DICM":
                     raise NotDicom("the archive's answer is not a DICOM Part-10 file")
+                final = incoming.final
                 final.parent.mkdir(exist_ok=True)
                 with self._lock, self._transaction() as index:
-                    os.replace(temporary, final)
+                    os.replace(incoming.temporary, final)
                     fsync_directory(final.parent)
-                    if not self._hold(sop_instance_uid, final):
+                    if not self._hold(incoming.uid, final):
                         raise FileNotFoundError(f"{final} vanished as it was placed")
                     index.execute(
                         "INSERT OR REPLACE INTO entries VALUES (?, ?, ?)",
-                        (sop_instance_uid, size, time.time()),
+                        (incoming.uid, size, time.time()),
                     )
                     self._evict(index)
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            incoming.abandon()
             raise
         return final
 
@@ -289,6 +309,22 @@ class InstanceCache:
             return False
         finally:
             os.close(fd)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """An instance being written into the cache (`InstanceCache.incoming`): `file` is open for
+    writing at its start."""
+
+    uid: str
+    final: Path
+    temporary: Path
+    file: BinaryIO
+
+    def abandon(self) -> None:
+        """Drop what was written: nothing of it stays."""
+        self.file.close()
+        self.temporary.unlink(missing_ok=True)
 
 
 def _total(index: sqlite3.Connection) -> int:

@@ -161,6 +161,29 @@ class SyntaxChooser:
                     ladder = ()
         return [*ladder, AS_STORED], False
 
+    def series_choices(self, ref: InstanceRef) -> list[str] | None:
+        """Return the syntaxes to ask, in turn, for the whole series of `ref` in one request, as
+        `choices` would for `ref` itself; or None while one instance fetched alone must come
+        first: the link's first measure, how the series is held, or a probe of a slow link is
+        due (that instance's own `choices` does it). A series' answer never measures the link:
+        its parts wait on the sending of the ones before them."""
+        with self._lock:
+            measuring = self.setting == "auto" and (
+                not self._link_asked or self._measurer is not None
+            )
+        if measuring:
+            return None
+        if self.setting == "as-stored" or (self.setting == "auto" and not self._slow()):
+            return [AS_STORED]
+        if self.held(ref) is None:
+            return None
+        ladder = self.compressible(ref)
+        if ladder and self.setting == "auto":
+            with self._lock:
+                if self._clock() - self._measured_at >= PROBE_AFTER:
+                    return None
+        return [*ladder, AS_STORED]
+
     def _first_measure(self, ref: InstanceRef) -> bool:
         """Return True if this fetch is the one to measure the link first (the caller calls
         `settled`); else wait until that one ended, if it runs, and return False."""

@@ -13,10 +13,12 @@ re-encoding between implicit and explicit VR, still hold that one instance in me
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import logging
 import os
+import queue
 import ssl
 import tempfile
 import threading
@@ -44,7 +46,7 @@ from agent.dicomweb import DicomWeb
 from agent.dimse import STORAGE_WARNINGS, Status
 from agent.pynetdicom_internals import send_from_files
 from agent.retry import Backoff, retried
-from agent.serve.cache import InstanceCache, NotDicom
+from agent.serve.cache import Incoming, InstanceCache, NotDicom
 from agent.serve.fetchsyntax import AS_STORED, REFUSALS, SyntaxChooser
 from agent.serve.ondisk import OnDisk, file_of, inflate
 from agent.serve.query import InstanceRef, Scope, instance_ref, instance_search
@@ -66,6 +68,13 @@ so a blip of the archive or its link costs seconds, not an image."""
 FETCH_PATIENCE = 3
 """No try starts later than this many `cloud.timeout`s after the first: a dead archive fails
 each instance within bounded time instead of holding the PACS for ever."""
+STREAM_LEAST = 3
+"""Instances of one series not yet cached from which the series streams in one request."""
+PLACERS = 2
+"""Threads placing a streamed series' instances in the cache (fsync, rename, index) while the
+next one arrives."""
+STREAM_LEAD = 16 * 1024
+"""Bytes of a streamed part read before its file meta is parsed (which instance it is)."""
 
 
 @dataclass(frozen=True)
@@ -169,27 +178,22 @@ class Retriever:
     def items(
         self, refs: Iterable[InstanceRef], accepted: Callable[[], Accepted], counts: Counts
     ) -> Generator[Item, None, None]:
-        """Yield each instance of `refs`, fetched and ready to send, or failed, in order.
-        `accepted` says what the destination took (asked once, when the first instance is
-        due: pynetdicom associates with a C-MOVE's destination only then).
+        """Yield each instance of `refs`, fetched and ready to send, or failed. `accepted` says
+        what the destination took (asked once, when the first instance is due: pynetdicom
+        associates with a C-MOVE's destination only then).
 
-        Up to PREFETCH instances are fetched ahead, each by its own thread, while the current
-        one is sent. Closing the generator early (a cancel, an abort) waits for the fetches in
-        flight, which end within cloud.timeout, and keeps what they fetched in the cache.
+        Fetching runs ahead of sending (`_Fetches`): a series of several instances not yet
+        cached streams in one WADO-RS request, its instances in the order the archive sends
+        them; other instances are fetched one request each, up to PREFETCH ahead, in the
+        listing's order. Closing the generator early (a cancel, an abort) waits for the fetches
+        in flight, which end within cloud.timeout, and keeps what they fetched in the cache.
         """
         destination: Accepted | None = None
-        upcoming = iter(refs)
-        ahead: deque[tuple[InstanceRef, Future[_Fetched]]] = deque()
         held: _Held | None = None  # the instance last yielded: its file is being sent
-        stop = threading.Event()  # set when the generator ends: fetches waiting to retry give up
         with ThreadPoolExecutor(PREFETCH, thread_name_prefix="wado") as pool:
+            fetches = _Fetches(self, pool, refs)
             try:
-                for ref in itertools.islice(upcoming, PREFETCH):
-                    ahead.append((ref, pool.submit(self._fetched, ref, stop)))
-                while ahead:
-                    ref, fetch = ahead.popleft()
-                    for following in itertools.islice(upcoming, 1):
-                        ahead.append((following, pool.submit(self._fetched, following, stop)))
+                for ref, fetch in fetches:
                     if destination is None:
                         destination = accepted()
                     held = _Held(self.cache)
@@ -202,12 +206,10 @@ class Retriever:
                     held.release()  # asked for the next one: this one was sent
                     held = None
             finally:
-                stop.set()
+                fetches.stop.set()
                 if held is not None:
                     held.release()
-                for ref, fetch in ahead:
-                    if not fetch.cancel() and fetch.exception() is None:
-                        self.cache.release(ref.sop_instance)
+                fetches.close()
 
     def _item(
         self,
@@ -348,6 +350,291 @@ class Retriever:
                 self.syntaxes.fetched(ref, asked, asked, size, took)
             return path, False
         raise AssertionError("unreachable: the last choice, as held, returns or raises")
+
+    def streams(self, group: list[InstanceRef]) -> list[InstanceRef] | None:
+        """Return the instances of `group` (one series) to fetch by streaming the series in one
+        request, or None if they are better fetched one by one: fewer than STREAM_LEAST not
+        cached, or more than a quarter of the series cached (the stream would fetch those
+        again: a retrieval resumed after an interruption fetches what is missing, one by one)."""
+        missing = [ref for ref in group if not self._cached(ref)]
+        if len(missing) < STREAM_LEAST or 4 * len(missing) < 3 * len(group):
+            return None
+        return missing
+
+    def _cached(self, ref: InstanceRef) -> bool:
+        try:
+            return self.cache.path(ref.sop_instance).exists()
+        except ValueError:
+            return False
+
+    def stream_series(
+        self,
+        missing: list[InstanceRef],
+        deliver: Callable[[_Delivery], bool],
+        stop: threading.Event,
+    ) -> None:
+        """Fetch the instances `missing` (of one series) by streaming the series in one WADO-RS
+        request, each into the cache as it arrives; tell `deliver` each one placed (held until
+        released), or why reading it failed. Parts of instances not asked for are skipped. When
+        the series must first be measured (`SyntaxChooser.series_choices`), the first instance
+        is fetched alone, and comes again in the stream, skipped. A syntax the archive refuses
+        is remembered and the next asked; any other failure ends the stream, and what it did not
+        deliver is for the caller to fetch one by one. Stop when `deliver` returns False (the
+        retrieval ended) or `stop` is set."""
+        wanted = {ref.sop_instance: ref for ref in missing}
+        first = missing[0]
+        choices = self.syntaxes.series_choices(first)
+        if choices is None:
+            try:
+                alone: _Fetched | BaseException = self._fetched(first, stop)
+            except (CloudError, OSError, NotDicom, InvalidDicomError, ValueError, EOFError) as exc:
+                alone = exc
+            del wanted[first.sop_instance]
+            if not deliver((first, alone)):
+                return
+            choices = self.syntaxes.series_choices(first)
+            if choices is None or not wanted:
+                return
+        for asked in choices:
+            before = len(wanted)
+            try:
+                with (
+                    self.dicomweb.series_parts(first.study, first.series, asked) as answer,
+                    ThreadPoolExecutor(PLACERS, thread_name_prefix="wado-place") as placers,
+                ):
+                    placing: deque[Future[None]] = deque()
+                    for part in answer:
+                        if stop.is_set():
+                            return
+                        received = self._receive(part, wanted, stop)
+                        if received is not None:
+                            placing.append(placers.submit(self._settle, *received, asked, deliver))
+                        while len(placing) > PLACERS or (placing and placing[0].done()):
+                            placing.popleft().result()
+                return
+            except CloudError as exc:
+                if asked != AS_STORED and exc.status in REFUSALS and len(wanted) == before:
+                    self.syntaxes.refused(asked, f"HTTP {exc.status}")
+                    continue
+                if wanted:
+                    logger.warning(
+                        "streaming series %s stopped (%s): fetching its %d other instances one"
+                        " by one",
+                        first.series,
+                        exc,
+                        len(wanted),
+                    )
+                return
+
+    def _receive(
+        self, part: Iterator[bytes], wanted: dict[str, InstanceRef], stop: threading.Event
+    ) -> tuple[InstanceRef, Incoming, int, float] | None:
+        """Write one part of a series' answer into the cache's incoming file if it is an
+        instance in `wanted` (which it leaves); return it with its size and when it started
+        arriving, for `_settle`. Return None for a part skipped, or if `stop` was set. Raise
+        CloudError if the answer is cut short, OSError if the cache cannot take it."""
+        started = time.monotonic()
+        lead = _leading(part)
+        uid = _instance_uid(lead)
+        ref = wanted.pop(uid, None) if uid is not None else None
+        if ref is None:
+            return None
+        incoming = self.cache.incoming(ref.sop_instance)
+        try:
+            incoming.file.write(lead)
+            size = len(lead)
+            for block in part:
+                if stop.is_set():
+                    incoming.abandon()
+                    return None
+                incoming.file.write(block)
+                size += len(block)
+        except BaseException:
+            incoming.abandon()
+            raise
+        return ref, incoming, size, started
+
+    def _settle(
+        self,
+        ref: InstanceRef,
+        incoming: Incoming,
+        size: int,
+        started: float,
+        asked: str,
+        deliver: Callable[[_Delivery], bool],
+    ) -> None:
+        """Place an instance a series' answer brought (`_receive`) in the cache, read what
+        decides how it goes, and deliver it, or why it cannot be read. Runs on a placing
+        thread: its fsyncs wait on the disk while the next part arrives."""
+        try:
+            path = self.cache.place(incoming)
+        except (OSError, NotDicom) as exc:
+            deliver((ref, exc))
+            return
+        if self.fetched is not None:
+            self.fetched(size, time.monotonic() - started)
+        try:
+            fetched = _Fetched.read(path, from_cache=False)
+        except (OSError, InvalidDicomError, ValueError, EOFError, AttributeError) as exc:
+            self.cache.release(ref.sop_instance)
+            deliver((ref, exc))
+            return
+        syntax = str(fetched.meta.get("TransferSyntaxUID", ""))
+        self.syntaxes.fetched(ref, asked, syntax or asked, size, 0.0)  # 0 s: not a measure
+        deliver((ref, fetched))
+
+
+_Delivery = tuple[InstanceRef, "_Fetched | BaseException"]
+"""An instance a series' stream placed in the cache (held), or why it could not be read."""
+_Pending = tuple[InstanceRef, "Future[_Fetched]"]
+"""An instance to send and the future of its file in the cache."""
+
+
+class _Fetches:
+    """The instances of a retrieval as they are fetched, each with the future of its file in the
+    cache (held until released), in sending order: consecutive instances of one series are
+    read from the listing as a group; a group that `Retriever.streams` streams comes as its
+    stream delivers it (the cached ones first, then the rest in the archive's order, then what
+    the stream did not deliver, fetched one by one); the other groups' instances are fetched one
+    request each, PREFETCH ahead, in the listing's order across groups. `close` waits for what
+    is in flight and releases what was fetched and not taken."""
+
+    def __init__(self, retriever: Retriever, pool: ThreadPoolExecutor, refs: Iterable[InstanceRef]):
+        self.retriever = retriever
+        self.pool = pool
+        self.stop = threading.Event()
+        """Set when the retrieval ends: fetches waiting to retry give up, streams stop."""
+        self._groups = _series_groups(refs)
+        self._iterator = self._all()
+
+    def __iter__(self) -> Iterator[_Pending]:
+        return self._iterator
+
+    def close(self) -> None:
+        self.stop.set()
+        self._iterator.close()
+
+    def _all(self) -> Generator[_Pending, None, None]:
+        group = next(self._groups, None)
+        while group is not None:
+            missing = self.retriever.streams(group)
+            if missing is None:
+                single: list[list[InstanceRef]] = [group]
+                yield from self._each(self._one_by_one(single))
+                group = single[0] if single else None
+            else:
+                yield from self._streamed(group, missing)
+                group = next(self._groups, None)
+
+    def _one_by_one(self, pending: list[list[InstanceRef]]) -> Iterator[InstanceRef]:
+        """Yield the instances of `pending[0]` and of the groups after it until one streams;
+        leave that one in `pending` (empty it at the end of the listing)."""
+        while True:
+            yield from pending[0]
+            following = next(self._groups, None)
+            if following is None:
+                pending.clear()
+                return
+            pending[0] = following
+            if self.retriever.streams(following) is not None:
+                return
+
+    def _each(self, upcoming: Iterator[InstanceRef]) -> Generator[_Pending, None, None]:
+        """Fetch `upcoming` one request each, PREFETCH ahead, yielding them in order."""
+        fetch = self.retriever._fetched
+        ahead: deque[_Pending] = deque()
+        try:
+            for ref in itertools.islice(upcoming, PREFETCH):
+                ahead.append((ref, self.pool.submit(fetch, ref, self.stop)))
+            while ahead:
+                ref, future = ahead.popleft()
+                for following in itertools.islice(upcoming, 1):
+                    ahead.append((following, self.pool.submit(fetch, following, self.stop)))
+                yield ref, future
+        finally:
+            if ahead:
+                self.stop.set()
+            for ref, future in ahead:
+                if not future.cancel() and future.exception() is None:
+                    self.retriever.cache.release(ref.sop_instance)
+
+    def _streamed(
+        self, group: list[InstanceRef], missing: list[InstanceRef]
+    ) -> Generator[_Pending, None, None]:
+        """Yield the group's cached instances, then those its stream delivers as they come,
+        then the ones it did not, fetched one by one."""
+        deliveries: queue.Queue[_Delivery | None] = queue.Queue(maxsize=PREFETCH)
+        ended = threading.Event()  # the consumer no longer takes deliveries
+
+        def deliver(delivery: _Delivery) -> bool:
+            while not ended.is_set():
+                with contextlib.suppress(queue.Full):
+                    deliveries.put(delivery, timeout=0.2)
+                    return True
+            _release(delivery)
+            return False
+
+        def _release(delivery: _Delivery) -> None:
+            if isinstance(delivery[1], _Fetched):
+                self.retriever.cache.release(delivery[0].sop_instance)
+
+        def run() -> None:
+            try:
+                self.retriever.stream_series(missing, deliver, self.stop)
+            except Exception:  # a failure of this stream: the rest is fetched one by one
+                logger.exception("streaming series %s failed", missing[0].series)
+            finally:
+                deliveries.put(None)
+
+        streaming = threading.Thread(target=run, name="wado-series", daemon=True)
+        streaming.start()
+        delivered: set[str] = set()
+        try:
+            skipped = {ref.sop_instance for ref in missing}
+            yield from self._each(ref for ref in group if ref.sop_instance not in skipped)
+            while (delivery := deliveries.get()) is not None:
+                ref, fetched = delivery
+                delivered.add(ref.sop_instance)
+                future: Future[_Fetched] = Future()
+                if isinstance(fetched, _Fetched):
+                    future.set_result(fetched)
+                else:
+                    future.set_exception(fetched)
+                yield ref, future
+            streaming.join()
+            yield from self._each(ref for ref in missing if ref.sop_instance not in delivered)
+        finally:
+            ended.set()
+            if streaming.is_alive():
+                self.stop.set()  # the retrieval ended: so does the stream
+            while streaming.is_alive() or not deliveries.empty():
+                with contextlib.suppress(queue.Empty):
+                    if (left := deliveries.get(timeout=0.2)) is not None:
+                        _release(left)
+
+
+def _series_groups(refs: Iterable[InstanceRef]) -> Iterator[list[InstanceRef]]:
+    """Yield `refs` in runs of consecutive instances of one series."""
+    for _series, run in itertools.groupby(refs, key=lambda ref: (ref.study, ref.series)):
+        yield list(run)
+
+
+def _leading(part: Iterator[bytes]) -> bytes:
+    """Return the first STREAM_LEAD bytes of a part (fewer if it is shorter), read from it."""
+    lead = bytearray()
+    while len(lead) < STREAM_LEAD and (block := next(part, None)) is not None:
+        lead += block
+    return bytes(lead)
+
+
+def _instance_uid(lead: bytes) -> str | None:
+    """Return the SOP Instance UID the file meta of a Part-10 file starting with `lead` names,
+    None if it names none or `lead` does not hold a file meta."""
+    with contextlib.suppress(InvalidDicomError, ValueError, EOFError, AttributeError, KeyError):
+        meta = pydicom.filereader.read_partial(io.BytesIO(lead), stop_when=lambda *_: True)
+        value = meta.file_meta.get("MediaStorageSOPInstanceUID")
+        return str(value).strip("\0 ") if value else None
+    return None
 
 
 class TooManyInstances(Exception):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from agent.cloud import CloudError, CloudHttp, build_session
 from agent.config import CloudSettings
-from agent.dicomweb import DicomWeb, first_part
+from agent.dicomweb import DicomWeb, first_part, parts
 from tests.fuzz.support import Answer, ScriptedHttp, budget, corpus, header_text, scripted_http
 
 server = pytest.fixture(scope="module")(scripted_http)
@@ -59,6 +59,48 @@ def test_a_sound_multipart_answer_gives_its_first_part_byte_for_byte(
     )
     out = b"".join(first_part(iter(blocks(body, cuts)), boundary.encode(), "retrieve"))
     assert out == part
+
+
+@budget(200)
+@given(
+    boundaries,
+    st.lists(st.binary(max_size=200), max_size=5),
+    st.lists(st.integers(0, 10_000), max_size=8),
+)
+def test_a_sound_series_answer_gives_each_part_byte_for_byte(
+    boundary: str, payloads: list[bytes], cuts: list[int]
+) -> None:
+    delimiter = b"--" + boundary.encode()
+    if any(
+        (payload + b"\r\n" + delimiter).find(b"\r\n" + delimiter) != len(payload)
+        for payload in payloads
+    ):
+        return  # a part holding the delimiter is not a sound answer
+    body = (
+        b"".join(
+            delimiter + b"\r\nContent-Type: application/dicom\r\n\r\n" + payload + b"\r\n"
+            for payload in payloads
+        )
+        + delimiter
+        + b"--\r\n"
+    )
+    got = [
+        b"".join(part) for part in parts(iter(blocks(body, cuts)), boundary.encode(), "retrieve")
+    ]
+    assert got == payloads
+
+
+@budget(200)
+@given(boundaries, st.binary(max_size=400), st.lists(st.integers(0, 10_000), max_size=8))
+def test_any_series_body_gives_parts_or_a_cloud_error(
+    boundary: str, body: bytes, cuts: list[int]
+) -> None:
+    try:
+        got = [b"".join(part) for part in parts(iter(blocks(body, cuts)), boundary.encode(), "s")]
+    except CloudError as exc:
+        assert str(exc)
+    else:
+        assert sum(map(len, got)) <= len(body)
 
 
 @budget(200)

@@ -1,6 +1,6 @@
 """Retrieval through an archive that fails for a while: an HTTP fault injector in front of a real
-Orthanc drops WADO-RS connections and answers 503, and DCMTK movescu, getscu and `dirigo
-retrieve` still get every instance once."""
+Orthanc drops WADO-RS connections, answers 503 and cuts a series' stream short, and DCMTK
+movescu, getscu and `dirigo retrieve` still get every instance once."""
 
 from __future__ import annotations
 
@@ -72,5 +72,38 @@ def test_dropped_connections_and_503s_from_the_archive_cost_no_instance(
         expected
     )
     assert len(injected) == failing, "every fault was met"
-    assert moved_requests == len(series) + 4, "each failed request tried again, once"
+    # The first instance alone (it measures the link), then the rest in one series request:
+    # each of the four failures of the first was tried again, once.
+    assert moved_requests == 2 + 4, "each failed request tried again, once"
     assert "again in" in log
+
+
+def test_a_series_stream_cut_short_leaves_the_rest_to_single_fetches(
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, storescp: StoreSCPFactory
+) -> None:
+    archive = orthanc(aet="ARCHIVE")
+    series = datasets.ct_series(tmp_path / "ct", slices=8, rows=64, cols=64, seed=62)
+    load(archive, series)
+    study = uid(series[0])
+    expected = {uid(p, "SOPInstanceUID"): datasets.dataset_sha256(p) for p in series}
+    destination = storescp(ae="DEST")
+    size = series[0].stat().st_size
+    with HttpFaults(LOOPBACK, archive.http_port) as faults:
+        # as-stored: no instance is fetched alone first, the series' request is the first
+        faults.cut_next(int(size * 2.5), method="GET", path=WADO)
+        url = faults.url_for("/dicom-web")
+        with serve_agent(tmp_data_dir, url, destination, fetch_syntax="as-stored") as agent:
+            moved = dcmtk.movescu(agent.port, [f"StudyInstanceUID={study}"], "DEST")
+            log = agent.log_tail()
+        paths = [e.path for e in faults.exchanges("GET") if e.path.startswith(WADO)]
+
+    assert dcmtk.final_status(moved) == SUCCESS, moved.stdout[-3000:] + log
+    assert dcmtk.sub_operations(moved)["Completed"] == len(series)
+    assert {k: datasets.dataset_sha256(v) for k, v in received(destination.out_dir).items()} == (
+        expected
+    )
+    assert "/instances/" not in paths[0], "the series streamed in one request first"
+    singles = [p for p in paths[1:] if "/instances/" in p]
+    assert len(singles) == len(paths) - 1 and 1 <= len(singles) <= len(series) - 2
+    assert f"fetching its {len(singles)} other instances one by one" in log
+    assert f"{len(series)} fetched, 0 from the cache" in log

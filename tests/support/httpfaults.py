@@ -87,6 +87,9 @@ class _Rule:
     """Only requests whose path starts with this."""
     drop: bool = False
     """Close the connection without an answer instead of answering `status`."""
+    cut: int | None = None
+    """Forward the request, and close the connection after this many bytes of the answer's
+    body (`status` unused): an answer cut short, as by a link that fails mid-transfer."""
 
     def matches(self, method: str, path: str) -> bool:
         return (
@@ -249,6 +252,18 @@ class HttpFaults:
         with self._lock:
             self._next.append(rule)
 
+    def cut_next(
+        self, after: int, times: int = 1, *, method: str | None = None, path: str = ""
+    ) -> None:
+        """Forward the next `times` requests (as `fail_next` matches them), and close each
+        one's connection once `after` bytes of the answer's body went back: the client sees
+        the answer cut short. Recorded with status None, injected."""
+        if times < 1:
+            raise ValueError(f"times must be at least 1, not {times}")
+        rule = _Rule(0, _method(method), times, b"", (), path, cut=after)
+        with self._lock:
+            self._next.append(rule)
+
     def fail_all(
         self,
         status: int,
@@ -391,8 +406,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, request: _Request) -> None:
         faults = self.server.faults
         checking = faults.advertise_checksum and request.method == "PATCH"
-        if request.rule is None and not checking and not request.damage:
-            self._forward(request, self._body_blocks(request))
+        cut = request.rule.cut if request.rule is not None else None
+        if (request.rule is None or cut is not None) and not checking and not request.damage:
+            self._forward(request, self._body_blocks(request), cut)
             return
         # Read the body whole: to answer in its place, to check it, or to damage it.
         body = b"".join(self._body_blocks(request))
@@ -467,8 +483,9 @@ class _Handler(BaseHTTPRequestHandler):
         request.injected = True
         request.answered = time.time()
 
-    def _forward(self, request: _Request, body: Iterator[bytes]) -> None:
-        """Send the request to the server as it came, and its answer back as it comes."""
+    def _forward(self, request: _Request, body: Iterator[bytes], cut: int | None = None) -> None:
+        """Send the request to the server as it came, and its answer back as it comes; with
+        `cut`, only that many bytes of the answer's body, and then close the connection."""
         response = self._exchange_upstream(request, body)
         headers = list(response.msg.items())
         if request.method == "OPTIONS" and self.server.faults.advertise_checksum:
@@ -478,10 +495,22 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in headers:
             self.send_header(name, value)
         self.end_headers()
+        sent = 0
         try:
             # Read even a HEAD answer (it has no body): that is what frees the connection.
             while block := response.read(BLOCK):
+                if cut is not None:
+                    block = block[: cut - sent]
+                sent += len(block)
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+                if cut is not None and sent >= cut:
+                    self.wfile.flush()
+                    request.injected = True
+                    self._drop_upstream()
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
         except (http.client.HTTPException, OSError) as exc:
             self._drop_upstream()
             raise _UpstreamFailed(str(exc)) from exc  # the client sees the answer cut short

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.cloud import CloudError
-from agent.dicomweb import first_part, query_string
+from agent.dicomweb import first_part, parts, query_string
 
 BOUNDARY = b"b0undary-1"
 PAYLOAD = bytes(range(256)) * 40 + b"\r\n--b0undar" + b"tail"  # a near-delimiter inside the body
@@ -70,6 +70,39 @@ def test_a_body_without_parts_is_refused() -> None:
         b"".join(first_part(iter([b"--" + BOUNDARY + b"--\r\n"]), BOUNDARY, "test"))
     with pytest.raises(CloudError, match="no multipart boundary"):
         b"".join(first_part(iter([b"x" * 70_000, b"y"]), BOUNDARY, "test"))
+
+
+def several(payloads: list[bytes]) -> bytes:
+    """Return a multipart body holding one part per payload."""
+    out = b"preamble"
+    for payload in payloads:
+        out += b"\r\n--" + BOUNDARY + b"\r\nContent-Type: application/dicom\r\n\r\n" + payload
+    return out + b"\r\n--" + BOUNDARY + b"--\r\n"
+
+
+@pytest.mark.parametrize("size", [1, 9, 100, 100_000])
+def test_every_part_comes_out_whole_in_order(size: int) -> None:
+    payloads = [PAYLOAD, b"", b"second", PAYLOAD[::-1]]
+    got = [b"".join(part) for part in parts(iter(split(several(payloads), size)), BOUNDARY, "t")]
+    assert got == payloads
+
+
+def test_a_part_left_unread_is_skipped() -> None:
+    payloads = [b"one" * 5000, b"two", b"three" * 3000]
+    answer = parts(iter(split(several(payloads), 1000)), BOUNDARY, "t")
+    first = next(answer)
+    assert next(first)  # read only a block of it
+    assert b"".join(next(answer)) == b"two"
+    assert b"".join(next(answer)) == payloads[2]
+    assert next(answer, None) is None
+
+
+def test_no_part_is_no_part_and_a_cut_is_retryable() -> None:
+    assert list(parts(iter([b"--" + BOUNDARY + b"--\r\n"]), BOUNDARY, "t")) == []
+    with pytest.raises(CloudError, match="cut short") as caught:
+        for part in parts(iter(split(several([PAYLOAD, PAYLOAD])[:-500], 64)), BOUNDARY, "t"):
+            b"".join(part)
+    assert caught.value.retryable
 
 
 def test_a_failed_search_never_logs_its_query() -> None:
