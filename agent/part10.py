@@ -110,6 +110,15 @@ def read_fast(source: Source) -> Head | None:
                 return None
 
 
+def head_in(data: bytes) -> Head | None:
+    """Return the head of a Part-10 file whose first bytes are `data`, read with `struct`, or
+    None if they do not hold all of it or hold anything this reading leaves to pydicom."""
+    try:
+        return _parse(data)
+    except (_Short, _Unread):
+        return None
+
+
 def read_by_pydicom(source: Source) -> Head:
     """Return the head of the Part-10 file at `source`, read as the sending path reads it with
     pydicom: the file meta and offset as `pynetdicom.dsutils.split_dataset` reads them, the

@@ -29,11 +29,11 @@ from pynetdicom import AE, _config, acse
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
-from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext
 
 from agent import pdata
 from agent.dimse import ContextResult
+from agent.part10 import Head
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def keep_responses(assoc: Association) -> None:
     assoc._serve_request = serve_or_put_back  # type: ignore[method-assign]
 
 
-def send_from_files(assoc: Association, file_of: Callable[[Any], Path | None]) -> None:
+def send_from_files(assoc: Association, file_of: Callable[[Any], tuple[Path, Head] | None]) -> None:
     """Make `assoc.send_c_store` send each dataset that `file_of` maps to a Part-10 file from
     that file, its data set's bytes as they are (in the file's own transfer syntax), never
     encoded in memory whole.
@@ -173,11 +173,12 @@ def send_from_files(assoc: Association, file_of: Callable[[Any], Path | None]) -
         originator_aet: str | None = None,
         originator_id: int | None = None,
     ) -> Any:
-        path = file_of(dataset)
-        if path is None or lock is None:
-            target = dataset if path is None else path
+        found = file_of(dataset)
+        if found is None or lock is None:
+            target = dataset if found is None else found[0]
             return send(target, msg_id, priority, originator_aet, originator_id)
-        store = _store_request(path, msg_id, priority, originator_aet, originator_id)
+        path, head = found
+        store = _store_request(path, head, msg_id, priority, originator_aet, originator_id)
         return _send_store(assoc, store, path, lock)
 
     send_c_store.from_files = True  # type: ignore[attr-defined]
@@ -282,16 +283,18 @@ def _lock_writes(assoc: Association) -> threading.Lock | None:
 
 def _store_request(
     path: Path,
+    head: Head,
     msg_id: int,
     priority: int,
     originator_aet: str | None,
     originator_id: int | None,
 ) -> tuple[C_STORE, UID, int]:
-    """Return the C-STORE request primitive for the file at `path`, as pynetdicom builds it for
-    a file, with the file's transfer syntax and where its data set starts. Raise
-    AttributeError, as pynetdicom does, if the file meta lacks what names the instance."""
-    file_meta, offset = split_dataset(path)
-    missing = [name for name in _FILE_META_NEEDED if name not in file_meta]
+    """Return the C-STORE request primitive for the file at `path` whose head is `head`, as
+    pynetdicom builds it for a file, with the file's transfer syntax and where its data set
+    starts. Raise AttributeError, as pynetdicom does, if the file meta lacks what names the
+    instance."""
+    found = (head.media_sop_class, head.media_sop_instance, head.transfer_syntax)
+    missing = [name for name, value in zip(_FILE_META_NEEDED, found, strict=True) if value is None]
     if missing:
         raise AttributeError(
             f"Unable to send the dataset from the file at {path} as one or more required file"
@@ -302,9 +305,9 @@ def _store_request(
     request.Priority = priority
     request.MoveOriginatorApplicationEntityTitle = originator_aet
     request.MoveOriginatorMessageID = originator_id
-    request.AffectedSOPClassUID = file_meta.MediaStorageSOPClassUID
-    request.AffectedSOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
-    return request, UID(file_meta.TransferSyntaxUID), offset
+    request.AffectedSOPClassUID = head.media_sop_class
+    request.AffectedSOPInstanceUID = head.media_sop_instance
+    return request, UID(cast(str, head.transfer_syntax)), head.offset
 
 
 _FILE_META_NEEDED = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")

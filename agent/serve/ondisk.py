@@ -18,27 +18,32 @@ from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from agent.part10 import Head
+
 BLOCK = 1024 * 1024
 """Bytes read, and at most written, at a time while inflating."""
 _PREAMBLE = b"\0" * 128 + b"DICM"
 
 
 class OnDisk(Dataset):
-    """A dataset that stands for the Part-10 file at `path`: it holds only SOP Class UID, SOP
-    Instance UID and the file meta's Transfer Syntax UID; its C-STORE sends the file."""
+    """A dataset that stands for the Part-10 file at `path`, whose head is `head`: it holds only
+    SOP Class UID, SOP Instance UID and the file meta's Transfer Syntax UID; its C-STORE sends
+    the file."""
 
-    def __init__(self, path: Path, sop_class: str, sop_instance: str, syntax: str) -> None:
+    def __init__(self, path: Path, head: Head) -> None:
         super().__init__()
         self.file_meta = FileMetaDataset()
-        self.file_meta.TransferSyntaxUID = UID(syntax)
-        self.SOPClassUID = sop_class
-        self.SOPInstanceUID = sop_instance
+        self.file_meta.TransferSyntaxUID = UID(head.transfer_syntax or "")
+        self.SOPClassUID = head.media_sop_class
+        self.SOPInstanceUID = head.media_sop_instance
         self.file_path = path
+        self.file_head = head
 
 
-def file_of(dataset: Any) -> Path | None:
-    """Return the file an `OnDisk` dataset stands for, None for any other dataset."""
-    return dataset.file_path if isinstance(dataset, OnDisk) else None
+def file_of(dataset: Any) -> tuple[Path, Head] | None:
+    """Return the file an `OnDisk` dataset stands for and its head, None for any other
+    dataset."""
+    return (dataset.file_path, dataset.file_head) if isinstance(dataset, OnDisk) else None
 
 
 def inflate(source: Path, offset: int, meta: Dataset, out: BinaryIO) -> None:

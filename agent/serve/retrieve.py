@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import ssl
+import struct
 import tempfile
 import threading
 import time
@@ -35,7 +36,6 @@ import pydicom
 from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.tag import BaseTag
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
@@ -44,6 +44,7 @@ from agent.cloud import CloudError, UploadGone
 from agent.dicom import tune
 from agent.dicomweb import DicomWeb
 from agent.dimse import STORAGE_WARNINGS, Status
+from agent.part10 import Head, head_in, read_head
 from agent.pynetdicom_internals import send_from_files
 from agent.retry import Backoff, retried
 from agent.serve.cache import Incoming, InstanceCache, NotDicom
@@ -73,6 +74,17 @@ STREAM_LEAST = 3
 PLACERS = 2
 """Threads placing a streamed series' instances in the cache (fsync, rename, index) while the
 next one arrives."""
+UNREADABLE = (
+    OSError,
+    InvalidDicomError,
+    ValueError,
+    EOFError,
+    AttributeError,
+    NotImplementedError,
+    struct.error,
+)
+"""What reading a file's head raises when it is not a readable Part-10 file (pydicom's
+exceptions: `agent.part10.read_head`), or is gone."""
 STREAM_LEAD = 16 * 1024
 """Bytes of a streamed part read before its file meta is parsed (which instance it is)."""
 
@@ -166,9 +178,8 @@ class Retriever:
             path = self.cache.path(ref.sop_instance)
             if path.exists():
                 # a file another process is replacing or removing: go by the listing
-                with contextlib.suppress(OSError, InvalidDicomError, AttributeError):
-                    meta = pydicom.filereader.read_file_meta_info(path)
-                    syntaxes = [str(meta.TransferSyntaxUID)]
+                with contextlib.suppress(*UNREADABLE):
+                    syntaxes = [read_head(path).transfer_syntax]
             else:
                 syntaxes += self.syntaxes.compressible(ref)
             for syntax in syntaxes:
@@ -236,7 +247,7 @@ class Retriever:
             return Failed(ref, str(exc))
         except OSError as exc:
             return Failed(ref, f"cannot keep it in the cache: {exc.strerror or exc}")
-        except (InvalidDicomError, ValueError, EOFError, zlib.error) as exc:
+        except (*UNREADABLE, zlib.error) as exc:  # OSError was caught above
             return Failed(ref, f"the archive's copy is not readable DICOM: {exc}")
 
     def _prepare(
@@ -246,36 +257,36 @@ class Retriever:
         destination takes its syntax, else read (large values left in the file until sent) and
         decompressed if the plan says so. A Deflated file is inflated into a scratch file first.
         Raise what reading raises."""
-        path, meta, head = fetched.path, fetched.meta, fetched.head
-        if head is None:  # Deflated
-            taken = accepted.get(str(meta.get("MediaStorageSOPClassUID", "")), frozenset())
-            if uid.DeflatedExplicitVRLittleEndian in taken and _sendable(meta, ref):
-                return Ready(ref, _stand_in(path, meta), Action.AS_IS)
+        path, head = fetched.path, fetched.head
+        if not head.dataset_read:  # Deflated
+            taken = accepted.get(head.media_sop_class or "", frozenset())
+            if uid.DeflatedExplicitVRLittleEndian in taken and _sendable(head, ref):
+                return Ready(ref, OnDisk(path, head), Action.AS_IS)
             held.scratch = self.cache.scratch(ref.sop_instance)
-            inflate(path, fetched.offset, meta, held.scratch)
+            meta, offset = split_dataset(path)
+            inflate(path, offset, meta, held.scratch)
             path = Path(held.scratch.name)
-            head = _head(path)
-        if str(head.get("SOPInstanceUID", "")).strip() != ref.sop_instance:
+            head = read_head(path)
+        if head.sop_instance != ref.sop_instance:
             return Failed(ref, "the archive's copy is another instance")
-        syntax = head.file_meta.get("TransferSyntaxUID")
-        sop_class = str(head.get("SOPClassUID", ""))
-        if syntax is None or not sop_class:
+        syntax, sop_class = head.transfer_syntax, head.sop_class
+        if not syntax or not sop_class:
             return Failed(ref, "the archive's copy has no transfer syntax or SOP class")
-        delivery = plan(sop_class, str(syntax), accepted)
+        delivery = plan(sop_class, syntax, accepted)
         if delivery.action is Action.REFUSE:
             return Failed(ref, delivery.reason)
         if (
             delivery.action is not Action.DECOMPRESS
-            and str(syntax) in accepted.get(sop_class, ())
-            and _sendable(head.file_meta, ref)
+            and syntax in accepted.get(sop_class, ())
+            and _sendable(head, ref)
         ):
-            return Ready(ref, _stand_in(path, head.file_meta), delivery.action)
+            return Ready(ref, OnDisk(path, head), delivery.action)
         dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE)
         if delivery.action is Action.DECOMPRESS:
             try:
                 decompress(dataset)
             except Exception as exc:  # a codec's failure: this instance, not the retrieval
-                return Failed(ref, f"cannot decompress {syntax.name}: {exc}")
+                return Failed(ref, f"cannot decompress {uid.UID(syntax).name}: {exc}")
         return Ready(ref, dataset, delivery.action)
 
     def _fetched(self, ref: InstanceRef, stop: threading.Event) -> _Fetched:
@@ -343,9 +354,9 @@ class Retriever:
             if self.fetched is not None:
                 self.fetched(size, took)
             if asked == AS_STORED:
-                with contextlib.suppress(OSError, InvalidDicomError, AttributeError):
-                    syntax = str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID)
-                    self.syntaxes.fetched(ref, asked, syntax, size, took)
+                with contextlib.suppress(*UNREADABLE):
+                    syntax = read_head(path).transfer_syntax
+                    self.syntaxes.fetched(ref, asked, syntax or asked, size, took)
             else:
                 self.syntaxes.fetched(ref, asked, asked, size, took)
             return path, False
@@ -387,7 +398,7 @@ class Retriever:
         if choices is None:
             try:
                 alone: _Fetched | BaseException = self._fetched(first, stop)
-            except (CloudError, OSError, NotDicom, InvalidDicomError, ValueError, EOFError) as exc:
+            except (CloudError, NotDicom, *UNREADABLE) as exc:
                 alone = exc
             del wanted[first.sop_instance]
             if not deliver((first, alone)):
@@ -475,11 +486,11 @@ class Retriever:
             self.fetched(size, time.monotonic() - started)
         try:
             fetched = _Fetched.read(path, from_cache=False)
-        except (OSError, InvalidDicomError, ValueError, EOFError, AttributeError) as exc:
+        except UNREADABLE as exc:
             self.cache.release(ref.sop_instance)
             deliver((ref, exc))
             return
-        syntax = str(fetched.meta.get("TransferSyntaxUID", ""))
+        syntax = fetched.head.transfer_syntax
         self.syntaxes.fetched(ref, asked, syntax or asked, size, 0.0)  # 0 s: not a measure
         deliver((ref, fetched))
 
@@ -630,7 +641,10 @@ def _leading(part: Iterator[bytes]) -> bytes:
 def _instance_uid(lead: bytes) -> str | None:
     """Return the SOP Instance UID the file meta of a Part-10 file starting with `lead` names,
     None if it names none or `lead` does not hold a file meta."""
-    with contextlib.suppress(InvalidDicomError, ValueError, EOFError, AttributeError, KeyError):
+    head = head_in(lead)
+    if head is not None:
+        return head.media_sop_instance
+    with contextlib.suppress(*UNREADABLE):
         meta = pydicom.filereader.read_partial(io.BytesIO(lead), stop_when=lambda *_: True)
         value = meta.file_meta.get("MediaStorageSOPInstanceUID")
         return str(value).strip("\0 ") if value else None
@@ -703,59 +717,30 @@ def _passing(exc: Exception) -> tuple[bool, float | None]:
     return False, None
 
 
-def _sendable(meta: Dataset, ref: InstanceRef) -> bool:
-    """Return True if the file with this file meta can go as it is: pynetdicom then takes the
-    SOP Class, Instance and syntax from the file meta, which must name this instance."""
+def _sendable(head: Head, ref: InstanceRef) -> bool:
+    """Return True if the file with this head can go as it is: pynetdicom then takes the SOP
+    Class, Instance and syntax from the file meta, which must name this instance."""
     return (
-        "MediaStorageSOPClassUID" in meta
-        and "TransferSyntaxUID" in meta
-        and str(meta.get("MediaStorageSOPInstanceUID", "")).strip() == ref.sop_instance
-    )
-
-
-def _head(path: Path) -> Dataset:
-    """Return the file meta and the data set's first elements, up to its SOP Instance UID: all
-    that decides how the instance goes (parsing the whole header of each instance was a tenth
-    of a warm C-MOVE's CPU). Raise what reading raises."""
-    with path.open("rb") as source:
-        return pydicom.filereader.read_partial(source, stop_when=_past_sop_instance_uid)
-
-
-def _past_sop_instance_uid(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return bool(tag > _SOP_INSTANCE_UID)
-
-
-_SOP_INSTANCE_UID = 0x00080018
-
-
-def _stand_in(path: Path, meta: Dataset) -> OnDisk:
-    return OnDisk(
-        path,
-        str(meta.MediaStorageSOPClassUID).strip(),
-        str(meta.MediaStorageSOPInstanceUID).strip(),
-        str(meta.TransferSyntaxUID).strip(),
+        head.media_sop_class is not None
+        and head.transfer_syntax is not None
+        and head.media_sop_instance == ref.sop_instance
     )
 
 
 @dataclass(frozen=True)
 class _Fetched:
-    """An instance's file in the cache, whether it was there already, its file meta, where its
-    data set starts, and its file meta and first elements (`_head`), None if it is Deflated
-    (read only once inflated, if it must be)."""
+    """An instance's file in the cache, whether it was there already, and its head: all that
+    decides how it goes (the data set's UIDs not read if it is Deflated: read only once
+    inflated, if it must be)."""
 
     path: Path
     from_cache: bool
-    meta: Dataset
-    offset: int
-    head: Dataset | None
+    head: Head
 
     @classmethod
     def read(cls, path: Path, from_cache: bool) -> _Fetched:
-        """Return the file at `path` with what decides how it goes. Raise what reading
-        raises."""
-        meta, offset = split_dataset(path)
-        deflated = meta.get("TransferSyntaxUID") == uid.DeflatedExplicitVRLittleEndian
-        return cls(path, from_cache, meta, offset, None if deflated else _head(path))
+        """Return the file at `path` with its head. Raise what reading raises (UNREADABLE)."""
+        return cls(path, from_cache, read_head(path))
 
 
 @dataclass
