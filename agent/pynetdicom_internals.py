@@ -25,7 +25,7 @@ from typing import IO, Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, _config, acse
+from pynetdicom import AE, _config, acse, transport
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
@@ -47,6 +47,20 @@ _CONFIG_FLAGS = (
 )
 """The module-level switches of `pynetdicom._config` that Dirigo sets."""
 
+_CONTEXT_ATTRIBUTES = frozenset(
+    {
+        "_context_id",
+        "_abstract_syntax",
+        "_transfer_syntax",
+        "result",
+        "_scu_role",
+        "_scp_role",
+        "_as_scp",
+        "_as_scu",
+    }
+)
+"""A presentation context's attributes as `_copied_context` copies them."""
+
 REQUEUE_LIMIT = 2000
 """How often one stolen response is put back (about 2 s of the reactor's 1 ms loop) before it
 is dropped as truly unexpected."""
@@ -58,6 +72,36 @@ def receive_to_files_and_accept_any_storage() -> None:
     future ones included (a gateway must not drop a vendor's private objects)."""
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+
+
+def copy_contexts_cheaply() -> None:
+    """Make each new association's copy of the server's presentation contexts a plain copy of
+    each context and its transfer syntax list, instead of pynetdicom's `deepcopy`.
+
+    Dirigo's server supports ~180 contexts with ~8,000 transfer syntax UIDs in all, and
+    `deepcopy` rebuilds every UID object one by one: ~30 ms of CPU for every association a
+    peer opens, before its first message. A context's only mutable parts are that list and its
+    plain attributes (the UIDs are immutable strings), so copying those is the same copy."""
+    deepcopy: Callable[[Any, Any], Any] = getattr(transport, "deepcopy")  # noqa: B009 (private)
+    if getattr(deepcopy, "cheap", False):
+        return
+
+    def copy_contexts(value: Any, memo: Any = None) -> Any:
+        if isinstance(value, list) and all(type(cx) is PresentationContext for cx in value):
+            return [_copied_context(cx) for cx in value]
+        return deepcopy(value, memo)
+
+    copy_contexts.cheap = True  # type: ignore[attr-defined]
+    setattr(transport, "deepcopy", copy_contexts)  # noqa: B010 (not exported, see above)
+
+
+def _copied_context(context: PresentationContext) -> PresentationContext:
+    copied = PresentationContext.__new__(PresentationContext)
+    copied.__dict__ = {
+        name: list(value) if isinstance(value, list) else value
+        for name, value in vars(context).items()
+    }
+    return copied
 
 
 def quiet_identifiers() -> None:
@@ -431,6 +475,10 @@ def missing() -> list[str]:
     (empty when all are where this module expects them)."""
     gone = [f"pynetdicom._config.{name}" for name in _CONFIG_FLAGS if not hasattr(_config, name)]
     gone += [f"pynetdicom.acse.{name}" for name in _NEGOTIATORS if not hasattr(acse, name)]
+    if not callable(getattr(transport, "deepcopy", None)):
+        gone.append("pynetdicom.transport.deepcopy")
+    if set(vars(PresentationContext())) != _CONTEXT_ATTRIBUTES:
+        gone.append("pynetdicom.presentation.PresentationContext's attributes")
     assoc = Association(AE(), "requestor")  # built, never started: no thread, no socket
     if not isinstance(getattr(assoc.dul, "_run_loop_delay", None), float):
         gone.append("pynetdicom.dul.DULServiceProvider._run_loop_delay")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import socket
 import ssl
@@ -76,3 +77,19 @@ def test_a_tls_association_keeps_pynetdicoms_own_send_path_and_its_polling() -> 
         assert internals._lock_writes(assoc) is not None
         tune(assoc, sends_stores=True)
         assert assoc.dul._process_recv_primitive != process
+
+
+def test_an_associations_contexts_are_copied_as_deepcopy_would_and_apart() -> None:
+    from pynetdicom import transport
+
+    from agent.config import DicomSettings
+    from agent.dicom import build_ae
+
+    ae = build_ae(DicomSettings())  # installs the cheap copy
+    contexts = ae.supported_contexts
+    cheap = getattr(transport, "deepcopy")(contexts)  # noqa: B009 (what pynetdicom calls)
+    assert [vars(cx) for cx in cheap] == [vars(cx) for cx in copy.deepcopy(contexts)]
+    cheap[0].transfer_syntax.append("1.2.3")  # an association's negotiation changes its copy
+    cheap[0].result = 0x01
+    assert "1.2.3" not in contexts[0].transfer_syntax and contexts[0].result is None
+    assert getattr(transport, "deepcopy")({"a": [1]}) == {"a": [1]}  # noqa: B009 (anything else)
