@@ -267,7 +267,8 @@ def test_the_admission_table_names_the_reject_reasons_the_gate_sends() -> None:
         f"({dicom.PENDING_PER_SLOT} per association slot",
         f"at most {MAX_SUB_OPERATIONS}",
         f"up to {retrieve.FETCH_ATTEMPTS} times within three `cloud.timeout`s",
-        f"up to {retrieve.PREFETCH} instances being fetched ahead",
+        f"up to {retrieve.PREFETCH} being fetched ahead of the one being sent",
+        f"at least {retrieve.STREAM_LEAST} instances not cached",
         f"nesting at most {MAX_SEQUENCE_DEPTH} levels",
         "first probe after {} s of silence, then every {} s, closed after {} unanswered".format(
             *(value for _name, value in dicom.KEEPALIVE)
