@@ -149,7 +149,7 @@ def render(status: dict[str, Any]) -> str:
     lines += [f"uploading  {_upload_line(upload)}" for upload in status["uploads"]]
     if not status["uploads"]:
         lines.append("uploading  none")
-    lines.append(f"retrieve   {_fetch_syntax_line(status['retrieve']['fetch_syntax'])}")
+    lines.append(f"retrieve   {fetch_syntax_line(status['retrieve']['fetch_syntax'])}")
     failed = status["failed"]
     lines += [f"failed     {_failed_line(item)}" for item in failed[:FAILED_SHOWN]]
     if len(failed) > FAILED_SHOWN:
@@ -200,7 +200,9 @@ def _upload_line(upload: dict[str, Any]) -> str:
     )
 
 
-def _fetch_syntax_line(choice: dict[str, Any] | None) -> str:
+def fetch_syntax_line(choice: dict[str, Any] | None) -> str:
+    """Return what retrieval asks the archive for, and why (`/status`'s
+    `retrieve.fetch_syntax`), in one line."""
     if choice is None:
         return "nothing fetched yet"
     line = f"fetching as {choice['asks_name']}: {choice['why']}"

@@ -18,6 +18,7 @@ from html import escape
 from typing import Any
 
 from agent.config.units import rough_duration
+from agent.health import fetch_syntax_line
 from agent.store import Bucket, PartSummary, Problem, Store
 from agent.store.activity import bucket_start
 
@@ -192,6 +193,12 @@ def _last_transfers(status: dict[str, Any], now: float) -> str:
             when = "none since start-up" if at is None else f"{_ago(now - _epoch(at))} ago"
             mark = escape(at or "")
             words.append(f'last {what} <span data-{what}="{mark}">{when}</span>')
+    retrieve = status.get("retrieve")
+    if isinstance(retrieve, dict) and "fetch_syntax" in retrieve:
+        choice = retrieve["fetch_syntax"]
+        asks = escape(choice["asks"]) if choice else ""
+        line = escape(fetch_syntax_line(choice))
+        words.append(f'retrieve <span data-fetch-syntax="{asks}">{line}</span>')
     return f'<p class="quiet">{" · ".join(words)}</p>' if words else ""
 
 

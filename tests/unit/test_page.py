@@ -7,12 +7,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+
 from agent import page
 from agent.config import parse_config
 from agent.health import snapshot
+from agent.serve.fetchsyntax import SyntaxChooser
+from agent.serve.query import InstanceRef
 from agent.spool import Spool
 from agent.store import UPLOAD, NewInstance, Store
 from agent.store.activity import bucket_start
+from agent.store.choices import FETCH_SYNTAX
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -265,3 +270,23 @@ def test_problems_are_the_failed_jobs_with_their_next_attempt_and_the_latest_war
     assert "the cloud refused: HTTP 503" in failed_row[0] and "in 5min" in failed_row[0]
     assert "dataset is truncated at byte 12" in html
     assert store.activity.problems(1) == problems[:1]
+
+
+def test_the_syntax_retrieval_asks_the_archive_for_is_shown_with_why(
+    store: Store, tmp_path: Path
+) -> None:
+    before = page.status_page(status_of(store, tmp_path), store, NOW)
+    choice = SyntaxChooser("auto")
+    choice.fetched(
+        InstanceRef("1.2", "1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.2", None),
+        "*",
+        ExplicitVRLittleEndian,
+        1_000_000,
+        1.0,
+    )  # 8 Mbit/s: slow
+    store.choices.record(FETCH_SYNTAX, choice.choice().document(), NOW)
+    after = page.status_page(status_of(store, tmp_path), store, NOW)
+
+    assert '<span data-fetch-syntax="">nothing fetched yet</span>' in before
+    assert f'<span data-fetch-syntax="{JPEGLSLossless}">fetching as JPEG-LS Lossless' in after
+    assert "the link measured 8.0 Mbit/s, below 100 Mbit/s" in after
