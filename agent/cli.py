@@ -39,11 +39,13 @@ from agent.pynetdicom_internals import quiet_identifiers
 from agent.quarantine import Quarantine, entry_document, render_entries, render_entry
 from agent.receive import Receiver
 from agent.serve.cache import InstanceCache
+from agent.serve.fetchsyntax import Choice
 from agent.serve.query import QueryError, Scope, study_scope
 from agent.serve.retrieve import Counts, Failed, Item, Listing, Retriever, push
 from agent.serve.trail import Delivery, RequestTally, Who, retrieve_entry
 from agent.spool import AGENT_LOCK, SWEEP_LOCK, Locked, Spool
 from agent.store import AuditEntry, JobState, SchemaError, Store, StoreError
+from agent.store.choices import FETCH_SYNTAX
 from agent.store.maintenance import backup, version_of
 from agent.store.schema import latest_version
 from agent.systemd import JournalFormatter, journal_stream
@@ -477,6 +479,16 @@ def _record_audit(settings: Settings, entry: AuditEntry) -> None:
         logger.warning("audit record not kept: %s", exc)
 
 
+def _record_fetch_syntax(settings: Settings, choice: Choice) -> None:
+    """Keep the fetch syntax this command chose last where `dirigo status` reads it, as the
+    agent keeps its own; a store that cannot take it is a warning."""
+    try:
+        with _opened_store(settings) as store:
+            store.choices.record(FETCH_SYNTAX, choice.document())
+    except (CommandError, StoreError) as exc:
+        logger.warning("fetch syntax chosen not recorded: %s", exc)
+
+
 def _backup(settings: Settings, args: argparse.Namespace) -> int:
     target: Path = args.to
     if target.is_dir():
@@ -684,6 +696,8 @@ def _push_listed(
     bar = tqdm(total=len(refs), unit="instance", file=sys.stderr, disable=not sys.stderr.isatty())
     who = Who(settings.dicom.ae_title, peer.ae_title, peer.host)
     tally, delivery = RequestTally(), Delivery()
+    chosen: list[Choice] = []
+    retriever.syntaxes.told = chosen.append
 
     def progress(item: Item) -> None:
         bar.update(1)
@@ -694,6 +708,8 @@ def _push_listed(
             who, "dirigo retrieve", peer.ae_title, peer.host, {}, tally, delivery
         )
         _record_audit(settings, replace(entry, detail={**entry.detail, "operator": _operator()}))
+        if chosen:
+            _record_fetch_syntax(settings, chosen[-1])
 
     try:
         with bar, logging_redirect_tqdm():

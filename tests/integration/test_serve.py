@@ -4,6 +4,7 @@ DICOMweb as the cloud archive, with storescp or a pynetdicom storage SCP as the 
 from __future__ import annotations
 
 import fnmatch
+import json
 import socket
 import subprocess
 import threading
@@ -558,7 +559,11 @@ def test_retrieve_pushes_a_study_to_a_peer(
         command = agent.command("retrieve", *args)
         return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
-    default = retrieve("--study", uid(series[0]))
+    with agent:  # the agent's database, where `dirigo status` reads what retrieve chose
+        default = retrieve("--study", uid(series[0]))
+        status = subprocess.run(
+            agent.command("status", "--json"), capture_output=True, text=True, timeout=60
+        )
     chosen = retrieve("--study", uid(jpeg_ls), "--to", "SECOND")
     missing = retrieve("--study", "1.2.3.4", "--to", "SECOND")
     unknown_peer = retrieve("--study", uid(jpeg_ls), "--to", "NOBODY")
@@ -569,6 +574,11 @@ def test_retrieve_pushes_a_study_to_a_peer(
     assert {k: datasets.dataset_sha256(v) for k, v in got.items()} == {
         uid(p, "SOPInstanceUID"): datasets.dataset_sha256(p) for p in series
     }
+    assert status.returncode == 0, status.stderr
+    fetch_syntax = json.loads(status.stdout)["retrieve"]["fetch_syntax"]
+    # 64x64 slices are too small to measure the link by: as held, and status says why
+    assert (fetch_syntax["setting"], fetch_syntax["asks"]) == ("auto", "*")
+    assert fetch_syntax["why"] == "the link is not measured yet"
     assert chosen.returncode == 0, chosen.stderr
     (decompressed,) = received(second.out_dir).values()
     assert not datasets.transfer_syntax(decompressed).is_compressed
