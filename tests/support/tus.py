@@ -44,10 +44,18 @@ class TusServerMissing(RuntimeError):
     """Node.js or devcloud/tus's installed packages are missing."""
 
 
+PROJECT_NODE = SERVER_DIR.parent / "node" / "node_modules" / ".bin" / "node"
+"""The Node.js scripts/setup installs from the npm registry when the system's is too old for the
+tus server (Debian 12's is 18)."""
+
+
 def node_binary() -> str:
-    """Return the node executable's path; raise TusServerMissing if there is none."""
+    """Return the node executable's path: `DIRIGO_NODE`, else the project's own (PROJECT_NODE)
+    if setup installed one, else the system's; raise TusServerMissing if there is none."""
     if override := os.environ.get("DIRIGO_NODE"):
         return override
+    if os.access(PROJECT_NODE, os.X_OK):
+        return str(PROJECT_NODE)
     found = shutil.which("node")
     if found is None:
         raise TusServerMissing(f"node not found ({SETUP_HINT})")
