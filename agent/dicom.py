@@ -214,12 +214,31 @@ class NoTracebacks(logging.Filter):
 _QUIETED = (("pynetdicom.dul", TimeoutError), ("pynetdicom.transport", ssl.SSLError))
 
 
+class ResetAfterRelease(logging.Filter):
+    """Drop what pynetdicom logs at ERROR when a peer resets the TCP connection right after a
+    completed release, instead of closing it (the Central Test Node does, after every
+    association): the association ended as both sides agreed, and an ERROR per association
+    would hide real ones. A reset at any other moment is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not internals.released_here():
+            return True
+        if record.exc_info is not None and not isinstance(record.exc_info[1], OSError):
+            return True
+        logger.debug("the peer reset the connection after the release: %s", record.getMessage())
+        return False
+
+
 def quiet_tracebacks() -> None:
-    """Install the `NoTracebacks` filters on pynetdicom's loggers (once)."""
+    """Install the `NoTracebacks` and `ResetAfterRelease` filters on pynetdicom's loggers
+    (once)."""
     for name, kind in _QUIETED:
         log = logging.getLogger(name)
         if not any(isinstance(f, NoTracebacks) and f.kind is kind for f in log.filters):
             log.addFilter(NoTracebacks(kind))
+    dul = logging.getLogger("pynetdicom.dul")
+    if not any(isinstance(f, ResetAfterRelease) for f in dul.filters):
+        dul.addFilter(ResetAfterRelease())
 
 
 def build_ae(settings: DicomSettings) -> AE:

@@ -29,6 +29,7 @@ from pynetdicom import AE, _config, acse, transport
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext
 
 from agent import pdata
@@ -102,6 +103,20 @@ def _copied_context(context: PresentationContext) -> PresentationContext:
         for name, value in vars(context).items()
     }
     return copied
+
+
+def released_here() -> bool:
+    """Return True if the calling thread is an association's DUL reactor after a completed
+    release that waits for the connection to close (state Sta13: A-RELEASE-RP sent)."""
+    thread = threading.current_thread()
+    machine = getattr(thread, "state_machine", None)
+    return isinstance(thread, DULServiceProvider) and (
+        getattr(machine, "current_state", None) == _RELEASED
+    )
+
+
+_RELEASED = "Sta13"
+"""The DUL state of an acceptor that answered A-RELEASE-RQ (PS3.8 9.2: awaiting the close)."""
 
 
 def quiet_identifiers() -> None:
@@ -482,6 +497,10 @@ def missing() -> list[str]:
     assoc = Association(AE(), "requestor")  # built, never started: no thread, no socket
     if not isinstance(getattr(assoc.dul, "_run_loop_delay", None), float):
         gone.append("pynetdicom.dul.DULServiceProvider._run_loop_delay")
+    if not isinstance(
+        getattr(getattr(assoc.dul, "state_machine", None), "current_state", None), str
+    ):
+        gone.append("pynetdicom.fsm.StateMachine.current_state")
     if not callable(getattr(assoc.dul, "_process_recv_primitive", None)):
         gone.append("pynetdicom.dul.DULServiceProvider._process_recv_primitive")
     if not callable(getattr(assoc, "_serve_request", None)):
