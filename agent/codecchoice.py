@@ -17,14 +17,14 @@ goes), so before choosing for a part of PROBED_SIZE or more the worker measures 
 probe upload (`Uploader`), unless PATCHes measured it just now. A smaller part is not worth the
 probe's bytes: it is chosen with the last goodput, however old. Without any measure (the probe
 failed: the cloud is down and nothing will be sent for now anyway) the part goes zstd-only, as
-before this choice existed; likewise when the codecs are not installed.
+before this choice existed.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CODECS = ("none", "jpeg-ls", "htj2k")
@@ -85,14 +85,8 @@ class CodecChooser:
     def __init__(
         self,
         compression: str,
-        codecs: Sequence[str] = CODECS,
         clock: Callable[[], float] = time.monotonic,
-        unavailable: str | None = None,
     ) -> None:
-        """`codecs` are those allowed; `unavailable`, if given, says why only zstd may be used
-        (the codecs are not installed)."""
-        self.codecs = ("none",) if unavailable else tuple(codecs)
-        self.unavailable = unavailable
         self.clock = clock
         self._lock = threading.Lock()
         self._estimates = dict(DEFAULTS[compression])
@@ -111,7 +105,7 @@ class CodecChooser:
 
     def needs_probe(self, size: int) -> bool:
         """Whether the link should be measured before choosing for a part of `size` bytes."""
-        if len(self.codecs) == 1 or size < PROBED_SIZE:
+        if size < PROBED_SIZE:
             return False
         with self._lock:
             at = self._measured_at
@@ -142,14 +136,12 @@ class CodecChooser:
 
     def choose(self, size: int) -> Choice:
         """Return the codec estimated to pack and send `size` bytes soonest, with its reason."""
-        if self.unavailable:
-            return Choice("none", f"none: zstd only, {self.unavailable}")
         goodput = self.goodput
         if goodput is None:
             return Choice("none", "none: zstd only until the link is measured")
-        seconds = {codec: self.estimate(codec).seconds(size, goodput) for codec in self.codecs}
-        best = min(self.codecs, key=lambda codec: seconds[codec])
-        others = ", ".join(f"{c} {seconds[c]:.1f} s" for c in self.codecs if c != best)
+        seconds = {codec: self.estimate(codec).seconds(size, goodput) for codec in CODECS}
+        best = min(CODECS, key=lambda codec: seconds[codec])
+        others = ", ".join(f"{c} {seconds[c]:.1f} s" for c in CODECS if c != best)
         reason = f"{best}: est. {seconds[best]:.1f} s"
         if others:
             reason += f" vs {others}"

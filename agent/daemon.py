@@ -50,7 +50,6 @@ from agent.store.choices import FETCH_SYNTAX
 from agent.systemd import Watchdog, notify, status_line, watchdog_interval
 from agent.tls import DicomTls
 from agent.tls import load as load_tls
-from agent.transcode import missing_codec
 from agent.upload import Uploader, UploadWorkers, purge
 from agent.watch import FolderWatch
 from agent.web import HealthServer
@@ -166,9 +165,6 @@ class Daemon:
         http = CloudHttp.open(
             self.settings.cloud, Throttle(self.settings.upload.max_bandwidth or None)
         )
-        # `auto` without the codecs packs zstd-only and says why; an explicit codec must not.
-        if self.settings.upload.transcode not in ("none", "auto") and (problem := missing_codec()):
-            raise StartupError(problem)
         self.store = Store.open(self.settings.data_dir / DATABASE, migrate=True)
         identity = Identity.here(self.settings.dicom.ae_title, self.settings.site)
         self.auditor = Auditor.open(self.store, self.settings.audit, identity)

@@ -60,7 +60,7 @@ _BITS_STORED = 0x00280101
 _PIXEL_REPRESENTATION = 0x00280103
 _PIXEL_DATA = 0x7FE00010
 _PRELOAD = ["__main__", "agent.transcode", "numpy", "imagecodecs"]
-"""What the forkserver imports before forking workers (a missing one is skipped). With
+"""What the forkserver imports before forking workers. With
 `__main__` among them (multiprocessing's own default), workers inherit the main module instead of
 each importing it again: for the `dirigo` command, the whole agent."""
 _IMAGE_TAGS = frozenset(
@@ -105,17 +105,6 @@ class AsItCame:
 
 
 Outcome = Transcoded | AsItCame
-
-
-def missing_codec() -> str | None:
-    """Return why transcoding cannot run here (imagecodecs or numpy missing), or None."""
-    try:
-        import imagecodecs  # noqa: F401
-        import numpy  # noqa: F401
-    except ImportError as exc:
-        extra = "pip install 'dirigo-agent[transcode]'"
-        return f"upload.transcode needs the 'transcode' extra ({extra}): {exc}"
-    return None
 
 
 def transcode_file(source: Source, method: str) -> Outcome:

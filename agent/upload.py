@@ -57,7 +57,6 @@ from agent.store import (
 )
 from agent.store.audit import Record
 from agent.store.uploads import Bundle, PartFile, Purgeable, UploadRecord
-from agent.transcode import missing_codec
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ class Uploader:
         self.chooser: CodecChooser | None = None
         """With `upload.transcode: auto`, what chooses each part's codec."""
         if upload.transcode == "auto":
-            self.chooser = CodecChooser(upload.compression, unavailable=missing_codec())
+            self.chooser = CodecChooser(upload.compression)
         self._probing = threading.Lock()
         self.audit: Record | None = None
         """Told of each part sent and confirmed (the audit trail)."""

@@ -1,9 +1,10 @@
 """A pydicom pixel decoder plugin on imagecodecs, for the lossless syntaxes an archive may hold.
 
-pydicom 3 decodes JPEG, JPEG-LS and JPEG 2000 through pylibjpeg, pyjpegls or GDCM; Dirigo's
-`transcode` extra brings imagecodecs (already used to encode) instead, so this plugin lets
-pydicom decode with it. It is added after pydicom's own plugins: whatever else is installed
-is tried first. Only lossless syntaxes are registered: Dirigo never decompresses a lossy copy.
+pydicom 3 decodes JPEG, JPEG-LS and JPEG 2000 through pylibjpeg, pyjpegls or GDCM; Dirigo
+depends on imagecodecs (already used to encode) instead, so this plugin lets pydicom decode with
+it (RLE pydicom decodes itself, with numpy). It is added after pydicom's own plugins: whatever
+else is installed is tried first. Only lossless syntaxes are registered: Dirigo never decompresses
+a lossy copy.
 """
 
 from __future__ import annotations
@@ -53,11 +54,10 @@ def register() -> None:
 
 
 def is_available(syntax: str) -> bool:
-    """Return True if imagecodecs can decode `syntax` here (pydicom's plugin contract)."""
-    try:
-        import imagecodecs
-    except ImportError:
-        return False
+    """Return True if this build of imagecodecs can decode `syntax` (pydicom's plugin
+    contract)."""
+    import imagecodecs
+
     if syntax in (uid.JPEGLossless, uid.JPEGLosslessSV1):
         return bool(imagecodecs.JPEG8.available or imagecodecs.LJPEG.available)
     if syntax == uid.JPEGLSLossless:

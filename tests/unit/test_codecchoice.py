@@ -112,14 +112,6 @@ def test_without_a_measure_of_the_link_the_part_goes_zstd_only() -> None:
     assert choice.codec == "none" and "until the link is measured" in choice.reason
 
 
-def test_without_the_codecs_auto_falls_back_to_zstd_only_and_never_probes() -> None:
-    chooser = CodecChooser("zstd", unavailable="the 'transcode' extra is missing")
-    chooser.sent(8 * 1024 * 1024, 10.0)
-    assert not chooser.needs_probe(CT)
-    choice = chooser.choose(CT)
-    assert choice.codec == "none" and "extra is missing" in choice.reason
-
-
 def test_without_zstd_the_codecs_win_on_a_much_faster_link() -> None:
     assert chooser_at(200).choose(CT).codec == "none"
     plain = CodecChooser("none")

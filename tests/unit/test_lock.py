@@ -1,5 +1,5 @@
-"""The lock files say what pyproject.toml asks for: every dependency (the transcode extra's in
-the runtime lock, the dev extra's in the dev lock) pinned to a release its specifier allows,
+"""The lock files say what pyproject.toml asks for: every dependency (the dev extra's too in the
+dev lock) pinned to a release its specifier allows,
 with hashes, so `pip install --require-hashes` installs the set that was locked."""
 
 from __future__ import annotations
@@ -36,14 +36,11 @@ def pins(lock: str) -> list[tuple[str, Version, Marker | None, str]]:
 def requirements(*extras: str) -> list[Requirement]:
     wanted = [*PROJECT["dependencies"]]
     for extra in extras:
-        wanted += PROJECT["optional-dependencies"].get(extra, [])  # transcode may become core
-    own = canonicalize_name(PROJECT["name"])
-    return [r for r in map(Requirement, wanted) if canonicalize_name(r.name) != own]
+        wanted += PROJECT["optional-dependencies"][extra]
+    return [Requirement(r) for r in wanted]
 
 
-@pytest.mark.parametrize(
-    ("lock", "extras"), [("runtime.txt", ("transcode",)), ("dev.txt", ("transcode", "dev"))]
-)
+@pytest.mark.parametrize(("lock", "extras"), [("runtime.txt", ()), ("dev.txt", ("dev",))])
 def test_every_dependency_is_pinned_to_an_allowed_release_with_hashes(
     lock: str, extras: tuple[str, ...]
 ) -> None:
