@@ -399,7 +399,8 @@ def _check_layout() -> None:
             [analyze, "verify", "--man=no", str(unit_file())], capture_output=True, text=True
         )
         assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
-    # The transcode codecs are there, in the venv built with Debian's own python3.
+    # The codecs (dependencies of the package) are there, in the venv built with Debian's own
+    # python3.
     probe = subprocess.run(
         [
             "/opt/dirigo/venv/bin/python",

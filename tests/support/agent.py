@@ -37,8 +37,10 @@ class Agent:
         launcher: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
+        self.program: tuple[str, ...] = (sys.executable, "-m", "agent")
+        """The `dirigo` command: this interpreter's agent, unless a test installed one elsewhere."""
         self.launcher = launcher
-        """A command `dirigo run` starts under, as `launcher... python -m agent run ...`."""
+        """A command `dirigo run` starts under, as `launcher... program run ...`."""
         self.ae_title = ae_title
         self.probe_ae = probe_ae
         self.port = free_port()
@@ -67,7 +69,7 @@ class Agent:
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
 
     def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "agent", *args, "--config", str(self.config_path)]
+        return [*self.program, *args, "--config", str(self.config_path)]
 
     def start(self, timeout: float = 30.0) -> Agent:
         """Start `dirigo run` and wait until it answers a C-ECHO from `probe_ae`."""
