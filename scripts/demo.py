@@ -159,7 +159,11 @@ class Exchange:
         self.dirigo_b = self._dirigo(work, "hospital-b", DIRIGO_B, pacs_b)
 
     def _pacs(self, aet: str) -> Orthanc:
-        pacs = Orthanc(aet, dicomweb=False)
+        # Each instance goes as stored, never transcoded: the demo checks it arrives byte for
+        # byte. Orthanc 1.12 otherwise, meeting a JPEG 2000 instance after uncompressed ones of
+        # its SOP class on one association, tries to decompress it rather than negotiate its
+        # syntax, and cannot (docs/platforms.md); Orthanc 1.10 negotiates either way.
+        pacs = Orthanc(aet, dicomweb=False, extra_config={"TranscodeDicomProtocol": False})
         pacs.log_path = self.logs / f"{aet.lower()}-orthanc.log"
         return pacs
 
@@ -247,9 +251,7 @@ def run_demo(exchange: Exchange, files: list[Path]) -> None:
 
     started = time.monotonic()
     with step(f"hospital A's PACS sends every study to {DIRIGO_A} by C-STORE, study by study"):
-        # One store job per study, as a PACS's routing rules send: Orthanc 1.12 given every
-        # study in one job proposes only uncompressed contexts and fails on a compressed
-        # instance it cannot transcode (docs/platforms.md).
+        # One store job per study, as a PACS's routing rules send.
         for orthanc_id in studies:
             body = {"Resources": [orthanc_id], "Synchronous": True}
             pacs_a.post(f"/modalities/{DIRIGO_A}/store", body)
