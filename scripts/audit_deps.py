@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements" / "runtime.txt"
 IGNORES = ROOT / "requirements" / "audit-ignore.txt"
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+"""Debian's bundle of the certificates the system trusts (update-ca-certificates writes it)."""
 
 
 @dataclass
@@ -96,6 +99,22 @@ def judge(report: dict[str, Any], ignores: dict[str, str], required: bool) -> Ve
     return verdict
 
 
+def audit_environment(
+    environ: Mapping[str, str], bundle: Path = SYSTEM_CA_BUNDLE
+) -> dict[str, str]:
+    """Return pip-audit's environment: `environ`, with the system's certificate bundle for its
+    HTTPS unless one is chosen already.
+
+    pip-audit asks PyPI through requests, which trusts certifi's bundle, not the system's: behind
+    a TLS-inspecting proxy whose CA the system trusts (pip itself does, through the system's
+    store), every lookup would fail certificate verification.
+    """
+    env = dict(environ)
+    if "REQUESTS_CA_BUNDLE" not in env and bundle.is_file():
+        env["REQUESTS_CA_BUNDLE"] = str(bundle)
+    return env
+
+
 def main() -> int:
     ignores, problems = read_ignores(IGNORES.read_text() if IGNORES.exists() else "")
     command = [
@@ -113,7 +132,9 @@ def main() -> int:
         "--progress-spinner",
         "off",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=False, env=audit_environment(os.environ)
+    )
     try:
         report = json.loads(result.stdout)
     except ValueError:

@@ -113,3 +113,15 @@ def test_no_lookup_at_all_is_not_audited_and_fails_only_when_required(required: 
 def test_the_ignore_file_in_the_repository_gives_a_reason_for_every_entry() -> None:
     _, problems = audit.read_ignores((REPO / "requirements/audit-ignore.txt").read_text())
     assert problems == []
+
+
+def test_pip_audit_trusts_the_systems_certificates_unless_a_bundle_is_chosen(
+    tmp_path: Path,
+) -> None:
+    bundle = tmp_path / "ca-certificates.crt"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    env = audit.audit_environment({"PATH": "/usr/bin"}, bundle)
+    assert env == {"PATH": "/usr/bin", "REQUESTS_CA_BUNDLE": str(bundle)}
+    chosen = {"REQUESTS_CA_BUNDLE": "/srv/ca.pem"}
+    assert audit.audit_environment(chosen, bundle) == chosen
+    assert audit.audit_environment({}, tmp_path / "absent.crt") == {}
