@@ -4,10 +4,11 @@ already cached by WADO-RS, and prepare it in a syntax its destination accepted.
 C-MOVE, C-GET and `dirigo retrieve` share this path; they differ only in who sends the C-STOREs
 (pynetdicom for the first two, `push` for the command). Each instance is fetched into the cache
 before it is read: an interrupted retrieval that is asked again resumes where it stopped. An
-instance whose syntax the destination accepted goes from its file block by block (`ondisk`), and
-one that must be re-encoded is read with its large values left in the file until they are sent:
-memory never holds a study, nor an instance sent as the archive holds it. (Decompressing, and
-re-encoding between implicit and explicit VR, still hold that one instance in memory.)
+instance whose syntax the destination accepted goes from its file block by block (`ondisk`); one
+it did not is rewritten file to file in the uncompressed syntax it accepted, decompressed a frame
+at a time (`uncompressed`), and goes from that file: memory never holds a study, nor a whole
+instance. (What that rewrite does not handle, a big-endian instance say, is read whole and
+re-encoded by pynetdicom, in memory.)
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from agent.serve.fetchsyntax import AS_STORED, REFUSALS, SyntaxChooser
 from agent.serve.ondisk import OnDisk, file_of, inflate
 from agent.serve.query import InstanceRef, Scope, instance_ref, instance_search
 from agent.serve.syntax import Accepted, Action, accepted_by, decompress, plan, proposals
+from agent.serve.uncompressed import Unstreamable, target_syntax, write_uncompressed
 
 logger = logging.getLogger(__name__)
 
@@ -262,10 +264,10 @@ class Retriever:
             taken = accepted.get(head.media_sop_class or "", frozenset())
             if uid.DeflatedExplicitVRLittleEndian in taken and _sendable(head, ref):
                 return Ready(ref, OnDisk(path, head), Action.AS_IS)
-            held.scratch = self.cache.scratch(ref.sop_instance)
+            inflated = held.scratch(ref.sop_instance)
             meta, offset = split_dataset(path)
-            inflate(path, offset, meta, held.scratch)
-            path = Path(held.scratch.name)
+            inflate(path, offset, meta, inflated)
+            path = Path(inflated.name)
             head = read_head(path)
         if head.sop_instance != ref.sop_instance:
             return Failed(ref, "the archive's copy is another instance")
@@ -281,6 +283,18 @@ class Retriever:
             and _sendable(head, ref)
         ):
             return Ready(ref, OnDisk(path, head), delivery.action)
+        target = target_syntax(accepted.get(sop_class, frozenset()))
+        if target is not None and _sendable(head, ref):
+            rewritten = held.scratch(ref.sop_instance)
+            try:
+                write_uncompressed(path, target, rewritten)
+            except Unstreamable:
+                pass  # pydicom's way below, in memory
+            except Exception as exc:  # a codec's failure: this instance, not the retrieval
+                return Failed(ref, f"cannot rewrite {uid.UID(syntax).name} uncompressed: {exc}")
+            else:
+                written = Path(rewritten.name)
+                return Ready(ref, OnDisk(written, read_head(written)), delivery.action)
         dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE)
         if delivery.action is Action.DECOMPRESS:
             try:
@@ -692,18 +706,24 @@ _LISTING_BLOCK = 64 * 1024
 
 @dataclass
 class _Held:
-    """What one instance being sent needs kept: its hold on the cache, and the scratch file it
-    is sent from, if one was made."""
+    """What one instance being sent needs kept: its hold on the cache, and the scratch files
+    made to send it (an inflated copy, a rewritten one)."""
 
     cache: InstanceCache
     uid: str | None = None
-    scratch: BinaryIO | None = None
+    scratches: list[BinaryIO] = field(default_factory=list)
+
+    def scratch(self, sop_instance_uid: str) -> BinaryIO:
+        """Return a new scratch file under the cache for the instance, removed on release."""
+        made = self.cache.scratch(sop_instance_uid)
+        self.scratches.append(made)
+        return made
 
     def release(self) -> None:
-        if self.scratch is not None:
-            self.scratch.close()
-            Path(self.scratch.name).unlink(missing_ok=True)
-            self.scratch = None
+        for scratch in self.scratches:
+            scratch.close()
+            Path(scratch.name).unlink(missing_ok=True)
+        self.scratches.clear()
         if self.uid is not None:
             self.cache.release(self.uid)
             self.uid = None

@@ -104,3 +104,67 @@ def test_an_implicit_vr_instance_goes_from_its_file_to_a_destination_preferring_
     (got,) = received(destination.out_dir).values()
     assert datasets.dataset_sha256(got) == datasets.dataset_sha256(implicit)
     assert grown < INSTANCE, f"peak memory grew by {grown} bytes for a {INSTANCE}-byte instance"
+
+
+def jpeg_ls_frames(directory: Path, frames: int, side: int, seed: int) -> tuple[Path, np.ndarray]:
+    """Write a multi-frame CT-like instance held as JPEG-LS lossless; return it and its
+    frames."""
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless
+
+    (first,) = datasets.ct_series(directory / "one", slices=1, rows=side, cols=side, seed=seed)
+    ds = pydicom.dcmread(first)
+    rng = np.random.default_rng(seed)
+    ramp = np.add.outer(np.arange(side), np.arange(side)).astype(np.uint16)
+    pixels = np.stack(
+        [ramp + rng.integers(0, 64, (side, side), dtype=np.uint16) for _ in range(frames)]
+    )
+    ds.PixelData = encapsulate([imagecodecs.jpegls_encode(frame) for frame in pixels])
+    ds["PixelData"].VR = "OB"
+    ds.NumberOfFrames = frames
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    path = directory / "multiframe.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, pixels
+
+
+def test_a_compressed_multiframe_instance_is_decompressed_a_frame_at_a_time(
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, storescp: StoreSCPFactory
+) -> None:
+    frames, side = 64, 1024  # 128 MiB of pixels, 2 MiB a frame
+    source, pixels = jpeg_ls_frames(tmp_path, frames, side, seed=504)
+    archive = orthanc(aet="ARCHIVE")
+    load(archive, [source])
+    destination = storescp(ae="DEST", extra_args=())  # uncompressed only
+    grown, completed = move_and_measure(
+        tmp_data_dir, archive.dicomweb_url, destination, uid(source)
+    )
+    assert completed == 1
+    (got,) = received(destination.out_dir).values()
+    delivered = pydicom.dcmread(got)
+    assert not delivered.file_meta.TransferSyntaxUID.is_compressed
+    assert np.array_equal(delivered.pixel_array, pixels)
+    whole = pixels.nbytes
+    assert grown < whole // 4, f"peak memory grew by {grown} bytes for {whole} bytes of pixels"
+    assert not list((tmp_data_dir / "cache" / "tmp").glob("*.partial")), (
+        "the rewritten copy is gone"
+    )
+
+
+def test_an_explicit_vr_instance_is_rewritten_from_its_file_for_an_implicit_only_destination(
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, storescp: StoreSCPFactory
+) -> None:
+    archive = orthanc(aet="ARCHIVE")
+    source = big_slice(tmp_path / "ct", seed=505)  # Explicit VR Little Endian
+    load(archive, [source])
+    destination = storescp(ae="DEST", extra_args=("+xi",))  # Implicit VR Little Endian only
+    grown, completed = move_and_measure(
+        tmp_data_dir, archive.dicomweb_url, destination, uid(source)
+    )
+    assert completed == 1
+    (got,) = received(destination.out_dir).values()
+    delivered, original = pydicom.dcmread(got), pydicom.dcmread(source)
+    assert delivered.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert delivered.PixelData == original.PixelData
+    assert grown < INSTANCE, f"peak memory grew by {grown} bytes for a {INSTANCE}-byte instance"
