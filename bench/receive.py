@@ -224,12 +224,13 @@ def measure(
 # --- payloads -------------------------------------------------------------------------
 
 
-def payloads(cache: Path, large: bool) -> list[Payload]:
-    """Return the payloads: the 500-slice CT, the largest real images, optionally 600 MB."""
+def payloads(cache: Path, large: bool, slices: int = 500) -> list[Payload]:
+    """Return the payloads: the CT of `slices` slices, the largest real images, optionally
+    600 MB."""
     real = datasets.distinct_instances(datasets.uncompressed_files())
     largest = sorted(real, key=lambda p: p.stat().st_size, reverse=True)[:REAL_IMAGES]
     found = [
-        Payload("ct-500-slices", datasets.ct_series(cache / "ct500", slices=500)),
+        Payload(f"ct-{slices}-slices", datasets.ct_series(cache / f"ct{slices}", slices=slices)),
         Payload(f"real-{len(largest)}-largest", largest),
     ]
     if large:
@@ -275,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
     parser.add_argument("--large", action="store_true", help="also send one 600 MB instance")
     parser.add_argument(
+        "--slices", type=int, default=500, help="slices of the 512² CT payload (default 500)"
+    )
+    parser.add_argument(
         "--receivers",
         nargs="+",
         choices=sorted(RECEIVERS),
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    loads = payloads(args.cache, args.large)
+    loads = payloads(args.cache, args.large, args.slices)
     env = environment()
     print(
         f"# {env['dcmtk']}, {env['orthanc']}, {env['cpus']} CPUs, "

@@ -125,6 +125,17 @@ def ct_study(cache: Path, slices: int) -> Study:
     )
 
 
+def large_study(cache: Path, mib: int) -> Study:
+    """Return a study of one multi-frame instance of about `mib` MiB (512² 16-bit frames), made
+    once and kept in the cache: a tomosynthesis-sized instance."""
+    path = cache / f"large{mib}" / "large.dcm"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        datasets.large_instance(path, mib * 2**20)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    return Study(str(header.StudyInstanceUID), [path], frozenset({str(header.SOPInstanceUID)}))
+
+
 # --- the peers ------------------------------------------------------------------------
 
 
@@ -698,6 +709,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where the generated CT series is kept between runs (default .cache/bench)",
     )
     parser.add_argument(
+        "--large-mib",
+        type=int,
+        default=None,
+        help="move one multi-frame instance of this many MiB instead of the CT (memory flat with"
+        " instance size: 1100 is a tomosynthesis instance)",
+    )
+    parser.add_argument(
         "--link-mbit",
         type=float,
         default=None,
@@ -708,11 +726,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    study = ct_study(args.cache, args.slices)
+    if args.large_mib is not None:
+        study, what = large_study(args.cache, args.large_mib), f"one {args.large_mib} MiB instance"
+    else:
+        study, what = ct_study(args.cache, args.slices), f"CT {args.slices} slices"
     env = environment()
     print(
         f"# {env['dcmtk']}, {env['orthanc']}, {env['cpus']} CPUs, "
-        f"load {env['load_average_at_start']}; CT {args.slices} slices, "
+        f"load {env['load_average_at_start']}; {what}, "
         f"{study.size / 1e6:.1f} MB; median of {args.repeat} rounds"
         + ("" if args.link_mbit is None else f"; archive behind {args.link_mbit:g} Mbit/s"),
         flush=True,
@@ -750,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
                 "environment": env,
                 "repeat": args.repeat,
                 "slices": args.slices,
+                "large_mib": args.large_mib,
                 "rows": [asdict(r) for r in rows],
                 "failure": failure,
             },
