@@ -322,6 +322,16 @@ class _Connection:
     admitted: bool = False
 
 
+def _holds_slot(assoc: Association) -> bool:
+    """Return True while an admitted association still takes one of the `max_associations`.
+
+    A released or aborted association's thread lives on for a while (pynetdicom waits for its
+    transport to close), but it serves nothing more: counting it refused a peer that released
+    and at once asked again (a C-ECHO before a store), with "all slots in use".
+    """
+    return assoc.is_alive() and not (assoc.is_released or assoc.is_aborted)
+
+
 class Gate:
     """Every accepted connection passes here: tuning, admission, and the association slots.
 
@@ -434,7 +444,7 @@ class Gate:
             busy = sum(
                 1
                 for other, c in self._connections.items()
-                if c.admitted and other is not assoc and other.is_alive()
+                if c.admitted and other is not assoc and _holds_slot(other)
             )
             if busy < limit:
                 self._connections.setdefault(assoc, _Connection(self._clock())).admitted = True

@@ -115,6 +115,21 @@ def test_a_peer_that_stalls_mid_message_gives_its_slot_back_after_network_timeou
             stalled.abort()
 
 
+def test_a_released_association_gives_its_slot_back_at_once(tmp_data_dir: Path) -> None:
+    """A PACS that releases and at once associates again (a C-ECHO, then the store) is
+    admitted, even with a single slot: the released association's thread, still ending, does
+    not hold it."""
+    with Agent(tmp_data_dir, extra={"dicom": {"max_associations": 1}}) as agent:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(Verification)
+        for _ in range(5):
+            assert dcmtk.echoscu(agent.port).returncode == 0
+            assoc = ae.associate(LOOPBACK, agent.port, ae_title="DIRIGO")
+            assert assoc.is_established
+            assoc.release()
+        assert "slots are in use" not in agent.log_tail(100_000)
+
+
 ALL_SERVICES = {
     Verification: "echo",
     CTImageStorage: "store",
