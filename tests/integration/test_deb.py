@@ -24,6 +24,7 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,10 +83,22 @@ def _copy_tree(into: Path) -> Path:
     return into
 
 
+def _package_env() -> dict[str, str]:
+    """The environment scripts/package runs in: the copied tree has no .venv, so the script
+    would drive pip with the system's python3, which has none on a Debian where setup made
+    the project's .venv; it gets the virtualenv running the tests instead, as if activated."""
+    env = dict(os.environ)
+    if sys.prefix != sys.base_prefix:
+        env["VIRTUAL_ENV"] = sys.prefix
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
 def _build(tree: Path, out: Path) -> Path:
     result = subprocess.run(
         ["bash", "scripts/package", "--out", str(out)],
         cwd=tree,
+        env=_package_env(),
         capture_output=True,
         text=True,
         timeout=900,
