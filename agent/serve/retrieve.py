@@ -71,6 +71,12 @@ so a blip of the archive or its link costs seconds, not an image."""
 FETCH_PATIENCE = 3
 """No try starts later than this many `cloud.timeout`s after the first: a dead archive fails
 each instance within bounded time instead of holding the PACS for ever."""
+LISTING_PAGE = 1000
+"""Instances asked for per QIDO-RS request when listing a retrieval (`serve.page_size` if that
+is larger): the listing is read whole before the first C-STORE, and an archive may answer each
+page by matching the whole study again (Orthanc 1.10 lists 2,000 instances in 1.9 s by pages of
+100, 1.1 s by pages of 1,000). An archive that caps its pages lower loses nothing
+(`DicomWeb.pages`)."""
 STREAM_LEAST = 3
 """Instances of one series not yet cached from which the series streams in one request."""
 PLACERS = 2
@@ -155,7 +161,8 @@ class Retriever:
         try:
             seen: set[str] = set()
             params = instance_search(scope)
-            for page in self.dicomweb.pages("instances", params, self.page_size):
+            page_size = max(self.page_size, LISTING_PAGE)
+            for page in self.dicomweb.pages("instances", params, page_size):
                 for result in page:
                     ref = instance_ref(result)
                     if ref is None:
