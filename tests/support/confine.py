@@ -102,6 +102,16 @@ def service_settings(unit: Path) -> dict[str, list[str]]:
     return settings
 
 
+HELPER_ENV = {
+    key: value
+    for key, value in os.environ.items()
+    if key not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+}
+"""The environment of the systemd tools run here: the notification socket is the confined
+command's, not theirs. systemd 257's (Debian 13) `systemd-analyze` sends to a NOTIFY_SOCKET it
+finds, and blocked on the test's socket, which nobody read yet: the agent never started."""
+
+
 def syscall_group(name: str, seen: set[str] | None = None) -> set[str]:
     """Return the system calls of `name` (a group like `@system-service`, or one call), groups
     within groups expanded, as this machine's systemd defines them."""
@@ -112,7 +122,11 @@ def syscall_group(name: str, seen: set[str] | None = None) -> set[str]:
         return set()
     seen.add(name)
     listing = subprocess.run(
-        ["systemd-analyze", "syscall-filter", name], capture_output=True, text=True, check=True
+        ["systemd-analyze", "syscall-filter", name],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=HELPER_ENV,
     ).stdout
     calls: set[str] = set()
     for line in listing.splitlines()[1:]:  # the first line names the group itself
