@@ -77,6 +77,9 @@ is larger): the listing is read whole before the first C-STORE, and an archive m
 page by matching the whole study again (Orthanc 1.10 lists 2,000 instances in 1.9 s by pages of
 100, 1.1 s by pages of 1,000). An archive that caps its pages lower loses nothing
 (`DicomWeb.pages`)."""
+REGROUP_MOST = 100
+"""Series of a listing from which its instances are no longer regrouped series by series (one
+reading of the listing per series), but taken in runs as listed."""
 STREAM_LEAST = 3
 """Instances of one series not yet cached from which the series streams in one request."""
 PLACERS = 2
@@ -646,9 +649,23 @@ class _Fetches:
 
 
 def _series_groups(refs: Iterable[InstanceRef]) -> Iterator[list[InstanceRef]]:
-    """Yield `refs` in runs of consecutive instances of one series."""
-    for _series, run in itertools.groupby(refs, key=lambda ref: (ref.study, ref.series)):
+    """Yield `refs` in groups of one series each. A `Listing` (read again as often as needed)
+    of at most REGROUP_MOST series goes whole series at a time, in the order each first
+    appears: an archive may list a study's instances in the order they arrived, series
+    interleaved (Orthanc does), which would leave no run long enough to stream. Other iterables,
+    and listings of more series, go in runs of consecutive instances of one series."""
+    if isinstance(refs, Listing):
+        series = dict.fromkeys(_series_of(ref) for ref in refs)
+        if 1 < len(series) <= REGROUP_MOST:
+            for wanted in series:
+                yield [ref for ref in refs if _series_of(ref) == wanted]
+            return
+    for _series, run in itertools.groupby(refs, key=_series_of):
         yield list(run)
+
+
+def _series_of(ref: InstanceRef) -> tuple[str, str]:
+    return ref.study, ref.series
 
 
 def _leading(part: Iterator[bytes]) -> bytes:

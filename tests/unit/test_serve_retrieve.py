@@ -9,7 +9,7 @@ import pytest
 
 from agent.serve.cache import InstanceCache
 from agent.serve.query import InstanceRef
-from agent.serve.retrieve import STREAM_LEAST, Retriever, _series_groups
+from agent.serve.retrieve import STREAM_LEAST, Listing, Retriever, _series_groups
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -44,6 +44,15 @@ def test_a_series_more_than_a_quarter_cached_is_fetched_one_by_one(retriever: Re
     assert retriever.streams(series) is None
 
 
-def test_the_listing_is_grouped_in_runs_of_one_series() -> None:
-    listing = [*refs("1.2.3", 2), *refs("1.2.4", 3), *refs("1.2.3", 1)]
-    assert [len(group) for group in _series_groups(listing)] == [2, 3, 1]
+def test_instances_are_grouped_series_by_series_even_when_listed_interleaved(
+    tmp_path: Path,
+) -> None:
+    a, b = refs("1.2.3", 4), refs("1.2.4", 3)
+    interleaved = [a[0], b[0], a[1], b[1], a[2], b[2], a[3]]  # as an archive lists arrivals
+    listing = Listing(tmp_path)
+    for ref in interleaved:
+        listing.add(ref)
+    assert list(_series_groups(listing)) == [a, b]
+    # anything that cannot be read twice goes in runs of one series, as listed
+    assert [len(group) for group in _series_groups(iter(interleaved))] == [1] * 7
+    listing.close()
