@@ -75,17 +75,19 @@ class InstanceCache:
         directory or its index is unusable."""
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         try:
-            db = sqlite3.connect(
-                self.root / INDEX,
-                timeout=_BUSY_MS / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # an index rebuilt at each open
-            db.execute(_SCHEMA)
-        except sqlite3.Error as exc:
+            db = self._connect()
+        except sqlite3.OperationalError as exc:  # locked, unreadable: not ours to remove
             raise OSError(f"cannot open the cache index {self.root / INDEX}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:  # malformed (a crash: nothing is synced)
+            logger.warning("the cache index %s is damaged (%s): made anew", self.root / INDEX, exc)
+            for leftover in (INDEX, INDEX + "-journal", INDEX + "-wal", INDEX + "-shm"):
+                (self.root / leftover).unlink(missing_ok=True)
+            try:
+                db = self._connect()
+            except sqlite3.Error as again:
+                raise OSError(
+                    f"cannot open the cache index {self.root / INDEX}: {again}"
+                ) from again
         self._db = db
         with self._lock, self._transaction() as index:
             _remove_orphans(self.root / "tmp")
@@ -99,6 +101,26 @@ class InstanceCache:
                     )
             self._evict(index)
         return self
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open the index. A rollback journal, not WAL: WAL maps its shared-memory file, and on
+        a FUSE file system (LazyFS built on Debian 13) the first commit through that mapping
+        killed the agent with SIGBUS; and nothing is synced (`synchronous=OFF`): the index is
+        rebuilt from the files at every open, and one a crash damaged is made anew."""
+        db = sqlite3.connect(
+            self.root / INDEX,
+            timeout=_BUSY_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            db.execute("PRAGMA journal_mode=TRUNCATE")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         with self._lock:

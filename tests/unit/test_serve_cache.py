@@ -221,3 +221,17 @@ def test_a_hold_ends_with_its_process_however_it_ends(tmp_path: Path) -> None:
         child.join(30)
     other.trim()
     assert not other.path(UID1).exists() and other.size == 0
+
+
+def test_a_damaged_index_is_made_anew_from_the_files(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path, 2**30).open()
+    cache.put("1.2.3", lambda out: out.write(part10(1000)))
+    cache.release("1.2.3")
+    cache.close()
+    (tmp_path / "index.sqlite").write_bytes(b"SQLite format 3\0" + b"\xff" * 4080)  # a crash's
+
+    again = InstanceCache(tmp_path, 2**30).open()
+
+    assert "1.2.3" in again and again.size == len(part10(1000))
+    assert not (tmp_path / "index.sqlite-wal").exists(), "no WAL: nothing maps its files"
+    again.close()
