@@ -527,8 +527,8 @@ _Pending = tuple[InstanceRef, "Future[_Fetched]"]
 
 class _Fetches:
     """The instances of a retrieval as they are fetched, each with the future of its file in the
-    cache (held until released), in sending order: consecutive instances of one series are
-    read from the listing as a group; a group that `Retriever.streams` streams comes as its
+    cache (held until released), in sending order: the listing is read in groups of one
+    series (`_series_groups`); a group that `Retriever.streams` streams comes as its
     stream delivers it (the cached ones first, then the rest in the archive's order, then what
     the stream did not deliver, fetched one by one); the other groups' instances are fetched one
     request each, PREFETCH ahead, in the listing's order across groups. `close` waits for what
@@ -539,7 +539,10 @@ class _Fetches:
         self.pool = pool
         self.stop = threading.Event()
         """Set when the retrieval ends: fetches waiting to retry give up, streams stop."""
-        self._groups = _series_groups(refs)
+        self._plans = ((group, retriever.streams(group)) for group in _series_groups(refs))
+        """Each group of the listing, with the instances to stream (None: one by one), decided
+        once per group, as it comes up."""
+        self._upcoming: tuple[list[InstanceRef], list[InstanceRef] | None] | None = None
         self._iterator = self._all()
 
     def __iter__(self) -> Iterator[_Pending]:
@@ -550,29 +553,22 @@ class _Fetches:
         self._iterator.close()
 
     def _all(self) -> Generator[_Pending, None, None]:
-        group = next(self._groups, None)
-        while group is not None:
-            missing = self.retriever.streams(group)
+        self._upcoming = next(self._plans, None)
+        while self._upcoming is not None:
+            group, missing = self._upcoming
             if missing is None:
-                single: list[list[InstanceRef]] = [group]
-                yield from self._each(self._one_by_one(single))
-                group = single[0] if single else None
+                yield from self._each(self._one_by_one())
             else:
+                self._upcoming = next(self._plans, None)
                 yield from self._streamed(group, missing)
-                group = next(self._groups, None)
 
-    def _one_by_one(self, pending: list[list[InstanceRef]]) -> Iterator[InstanceRef]:
-        """Yield the instances of `pending[0]` and of the groups after it until one streams;
-        leave that one in `pending` (empty it at the end of the listing)."""
-        while True:
-            yield from pending[0]
-            following = next(self._groups, None)
-            if following is None:
-                pending.clear()
-                return
-            pending[0] = following
-            if self.retriever.streams(following) is not None:
-                return
+    def _one_by_one(self) -> Iterator[InstanceRef]:
+        """Yield the instances of the upcoming groups while they are fetched one by one; stop at
+        the first that streams, left upcoming."""
+        while self._upcoming is not None and self._upcoming[1] is None:
+            group = self._upcoming[0]
+            self._upcoming = next(self._plans, None)
+            yield from group
 
     def _each(self, upcoming: Iterator[InstanceRef]) -> Generator[_Pending, None, None]:
         """Fetch `upcoming` one request each, PREFETCH ahead, yielding them in order."""
