@@ -47,7 +47,26 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _PREAMBLE = 128
 _BUSY_MS = 60_000
 """How long one process waits for the other's transaction on the index."""
-_SCHEMA = "CREATE TABLE IF NOT EXISTS entries (uid TEXT PRIMARY KEY, size INTEGER, used REAL)"
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS entries (uid TEXT PRIMARY KEY, size INTEGER, used REAL)",
+    "CREATE INDEX IF NOT EXISTS entries_used ON entries (used)",
+    # The bytes of every entry, kept by the triggers: summing the entries at every release
+    # cost 2 ms per instance sent from a cache of 50,000.
+    "CREATE TABLE IF NOT EXISTS total (bytes INTEGER NOT NULL)",
+    "CREATE TRIGGER IF NOT EXISTS entries_added AFTER INSERT ON entries"
+    " BEGIN UPDATE total SET bytes = bytes + NEW.size; END",
+    "CREATE TRIGGER IF NOT EXISTS entries_removed AFTER DELETE ON entries"
+    " BEGIN UPDATE total SET bytes = bytes - OLD.size; END",
+    "CREATE TRIGGER IF NOT EXISTS entries_resized AFTER UPDATE OF size ON entries"
+    " BEGIN UPDATE total SET bytes = bytes - OLD.size + NEW.size; END",
+)
+_RECORD = (
+    "INSERT INTO entries VALUES (?, ?, ?)"
+    " ON CONFLICT (uid) DO UPDATE SET size = excluded.size, used = excluded.used"
+)
+"""Record an instance's size and last use (an upsert, so the triggers see an update: a
+REPLACE's delete fires no trigger)."""
+_EVICT_BATCH = 64
 
 
 class NotDicom(ValueError):
@@ -92,12 +111,13 @@ class InstanceCache:
         with self._lock, self._transaction() as index:
             _remove_orphans(self.root / "tmp")
             index.execute("DELETE FROM entries")
+            index.execute("DELETE FROM total")
+            index.execute("INSERT INTO total VALUES (0)")
             for path in self.root.glob("??/*" + SUFFIX):
                 with contextlib.suppress(FileNotFoundError):
                     stat = path.stat()
                     index.execute(
-                        "INSERT OR REPLACE INTO entries VALUES (?, ?, ?)",
-                        (path.name.removesuffix(SUFFIX), stat.st_size, stat.st_mtime),
+                        _RECORD, (path.name.removesuffix(SUFFIX), stat.st_size, stat.st_mtime)
                     )
             self._evict(index)
         return self
@@ -116,7 +136,8 @@ class InstanceCache:
         try:
             db.execute("PRAGMA journal_mode=TRUNCATE")
             db.execute("PRAGMA synchronous=OFF")
-            db.execute(_SCHEMA)
+            for statement in _SCHEMA:
+                db.execute(statement)
         except BaseException:
             db.close()
             raise
@@ -162,9 +183,7 @@ class InstanceCache:
             fd, _uses = self._holds[sop_instance_uid]
             os.utime(fd, (now, now))
             size = os.fstat(fd).st_size
-            index.execute(
-                "INSERT OR REPLACE INTO entries VALUES (?, ?, ?)", (sop_instance_uid, size, now)
-            )
+            index.execute(_RECORD, (sop_instance_uid, size, now))
         return path
 
     def put(self, sop_instance_uid: str, write: Callable[[BinaryIO], object]) -> Path:
@@ -207,10 +226,7 @@ class InstanceCache:
                     fsync_directory(final.parent)
                     if not self._hold(incoming.uid, final):
                         raise FileNotFoundError(f"{final} vanished as it was placed")
-                    index.execute(
-                        "INSERT OR REPLACE INTO entries VALUES (?, ?, ?)",
-                        (incoming.uid, size, time.time()),
-                    )
+                    index.execute(_RECORD, (incoming.uid, size, time.time()))
                     self._evict(index)
         except BaseException:
             incoming.abandon()
@@ -227,8 +243,9 @@ class InstanceCache:
             if fd >= 0:
                 del self._holds[sop_instance_uid]
                 os.close(fd)
-            with self._transaction() as index:
-                self._evict(index)
+            if self._over():
+                with self._transaction() as index:
+                    self._evict(index)
 
     def scratch(self, sop_instance_uid: str) -> BinaryIO:
         """Return a new file under the cache (on the disk the high-water check watches), open
@@ -299,18 +316,35 @@ class InstanceCache:
         fits the limit and the disk is no longer under pressure."""
         total = _total(index)
         pressed = self.pressure()
-        if total <= self.limit and not pressed:
-            return
-        rows = index.execute("SELECT uid, size FROM entries ORDER BY used").fetchall()
-        for uid, size in rows:
-            if total <= self.limit and not pressed:
-                break
-            if uid in self._holds or not self._remove_unused(uid):
-                continue
-            index.execute("DELETE FROM entries WHERE uid = ?", (uid,))
-            total -= size
-            if pressed:
-                pressed = self.pressure()
+        kept = 0  # files in use, least recently used first: passed over
+        while total > self.limit or pressed:
+            rows = index.execute(
+                "SELECT uid, size FROM entries ORDER BY used LIMIT ? OFFSET ?",
+                (_EVICT_BATCH, kept),
+            ).fetchall()
+            if not rows:
+                return
+            for uid, size in rows:
+                if total <= self.limit and not pressed:
+                    return
+                if uid in self._holds or not self._remove_unused(uid):
+                    kept += 1
+                    continue
+                index.execute("DELETE FROM entries WHERE uid = ?", (uid,))
+                total -= size
+                if pressed:
+                    pressed = self.pressure()
+
+    def _over(self) -> bool:
+        """Whether the cache is past its limit or the disk under pressure: one read of the
+        total, outside any transaction (eviction checks again inside its own)."""
+        if self._db is None:
+            raise OSError(f"the cache {self.root} is not open")
+        try:
+            total = _total(self._db)
+        except sqlite3.Error as exc:
+            raise OSError(f"the cache index failed: {exc}") from exc
+        return total > self.limit or self.pressure()
 
     def _remove_unused(self, uid: str) -> bool:
         """Unlink the instance's file unless a process holds it; return True if it is gone."""
@@ -350,7 +384,8 @@ class Incoming:
 
 
 def _total(index: sqlite3.Connection) -> int:
-    return int(index.execute("SELECT COALESCE(SUM(size), 0) FROM entries").fetchone()[0])
+    row = index.execute("SELECT bytes FROM total").fetchone()
+    return int(row[0]) if row is not None else 0
 
 
 def _remove_orphans(tmp: Path) -> None:

@@ -94,6 +94,29 @@ def test_the_least_recently_used_go_first_when_over_the_limit(tmp_path: Path) ->
     assert cache.size <= 2500
 
 
+def test_the_size_follows_every_change_and_eviction_passes_over_what_is_held(
+    tmp_path: Path,
+) -> None:
+    cache = InstanceCache(tmp_path / "cache", 100_000).open()
+    uids = [f"1.2.3.{n}" for n in range(100)]
+    for number, uid in enumerate(uids):
+        put(cache, uid, 200 + number)
+    put(cache, uids[0], 700)  # the same instance again, another size
+    files = sum(cache.path(uid).stat().st_size for uid in uids)
+    assert cache.size == files == 700 + sum(200 + n for n in range(1, 100))
+    held = [cache.get(uid) for uid in uids[:70]]  # the 70 least recently used, in use
+    assert all(held)
+    cache.limit = 1000
+    put(cache, "1.2.4.1", 100)  # evicts all it may: what is not held, itself once released
+    assert all(cache.path(uid).exists() for uid in uids[:70])
+    assert not any(cache.path(uid).exists() for uid in [*uids[70:], "1.2.4.1"])
+    assert cache.size == sum(cache.path(uid).stat().st_size for uid in uids[:70])
+    for uid in uids[:70]:
+        cache.release(uid)
+    assert cache.size <= 1000
+    assert InstanceCache(tmp_path / "cache", 1000).open().size == cache.size
+
+
 def test_recency_survives_a_restart(tmp_path: Path) -> None:
     root = tmp_path / "cache"
     cache = InstanceCache(root, 10_000).open()
