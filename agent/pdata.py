@@ -9,9 +9,10 @@ queued, encoded and state-machine-driven PDU at a time (`agent.pynetdicom_intern
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
 from collections.abc import Iterator
-from typing import BinaryIO
 
 P_DATA_TF = 0x04
 COMMAND = 0x01
@@ -21,7 +22,7 @@ ITEM_FRAMING = 6
 UNLIMITED_FRAGMENT = 1024 * 1024
 """Fragment length when the peer set no maximum PDU length (0): any length goes; one large
 enough that a fragment costs little, small enough that a block holds several."""
-WRITE = 256 * 1024
+WRITE = 1024 * 1024
 """Fragment bytes gathered into one write to the socket (and read from the file at a time)."""
 
 _HEADER = struct.Struct(">BBIIBB")
@@ -58,29 +59,83 @@ def command(encoded: bytes, context_id: int, max_pdu: int) -> bytes:
     return bytes(out)
 
 
-def data_set(source: BinaryIO, length: int, context_id: int, max_pdu: int) -> Iterator[bytearray]:
-    """Yield the PDUs of the `length` bytes of an encoded data set read from `source` (at its
-    current position), several PDUs per block, the last fragment marked as such. A data set of
-    no bytes is one empty last fragment. Raise EOFError if `source` ends early."""
+def data_set(
+    fd: int, offset: int, length: int, context_id: int, max_pdu: int
+) -> Iterator[memoryview]:
+    """Yield the PDUs of the `length` bytes of an encoded data set in the file open as `fd`,
+    from `offset` on, several PDUs per block, the last fragment marked as such. A data set of
+    no bytes is one empty last fragment. Raise EOFError if the file ends early.
+
+    Each block is read with one `preadv` straight into the fragments' places in this thread's
+    reused buffer, between their headers: a block yielded is valid only until the next is
+    asked for. Reading into new `bytes` and joining them with the headers cost 0.6 ms per
+    0.5 MB instance (fresh allocations of that size are mapped anew and fault page by page);
+    this way, 0.09 ms."""
     size = fragment_length(max_pdu)
-    per_block = max(1, WRITE // size) * size
-    left = length
+    per_block = max(1, min(WRITE // size, _IOV_MAX)) * size
+    buffer = _buffer(per_block + (per_block // size) * _HEADER.size)
+    view = memoryview(buffer)
+    left, at = length, offset
     while True:
-        block = source.read(min(left, per_block))
-        if len(block) < min(left, per_block):
-            raise EOFError(f"the data set ends {left - len(block)} bytes early")
-        left -= len(block)
-        view = memoryview(block)
-        out = bytearray()
-        for start in range(0, max(len(block), 1), size):
-            end = start + size
-            fragment = view[start:end]
-            last = left == 0 and end >= len(block)
-            out += header(context_id, LAST if last else 0, len(fragment))
-            out += fragment
-        yield out
+        take = min(left, per_block)
+        left -= take
+        slots = []
+        position = 0
+        for start in range(0, max(take, 1), size):
+            fragment = min(size, take - start)
+            last = left == 0 and start + size >= take
+            _HEADER.pack_into(
+                buffer,
+                position,
+                P_DATA_TF,
+                0,
+                fragment + ITEM_FRAMING,
+                fragment + 2,
+                context_id,
+                LAST if last else 0,
+            )
+            position += _HEADER.size
+            slots.append(view[position : position + fragment])
+            position += fragment
+        if take:
+            _read_into(fd, slots, at)
+        at += take
+        yield view[:position]
         if left == 0:
             return
+
+
+_IOV_MAX = 1024
+"""The fewest buffers one `preadv` takes on Linux (IOV_MAX)."""
+_local = threading.local()
+
+
+def _buffer(size: int) -> bytearray:
+    """Return this thread's block buffer, at least `size` bytes (a new one if it was smaller:
+    one a memoryview still exports cannot grow)."""
+    buffer: bytearray | None = getattr(_local, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(size)
+        _local.buffer = buffer
+    return buffer
+
+
+def _read_into(fd: int, slots: list[memoryview], at: int) -> None:
+    """Fill `slots` from the file at `at`, to the last byte. Raise EOFError if the file ends
+    first."""
+    done = os.preadv(fd, slots, at)
+    if done == sum(len(slot) for slot in slots):
+        return
+    for slot in slots:  # a short read: finish slot by slot
+        if done >= len(slot):
+            done, at = done - len(slot), at + len(slot)
+            continue
+        rest, at, done = slot[done:], at + done, 0
+        while rest:
+            read = os.preadv(fd, [rest], at)
+            if read == 0:
+                raise EOFError(f"the file ends at byte {at}, inside its data set")
+            rest, at = rest[read:], at + read
 
 
 def store_command(
@@ -144,6 +199,58 @@ def pending_command(
         ]
     )
     return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+STORE_RESPONSE = 0x8001
+NO_DATA_SET = 0x0101
+SUCCESS = 0x0000
+_STORE_RESPONSE_ELEMENTS = frozenset(
+    {0x0000, 0x0002, 0x0100, 0x0110, 0x0120, 0x0800, 0x0900, 0x1000}
+)
+"""The command elements a C-STORE response carries when it says no more than Success (PS3.7
+9.3.1.2): group length, the SOP class and instance, the command, message IDs, data set type,
+status."""
+_ELEMENT_HEADER = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+
+
+def store_success(encoded: bytes) -> int | None:
+    """Return the Message ID Being Responded To of `encoded`, a command set (Implicit VR Little
+    Endian), if it is a C-STORE response saying Success and nothing more; None for anything
+    else (another message, another status, an optional element such as an error comment, or
+    bytes that do not parse), which is then left to pynetdicom to decode.
+
+    pynetdicom decodes each response with pydicom and turns it into a primitive whose setters
+    validate every UID: measured as about a third of the CPU of sending a study from the cache.
+    """
+    values: dict[int, bytes] = {}
+    position, end = 0, len(encoded)
+    while position < end:
+        if end - position < _ELEMENT_HEADER.size:
+            return None
+        group, element, length = _ELEMENT_HEADER.unpack_from(encoded, position)
+        position += _ELEMENT_HEADER.size
+        if group != 0x0000 or element not in _STORE_RESPONSE_ELEMENTS or end - position < length:
+            return None
+        values[element] = encoded[position : position + length]
+        position += length
+    for element, wanted in (
+        (0x0100, STORE_RESPONSE),
+        (0x0800, NO_DATA_SET),
+        (0x0900, SUCCESS),
+    ):
+        value = values.get(element)
+        if value is None or len(value) != 2 or _US.unpack(value)[0] != wanted:
+            return None
+    group_length = values.get(0x0000)
+    if group_length is None or len(group_length) != 4:
+        return None
+    if struct.unpack("<I", group_length)[0] != end - _ELEMENT_HEADER.size - 4:
+        return None  # cut short, or not the group's first element
+    responding_to = values.get(0x0120)
+    if responding_to is None or len(responding_to) != 2:
+        return None
+    return int(_US.unpack(responding_to)[0])
 
 
 def _element(element: int, value: bytes) -> bytes:

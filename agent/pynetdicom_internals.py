@@ -25,11 +25,12 @@ from typing import IO, Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, _config, acse, transport
+from pynetdicom import AE, _config, acse, evt, transport
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
 from agent import pdata
@@ -37,6 +38,8 @@ from agent.dimse import ContextResult
 from agent.part10 import Head
 
 logger = logging.getLogger(__name__)
+
+_DIMSE_RECV = evt.EVT_DIMSE_RECV
 
 _CONFIG_FLAGS = (
     "STORE_RECV_CHUNKED_DATASET",
@@ -215,13 +218,15 @@ def send_from_files(assoc: Association, file_of: Callable[[Any], tuple[Path, Hea
     (with its checks), the presentation context, and the response and its handling stay
     pynetdicom's; the command set is encoded as pynetdicom encodes it (`pdata.store_command`).
     The reactor's own writes (a C-GET's pending responses, an A-ABORT) take the same lock as
-    such a message, so PDUs never interleave. Its C-MOVE and C-GET service classes pass on only
+    such a message, so PDUs never interleave; its responses that say Success are read without
+    pydicom (`read_store_successes`). Its C-MOVE and C-GET service classes pass on only
     datasets, so the association's `send_c_store` is wrapped; other datasets are sent as
     before, and so is a file if the association has no socket or a TLS one.
     """
     if getattr(assoc.send_c_store, "from_files", False):
         return
     _config.STORE_SEND_CHUNKED_DATASET = True
+    read_store_successes(assoc)
     send = assoc.send_c_store
     lock = _lock_writes(assoc)
 
@@ -242,6 +247,49 @@ def send_from_files(assoc: Association, file_of: Callable[[Any], tuple[Path, Hea
 
     send_c_store.from_files = True  # type: ignore[attr-defined]
     assoc.send_c_store = send_c_store  # type: ignore[method-assign]
+
+
+class StoreSuccess:
+    """A C-STORE response that said Success and nothing more, read in a few struct unpacks
+    (`read_store_successes`); it answers what pynetdicom asks of a response primitive."""
+
+    __slots__ = ("MessageIDBeingRespondedTo",)
+    is_valid_response = True
+    Status = pdata.SUCCESS
+    STATUS_OPTIONAL_KEYWORDS: tuple[str, ...] = ()
+
+    def __init__(self, responding_to: int) -> None:
+        self.MessageIDBeingRespondedTo = responding_to
+
+
+def read_store_successes(assoc: Association) -> None:
+    """Make the association's reactor read each C-STORE response that says Success and nothing
+    more in a few struct unpacks (`pdata.store_success`), queueing a `StoreSuccess` for the
+    sender; every other message (another status, an error comment, a C-CANCEL, a message in
+    several fragments) goes through pynetdicom's decoding as before.
+
+    pynetdicom decodes every response with pydicom into a dataset and then a primitive whose
+    setters validate each UID: about a third of the CPU of a C-MOVE sent from the cache (2,000
+    responses, yappi). Skipped while a handler is bound to every received DIMSE message
+    (pynetdicom's debug logging binds one): it is given the decoded message."""
+    dimse = assoc.dimse
+    if getattr(dimse.receive_primitive, "store_successes", False):
+        return
+    receive = dimse.receive_primitive
+
+    def receive_primitive(primitive: Any) -> None:
+        values = primitive.presentation_data_value_list
+        if dimse.message is None and len(values) == 1 and not assoc.get_handlers(_DIMSE_RECV):
+            context_id, data = values[0]
+            if data[:1] and data[0] & (pdata.COMMAND | pdata.LAST) == pdata.COMMAND | pdata.LAST:
+                responding_to = pdata.store_success(data[1:])
+                if responding_to is not None:
+                    dimse.msg_queue.put((context_id, cast(Any, StoreSuccess(responding_to))))
+                    return
+        receive(primitive)
+
+    receive_primitive.store_successes = True  # type: ignore[attr-defined]
+    dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
 
 
 def send_pending_directly(assoc: Association) -> None:
@@ -405,12 +453,15 @@ def _send_store(
     try:
         if sock is None:
             raise OSError("the association has no connection")
-        with lock, path.open("rb") as source:
-            length = source.seek(0, os.SEEK_END) - offset
-            source.seek(offset)
-            sock.sendall(pdata.command(encoded, context_id, max_pdu))
-            for block in pdata.data_set(source, length, context_id, max_pdu):
-                sock.sendall(block)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            length = os.fstat(fd).st_size - offset
+            with lock:
+                sock.sendall(pdata.command(encoded, context_id, max_pdu))
+                for block in pdata.data_set(fd, offset, length, context_id, max_pdu):
+                    sock.sendall(block)
+        finally:
+            os.close(fd)
         _context, response = assoc.dimse.get_msg(block=True)
     except (OSError, EOFError) as exc:
         # A message cut off mid-PDU leaves the peer nothing to parse: end the association.
@@ -509,6 +560,10 @@ def missing() -> list[str]:
         gone.append("pynetdicom.dimse.DIMSEServiceProvider.msg_queue")
     if not hasattr(assoc.dimse, "message"):
         gone.append("pynetdicom.dimse.DIMSEServiceProvider.message")
+    if not callable(getattr(assoc.dimse, "receive_primitive", None)):
+        gone.append("pynetdicom.dimse.DIMSEServiceProvider.receive_primitive")
+    if "presentation_data_value_list" not in dir(P_DATA()):
+        gone.append("pynetdicom.pdu_primitives.P_DATA.presentation_data_value_list")
     if not hasattr(DIMSEMessage(), "_data_set_file"):
         gone.append("pynetdicom.dimse_messages.DIMSEMessage._data_set_file")
     if not isinstance(getattr(assoc, "_reactor_checkpoint", None), threading.Event):

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import P_DATA_TF
 
 from agent import pdata
@@ -54,10 +56,11 @@ def command_set() -> bytes:
 
 
 def ours(command: bytes, data: bytes, max_pdu: int) -> bytes:
-    source = io.BytesIO(b"preamble" + data)
-    source.seek(8)
-    blocks = pdata.data_set(source, len(data), 3, max_pdu)
-    return pdata.command(command, 3, max_pdu) + b"".join(bytes(b) for b in blocks)
+    with tempfile.TemporaryFile() as source:
+        source.write(b"preamble" + data)
+        source.flush()
+        blocks = pdata.data_set(source.fileno(), 8, len(data), 3, max_pdu)
+        return pdata.command(command, 3, max_pdu) + b"".join(bytes(b) for b in blocks)
 
 
 def items(stream: bytes) -> list[tuple[int, int, int, bytes]]:
@@ -115,10 +118,15 @@ def test_without_a_maximum_pdu_the_data_set_goes_whole_in_large_fragments(length
     assert all(len(f[3]) <= pdata.UNLIMITED_FRAGMENT for f in fragments)
 
 
-def test_a_file_shorter_than_its_data_set_is_an_error() -> None:
-    source = io.BytesIO(b"\0" * 100)
-    with pytest.raises(EOFError):
-        list(pdata.data_set(source, 101, 1, 4096))
+def test_a_file_shorter_than_its_data_set_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "short").write_bytes(b"\0" * 100)
+    fd = os.open(tmp_path / "short", os.O_RDONLY)
+    try:
+        for offset, length in ((0, 101), (50, 51), (0, 3 * pdata.WRITE)):
+            with pytest.raises(EOFError, match="ends at byte 100"):
+                list(pdata.data_set(fd, offset, length, 1, 4096))
+    finally:
+        os.close(fd)
 
 
 def test_a_maximum_pdu_without_room_for_data_is_refused() -> None:
@@ -192,3 +200,48 @@ def test_a_pending_retrieve_response_is_pynetdicoms_byte_for_byte(
     expected = pdu.encode()
     encoded = pdata.pending_command(kind, responding_to, sop_class, counts)
     assert pdata.command(encoded, 5, 16384) == expected
+
+
+def store_response(responding_to: int, status: int, comment: str | None) -> bytes:
+    """The command set pynetdicom encodes for a C-STORE response."""
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = responding_to
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    primitive.AffectedSOPInstanceUID = "1.2.3.4.5"
+    primitive.Status = status
+    if comment is not None:
+        primitive.ErrorComment = comment
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    return encode(message.command_set, True, True)
+
+
+@given(
+    responding_to=st.integers(0, 65535),
+    status=st.sampled_from([0x0000, 0x0001, 0xB000, 0xB007, 0xA700, 0xA900, 0xC000, 0x0110]),
+    comment=st.one_of(st.none(), st.from_regex(r"\A[A-Za-z ]{1,20}\Z")),
+)
+def test_only_a_c_store_response_saying_success_and_nothing_more_is_read_without_pydicom(
+    responding_to: int, status: int, comment: str | None
+) -> None:
+    encoded = store_response(responding_to, status, comment)
+    plain = status == 0x0000 and comment is None
+    assert pdata.store_success(encoded) == (responding_to if plain else None)
+    decoded = decode(io.BytesIO(encoded), True, True)  # what pynetdicom reads from the same
+    assert decoded.MessageIDBeingRespondedTo == responding_to and decoded.Status == status
+
+
+def test_no_other_message_and_no_cut_or_garbled_response_is_taken_for_a_success() -> None:
+    success = store_response(7, 0x0000, None)
+    assert pdata.store_success(success) == 7
+    for cut in range(len(success)):
+        assert pdata.store_success(success[:cut]) is None
+    pending = pdata.pending_command("C-MOVE", 7, "1.2.840.10008.5.1.4.1.2.2.2", (1, 2, 0, 0))
+    assert pdata.store_success(pending) is None
+    request = pdata.store_command(7, 2, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5")
+    assert pdata.store_success(request) is None
+
+
+@given(st.binary(max_size=200))
+def test_any_bytes_read_as_a_success_or_not_never_raise(encoded: bytes) -> None:
+    assert pdata.store_success(encoded) in {None, *range(65536)}
