@@ -9,7 +9,8 @@ Two archives met in the field, made from a correct one:
   asks for the next page until a short one never ends).
 
 Everything else (WADO-RS, the answer's status and headers) passes through unchanged. Every
-request path is recorded, so tests can count the searches.
+request path is recorded, so tests can count the searches, and so is the most searches ever in
+flight at once (`delay` holds each search that long, so that searches asked together overlap).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import threading
+import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -37,11 +40,15 @@ class QidoPaging:
         *,
         cap: int | None = None,
         ignore_offset: bool = False,
+        delay: float = 0.0,
     ) -> None:
         self.target = (target_host, target_port)
         self.cap = cap
         self.ignore_offset = ignore_offset
+        self.delay = delay
         self.paths: list[str] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((LOOPBACK, 0), _Handler)
         self._server.daemon_threads = True
@@ -73,6 +80,22 @@ class QidoPaging:
         with self._lock:
             return [p for p in self.paths if "limit=" in p]
 
+    @contextlib.contextmanager
+    def searching(self, path: str) -> Iterator[None]:
+        """Count a search in flight while it is forwarded (after `delay`)."""
+        if "limit=" not in path:
+            yield
+            return
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay)
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
     def rewrite(self, path: str) -> str:
         """Return `path` with its paging rewritten; record it."""
         parts = urlsplit(path)
@@ -99,9 +122,10 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _DROPPED}
         upstream = http.client.HTTPConnection(*proxy.target, timeout=60)
         try:
-            upstream.request("GET", proxy.rewrite(self.path), headers=headers)
-            answer = upstream.getresponse()
-            body = answer.read()
+            with proxy.searching(self.path):
+                upstream.request("GET", proxy.rewrite(self.path), headers=headers)
+                answer = upstream.getresponse()
+                body = answer.read()
             self.send_response(answer.status, answer.reason)
             for name, value in answer.getheaders():
                 if name.lower() not in _DROPPED:
