@@ -224,10 +224,13 @@ def test_an_untrusted_or_missing_client_certificate_is_refused(
             "TLS handshake failed: certificate not accepted: unable to get local issuer",
             "TLS handshake failed: peer did not return a certificate",
         )
-        refusals = agent.rows(
+        query = (
             "SELECT calling_ae, reason, json_extract(detail, '$.tls') FROM audit"
             " WHERE event = 'association' AND outcome = 'failure' ORDER BY id"
         )
+        # the log line comes first, the audit row a moment later
+        wait_until(lambda: len(agent.rows(query)) >= 2, 10, what="both refusals audited")
+        refusals = agent.rows(query)
 
     # the audit trail keeps each refusal at the handshake, before any AE title was sent
     assert [(calling, tls) for calling, _, tls in refusals] == [(None, 1), (None, 1)]

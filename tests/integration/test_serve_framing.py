@@ -4,20 +4,31 @@ aborts mid-send."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
 from tests.conftest import OrthancFactory, StoreSCPFactory
-from tests.integration.test_serve import SUCCESS, load, move, received, serve_agent, uid
+from tests.integration.test_serve import (
+    SUCCESS,
+    WARNING,
+    load,
+    move,
+    received,
+    serve_agent,
+    uid,
+)
 from tests.support import datasets, dcmtk
 from tests.support.net import LOOPBACK, free_port
 
@@ -186,3 +197,105 @@ def test_a_destination_aborting_mid_send_fails_the_move_and_the_agent_serves_on(
     assert {k: datasets.dataset_sha256(p) for k, p in received(healthy.out_dir).items()} == {
         uid(p, "SOPInstanceUID"): datasets.dataset_sha256(p) for p in series
     }
+
+
+class Answering(Received):
+    """A receiver that answers its C-STOREs in turn from `answers`: a status, with an error
+    comment when one is given, after `delay` seconds."""
+
+    def __init__(self, answers: list[tuple[int, str | None]], delay: float = 0.0) -> None:
+        super().__init__()
+        self.answers = answers
+        self.delay = delay
+        self.stores = 0
+
+    def on_store(self, event: evt.Event) -> Dataset:  # type: ignore[override]
+        with self.lock:
+            status, comment = self.answers[self.stores % len(self.answers)]
+            self.stores += 1
+        super().on_store(event)
+        time.sleep(self.delay)
+        answer = Dataset()
+        answer.Status = status
+        if comment is not None:
+            answer.ErrorComment = comment
+        return answer
+
+
+@contextlib.contextmanager
+def answering_scp(answering: Answering) -> Iterator[int]:
+    ae = AE(ae_title="PYSCP")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server(
+        (LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_STORE, answering.on_store)]
+    )
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
+def test_warnings_and_failures_with_comments_count_per_instance_among_successes(
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, whole_data_sets: None
+) -> None:
+    """Only a response saying Success and nothing more is read by the sending thread; these go
+    back to pynetdicom, between plain successes on the same association."""
+    archive = orthanc(aet="ARCHIVE")
+    series = ct(tmp_path, seed=56, slices=8, size=64)
+    load(archive, series)
+    answers = [
+        (0x0000, None),
+        (0xB000, "coerced an element"),
+        (0x0000, None),
+        (0xA700, "out of resources"),
+    ]
+    answering = Answering(answers)
+    with (
+        answering_scp(answering) as port,
+        serve_agent(tmp_data_dir, archive.dicomweb_url, ("PYSCP", port)) as agent,
+    ):
+        result = move(agent, "PYSCP", "STUDY", f"StudyInstanceUID={uid(series[0])}")
+        again = move(agent, "PYSCP", "STUDY", f"StudyInstanceUID={uid(series[0])}")
+        log = agent.log_tail()
+
+    for moved in (result, again):
+        counts = dcmtk.sub_operations(moved)
+        assert (counts["Completed"], counts["Failed"], counts["Warning"]) == (4, 2, 2), (
+            moved.stdout[-3000:] + log
+        )
+        assert dcmtk.final_status(moved) == WARNING, moved.stdout[-3000:] + log
+    assert set(answering.data_sets) == {uid(p, "SOPInstanceUID") for p in series}
+
+
+def test_a_destination_that_does_not_answer_fails_the_move_at_the_dimse_timeout(
+    tmp_path: Path,
+    tmp_data_dir: Path,
+    orthanc: OrthancFactory,
+    storescp: StoreSCPFactory,
+    whole_data_sets: None,
+) -> None:
+    archive = orthanc(aet="ARCHIVE")
+    series = ct(tmp_path, seed=57, slices=3, size=64)
+    load(archive, series)
+    healthy = storescp(ae="DEST")
+    silent = Answering([(0x0000, None)], delay=8.0)
+    study = f"StudyInstanceUID={uid(series[0])}"
+    with answering_scp(silent) as port:
+        agent = serve_agent(tmp_data_dir, archive.dicomweb_url, ("PYSCP", port), healthy)
+        agent_config = yaml.safe_load(agent.config_path.read_text())
+        agent_config["dicom"]["dimse_timeout"] = "2s"
+        agent.config_path.write_text(yaml.safe_dump(agent_config))
+        with agent:
+            started = time.monotonic()
+            cut = move(agent, "PYSCP", "STUDY", study)
+            waited = time.monotonic() - started
+            after = move(agent, "DEST", "STUDY", study)
+            log = agent.log_tail()
+
+    assert dcmtk.final_status(cut) not in (None, SUCCESS), cut.stdout[-3000:] + log
+    assert dcmtk.sub_operations(cut).get("Completed", 0) == 0, cut.stdout[-3000:] + log
+    assert waited < 8.0, "given up at the 2 s DIMSE timeout, not when the receiver answered"
+    assert "No response to the C-STORE" in log
+    assert dcmtk.final_status(after) == SUCCESS, after.stdout[-3000:] + log
+    assert set(received(healthy.out_dir)) == {uid(p, "SOPInstanceUID") for p in series}
