@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 DUL_POLL_INTERVAL = 0.0001
 """Seconds pynetdicom's DUL reactor sleeps when idle (its default is 0.001)."""
+REACTOR_WAIT = 0.01
+"""Seconds the reactor of an accepted association waits on its message queue at a time
+(`wake_on_messages`): the most a release or abort from the peer waits to be seen."""
 IDLE_WAIT = 0.001
 """Seconds the DUL reactor of an association that sends C-STOREs itself, or only answers,
 waits on its socket when idle (`idle_on_socket`): the most that what it queues waits."""
@@ -188,6 +191,8 @@ def tune(assoc: Association, *, sends_stores: bool = False) -> None:
     if assoc.dul.socket is not None:
         set_nodelay(assoc.dul.socket.socket)
     internals.set_loop_delay(assoc, DUL_POLL_INTERVAL)
+    if assoc.is_acceptor:
+        internals.wake_on_messages(assoc, REACTOR_WAIT)
     if sends_stores:
         internals.keep_responses(assoc)
         internals.idle_on_socket(assoc, IDLE_WAIT)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from hypothesis import settings
+from pynetdicom import _config
 
 from tests.support import datasets, dcmtk
 from tests.support.devcloud import HeartbeatReceiver
@@ -39,6 +40,15 @@ class StoreSCP:
 
 
 StoreSCPFactory = Callable[..., StoreSCP]
+
+
+@pytest.fixture(autouse=True)
+def whole_received_data_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start every test with pynetdicom keeping each received data set in memory, its own
+    default. Building the agent's AE in this process (unit tests do) makes every acceptor in
+    the process stream data sets to files instead, and a test's own storage SCP then finds
+    none in `event.request.DataSet` (its digests become those of empty data sets)."""
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
 
 
 @pytest.fixture

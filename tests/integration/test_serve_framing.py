@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, _config, build_role, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
 from tests.conftest import OrthancFactory, StoreSCPFactory
@@ -55,13 +55,7 @@ class Received:
 
 
 @pytest.fixture
-def whole_data_sets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Have this process's pynetdicom keep each received data set in memory, as it came."""
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
-
-
-@pytest.fixture
-def pynetdicom_scp(whole_data_sets: None) -> Iterator[tuple[int, Received]]:
+def pynetdicom_scp() -> Iterator[tuple[int, Received]]:
     """A pynetdicom storage SCP (AE title PYSCP) with an odd maximum PDU length."""
     got = Received()
     ae = AE(ae_title="PYSCP")
@@ -131,7 +125,7 @@ def test_move_to_a_pynetdicom_scp_with_odd_fragments_delivers_the_data_sets_as_s
 
 
 def test_get_by_getscu_and_by_pynetdicom_with_small_pdus_delivers_the_data_sets_as_stored(
-    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, whole_data_sets: None
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory
 ) -> None:
     archive = orthanc(aet="ARCHIVE")
     series = ct(tmp_path, seed=54, slices=3)
@@ -237,7 +231,7 @@ def answering_scp(answering: Answering) -> Iterator[int]:
 
 
 def test_warnings_and_failures_with_comments_count_per_instance_among_successes(
-    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory, whole_data_sets: None
+    tmp_path: Path, tmp_data_dir: Path, orthanc: OrthancFactory
 ) -> None:
     """Only a response saying Success and nothing more is read by the sending thread; these go
     back to pynetdicom, between plain successes on the same association."""
@@ -273,7 +267,6 @@ def test_a_destination_that_does_not_answer_fails_the_move_at_the_dimse_timeout(
     tmp_data_dir: Path,
     orthanc: OrthancFactory,
     storescp: StoreSCPFactory,
-    whole_data_sets: None,
 ) -> None:
     archive = orthanc(aet="ARCHIVE")
     series = ct(tmp_path, seed=57, slices=3, size=64)

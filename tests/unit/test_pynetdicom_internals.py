@@ -6,16 +6,19 @@ import copy
 import re
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import pynetdicom
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket
 
 import agent
 from agent import pynetdicom_internals as internals
 from agent.dicom import DUL_POLL_INTERVAL, tune
+from tests.support.net import LOOPBACK
 
 INTERNALS = re.compile(
     r"(?<!\w)_config\b|\b(?:dul|dimse|assoc|association|message)\._\w+|\bmsg_queue\b"
@@ -40,6 +43,40 @@ def test_tuning_an_association_sets_the_reactor_delay_and_the_response_guard() -
     assert assoc._serve_request == serve
     tune(assoc, sends_stores=True)
     assert assoc._serve_request != serve
+
+
+def test_an_accepted_association_tuned_to_wait_on_its_queue_answers_every_request_and_releases() -> (
+    None
+):
+    """Its reactor takes each message as it arrives (`wake_on_messages`) instead of sleeping
+    1 ms and polling: every request is still answered, in order, and the peer's release seen
+    (within the reactor's 10 ms wait) instead of hanging."""
+    tuned: list[Association] = []
+
+    def on_open(event: evt.Event) -> None:
+        tune(event.assoc)
+        tuned.append(event.assoc)
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(Verification)
+    server = scp.start_server(
+        (LOOPBACK, 0), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)]
+    )
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate(LOOPBACK, server.server_address[1], ae_title="SCP")
+        assert assoc.is_established
+        statuses = [assoc.send_c_echo(msg_id=n).Status for n in range(1, 201)]
+        started = time.monotonic()
+        assoc.release()
+        released_in = time.monotonic() - started
+        assert assoc.is_released
+    finally:
+        server.shutdown()
+    assert statuses == [0x0000] * 200
+    assert len(tuned) == 1 and tuned[0].is_acceptor
+    assert released_in < 5.0
 
 
 def test_no_other_module_of_the_agent_touches_pynetdicom_internals() -> None:
