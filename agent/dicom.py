@@ -48,9 +48,9 @@ DUL_POLL_INTERVAL = 0.0001
 REACTOR_WAIT = 0.01
 """Seconds the reactor of an accepted association waits on its message queue at a time
 (`wake_on_messages`): the most a release or abort from the peer waits to be seen."""
-IDLE_WAIT = 0.001
-"""Seconds the DUL reactor of an association that sends C-STOREs itself, or only answers,
-waits on its socket when idle (`idle_on_socket`): the most that what it queues waits."""
+IDLE_WAIT = 0.01
+"""Seconds the DUL reactor of an association waits at a time on its socket, and on what is
+queued for it to send, when idle (`idle_on_socket`): how often it runs its timers."""
 QUERY_RETRIEVE_SOP_CLASSES = (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelMove,
@@ -182,17 +182,23 @@ def tune(assoc: Association, *, sends_stores: bool = False) -> None:
     TCP_NODELAY on its socket; a short idle sleep of pynetdicom's DUL reactor, which sleeps
     this long whenever it finds nothing to do (its own comment trades idle CPU against latency):
     every C-STORE waits on it several times, and 1 ms (the default) costs ~1.7 ms per instance
-    here, while an idle association costs the same 2.4% of a core at 1 ms and at 0.1 ms (the
-    reactor's fixed 1 ms loop dominates that). With `sends_stores` (a C-MOVE's destination,
-    `dirigo retrieve`), also the guard against pynetdicom's reactor stealing C-STORE responses,
-    and the reactor waits on its socket instead of polling it: such an association writes its
-    C-STOREs' data sets itself (`send_from_files`), and what it receives wakes the reactor.
+    here. An accepted association goes further: its DUL reactor waits on its socket and its
+    send queue instead of polling them (`idle_on_socket`), its association reactor on its
+    message queue (`wake_on_messages`), and its C-STORE and pending retrieve responses are
+    written by the thread that answers (`send_responses_directly`): 2,000 slices from storescu
+    in 10 s, not 15 s. With `sends_stores` (a C-MOVE's destination, `dirigo retrieve`), also
+    the guard against pynetdicom's reactor stealing C-STORE responses, and the DUL reactor
+    waits on its socket: such an association writes its C-STOREs' data sets itself
+    (`send_from_files`), and what it receives wakes the reactor. A TLS association keeps
+    pynetdicom's polling and its queued writes (see `idle_on_socket`).
     """
     if assoc.dul.socket is not None:
         set_nodelay(assoc.dul.socket.socket)
     internals.set_loop_delay(assoc, DUL_POLL_INTERVAL)
     if assoc.is_acceptor:
         internals.wake_on_messages(assoc, REACTOR_WAIT)
+        internals.send_responses_directly(assoc)
+        internals.idle_on_socket(assoc, IDLE_WAIT)
     if sends_stores:
         internals.keep_responses(assoc)
         internals.idle_on_socket(assoc, IDLE_WAIT)

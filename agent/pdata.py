@@ -168,6 +168,30 @@ def store_command(
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
+STORE_RESPONSE = 0x8001
+NO_DATA_SET = 0x0101
+SUCCESS = 0x0000
+
+
+def store_response(responding_to: int, sop_class: str | None, sop_instance: str | None) -> bytes:
+    """Return the encoded command set of a C-STORE response saying Success to message
+    `responding_to`, element for element as pynetdicom encodes it (each UID only when given,
+    as pynetdicom leaves out each one unset)."""
+    elements = []
+    if sop_class is not None:
+        elements.append(_element(0x0002, _padded(sop_class.encode("ascii"), b"\0")))
+    elements += [
+        _element(0x0100, struct.pack("<H", STORE_RESPONSE)),
+        _element(0x0120, struct.pack("<H", responding_to)),
+        _element(0x0800, struct.pack("<H", NO_DATA_SET)),
+        _element(0x0900, struct.pack("<H", SUCCESS)),
+    ]
+    if sop_instance is not None:
+        elements.append(_element(0x1000, _padded(sop_instance.encode("ascii"), b"\0")))
+    body = b"".join(elements)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
 RETRIEVE_RESPONSES = {"C-MOVE": 0x8021, "C-GET": 0x8010}
 """The command field of each retrieval's response (PS3.7 E.1)."""
 PENDING = 0xFF00
@@ -201,9 +225,6 @@ def pending_command(
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
-STORE_RESPONSE = 0x8001
-NO_DATA_SET = 0x0101
-SUCCESS = 0x0000
 _STORE_RESPONSE_ELEMENTS = frozenset(
     {0x0000, 0x0002, 0x0100, 0x0110, 0x0120, 0x0800, 0x0900, 0x1000}
 )

@@ -140,15 +140,16 @@ def set_loop_delay(assoc: Association, seconds: float) -> None:
 
 def idle_on_socket(assoc: Association, seconds: float) -> Callable[[], None]:
     """Have the association's DUL reactor, when it finds nothing to do, wait up to `seconds`
-    for its socket to turn readable instead of sleeping its loop delay; return what undoes it.
+    for its socket to turn readable, or for something queued for it to send, instead of
+    sleeping its loop delay; return what undoes it.
 
     Its loop otherwise wakes every loop delay (0.1 ms for Dirigo's associations) to poll the
     socket and its queues: ~10,000 times a second per association, measured as the largest CPU
-    cost of a C-MOVE (two associations, a third of the retrieve's CPU). Waiting on the socket
-    answers what arrives (a C-STORE response, a C-CANCEL, an A-ABORT) at once; only what this
-    side queues for the reactor to send (a pending C-MOVE or C-GET response, a release, a
-    C-STORE that takes pynetdicom's own path) waits up to `seconds` for its turn, so this fits
-    associations that send their C-STOREs themselves (`send_from_files`) or only answer.
+    cost of a C-MOVE (two associations, a third of the retrieve's CPU), and each PDU that
+    arrives waits for the next poll (a received instance's four or five). Waiting on the
+    socket answers what arrives (a C-STORE, its response, a C-CANCEL, an A-ABORT) at once; a
+    primitive queued for the reactor to send (a C-FIND response, a release) wakes it through
+    an eventfd (`_wake_on_queue`). Every `seconds` the loop also runs its timers.
 
     A TLS association keeps polling: every message it sends goes through the reactor's queue
     (the direct writes are fenced off, see `_lock_writes`), and each PDU of a C-STORE would
@@ -157,8 +158,11 @@ def idle_on_socket(assoc: Association, seconds: float) -> Callable[[], None]:
     dul = assoc.dul
     if dul.socket is not None and isinstance(dul.socket.socket, ssl.SSLSocket):
         return lambda: None
+    if getattr(dul._process_recv_primitive, "waits", False):
+        return lambda: None  # already waiting: undone by whoever made it wait
     process = dul._process_recv_primitive
     delay = dul._run_loop_delay
+    wake = _wake_on_queue(dul)
 
     def process_or_wait() -> bool:
         if process():
@@ -168,9 +172,13 @@ def idle_on_socket(assoc: Association, seconds: float) -> Callable[[], None]:
         if sock is not None and dul.event_queue.empty():
             # closed under us (OSError, ValueError): the reactor's own check next says so
             with contextlib.suppress(OSError, ValueError):
-                select.select([sock], [], [], seconds)
+                waited: list[Any] = [sock, wake]
+                readable, _writable, _failed = select.select(waited, [], [], seconds)
+                if wake in readable:
+                    os.eventfd_read(wake)
         return False
 
+    process_or_wait.waits = True  # type: ignore[attr-defined]
     dul._process_recv_primitive = process_or_wait  # type: ignore[method-assign]
     dul._run_loop_delay = 0.0
 
@@ -179,6 +187,34 @@ def idle_on_socket(assoc: Association, seconds: float) -> Callable[[], None]:
         dul._run_loop_delay = delay
 
     return undo
+
+
+_WAKES: weakref.WeakKeyDictionary[DULServiceProvider, int] = weakref.WeakKeyDictionary()
+
+
+def _wake_on_queue(dul: DULServiceProvider) -> int:
+    """Return an eventfd that turns readable whenever a primitive is queued for the DUL
+    reactor to send (made once per reactor, closed when it is collected)."""
+    with _WAKES_LOCK:
+        wake = _WAKES.get(dul)
+        if wake is not None:
+            return wake
+        wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        _WAKES[dul] = wake
+        weakref.finalize(dul, os.close, wake)
+    queued = dul.to_provider_queue
+    put = queued.put
+
+    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        with contextlib.suppress(OSError):
+            os.eventfd_write(wake, 1)
+
+    queued.put = put_and_wake  # type: ignore[method-assign]
+    return wake
+
+
+_WAKES_LOCK = threading.Lock()
 
 
 _REACTOR_SLEEP = 0.001
@@ -460,51 +496,75 @@ def read_store_successes(assoc: Association) -> None:
     dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
 
 
-def send_pending_directly(assoc: Association) -> None:
-    """Make the association's Pending C-MOVE and C-GET responses without an identifier (one
-    after every instance a retrieval sends) go straight to its socket from the thread that
-    sends them, their command set encoded in a few struct packs (`pdata.pending_command`).
+def send_responses_directly(assoc: Association) -> None:
+    """Make the association's most frequent responses go straight to its socket from the
+    thread that sends them, their command set encoded in a few struct packs: a Pending C-MOVE
+    or C-GET response without an identifier (one after every instance a retrieval sends,
+    `pdata.pending_command`) and a C-STORE response saying Success and nothing more (one for
+    every instance received, `pdata.store_response`).
 
     pynetdicom encodes each as a pydicom dataset, twice, and queues its PDU for the reactor,
     whose state machine and PDU encoder take their turn; measured as about a quarter of the
-    sending thread's time in a warm C-MOVE. Every other message, the final response among
-    them, goes pynetdicom's way, after the pending ones (written before it is queued). The
-    write takes the lock the reactor's writes take, so PDUs never interleave; an association
-    without a socket or with a TLS one keeps pynetdicom's path throughout (see `_lock_writes`).
+    sending thread's time in a warm C-MOVE. Every other message (a final response, a warning
+    or failure, a C-FIND match) goes pynetdicom's way, after those (written before it is
+    queued). The write takes the lock the reactor's writes take, so PDUs never interleave; an
+    association without a socket or with a TLS one keeps pynetdicom's path throughout (see
+    `_lock_writes`).
     """
     dimse = assoc.dimse
-    if getattr(dimse.send_msg, "pending_directly", False):
+    if getattr(dimse.send_msg, "directly", False):
         return
     send = dimse.send_msg
     lock = _lock_writes(assoc)
 
     def send_msg(primitive: Any, context_id: int) -> None:
-        kind = _pending_kind(primitive)
+        encoded = _direct_response(primitive)
         sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
-        if kind is None or lock is None or sock is None:
+        if encoded is None or lock is None or sock is None:
             send(primitive, context_id)
             return
-        encoded = pdata.pending_command(
-            kind,
-            primitive.MessageIDBeingRespondedTo,
-            primitive.AffectedSOPClassUID,
-            (
-                primitive.NumberOfRemainingSuboperations,
-                primitive.NumberOfCompletedSuboperations,
-                primitive.NumberOfFailedSuboperations,
-                primitive.NumberOfWarningSuboperations,
-            ),
-        )
         framed = pdata.command(encoded, context_id, dimse.maximum_pdu_size)
         try:
             with lock:
                 sock.sendall(framed)
         except OSError as exc:
             # the reactor finds the connection gone on its next read and ends the association
-            logger.warning("Pending response to %s not sent: %s", assoc.requestor.address, exc)
+            logger.warning("A response to %s was not sent: %s", assoc.requestor.address, exc)
 
-    send_msg.pending_directly = True  # type: ignore[attr-defined]
+    send_msg.directly = True  # type: ignore[attr-defined]
     dimse.send_msg = send_msg  # type: ignore[method-assign]
+
+
+def _direct_response(primitive: Any) -> bytes | None:
+    """Return the encoded command set of `primitive` if it is a response `send_responses_
+    directly` writes itself, None otherwise."""
+    if isinstance(primitive, C_STORE):
+        if (
+            primitive.MessageIDBeingRespondedTo is None
+            or primitive.Status != pdata.SUCCESS
+            or primitive.ErrorComment is not None
+            or primitive.OffendingElement is not None
+        ):
+            return None
+        return pdata.store_response(
+            primitive.MessageIDBeingRespondedTo,
+            primitive.AffectedSOPClassUID,
+            primitive.AffectedSOPInstanceUID,
+        )
+    kind = _pending_kind(primitive)
+    if kind is None:
+        return None
+    return pdata.pending_command(
+        kind,
+        primitive.MessageIDBeingRespondedTo,
+        primitive.AffectedSOPClassUID,
+        (
+            primitive.NumberOfRemainingSuboperations,
+            primitive.NumberOfCompletedSuboperations,
+            primitive.NumberOfFailedSuboperations,
+            primitive.NumberOfWarningSuboperations,
+        ),
+    )
 
 
 def _pending_kind(primitive: Any) -> str | None:

@@ -41,7 +41,7 @@ from agent.config import Peer, Settings
 from agent.dicom import IDLE_WAIT, peer_by_title, tune
 from agent.dicomweb import DicomWeb, IncompleteListing
 from agent.dimse import QRStatus
-from agent.pynetdicom_internals import idle_on_socket, send_from_files, send_pending_directly
+from agent.pynetdicom_internals import idle_on_socket, send_from_files, send_responses_directly
 from agent.serve.ondisk import file_of
 from agent.serve.query import (
     MODELS,
@@ -327,7 +327,7 @@ class QueryRetrieve:
         # the requester's association only takes pending responses and may bring a C-CANCEL:
         # its reactor need not poll 10,000 times a second while the instances go out
         polling = idle_on_socket(event.assoc, IDLE_WAIT)
-        send_pending_directly(event.assoc)
+        send_responses_directly(event.assoc)
         try:
             for index, ref in enumerate(refs):
                 if event.is_cancelled:

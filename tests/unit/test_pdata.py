@@ -245,3 +245,24 @@ def test_no_other_message_and_no_cut_or_garbled_response_is_taken_for_a_success(
 @given(st.binary(max_size=200))
 def test_any_bytes_read_as_a_success_or_not_never_raise(encoded: bytes) -> None:
     assert pdata.store_success(encoded) in {None, *range(65536)}
+
+
+@given(
+    responding_to=st.integers(0, 65535),
+    sop_class=st.one_of(st.none(), UIDS),
+    sop_instance=st.one_of(st.none(), UIDS),
+)
+def test_a_c_store_success_response_is_pynetdicoms_byte_for_byte(
+    responding_to: int, sop_class: str | None, sop_instance: str | None
+) -> None:
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = responding_to
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.AffectedSOPInstanceUID = sop_instance
+    primitive.Status = 0x0000
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    expected = encode(message.command_set, True, True)
+    encoded = pdata.store_response(responding_to, sop_class, sop_instance)
+    assert encoded == expected
+    assert pdata.store_success(encoded) == responding_to

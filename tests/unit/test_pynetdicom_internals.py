@@ -45,9 +45,7 @@ def test_tuning_an_association_sets_the_reactor_delay_and_the_response_guard() -
     assert assoc._serve_request != serve
 
 
-def test_an_accepted_association_tuned_to_wait_on_its_queue_answers_every_request_and_releases() -> (
-    None
-):
+def test_a_tuned_acceptor_answers_every_request_and_sees_the_release() -> None:
     """Its reactor takes each message as it arrives (`wake_on_messages`) instead of sleeping
     1 ms and polling: every request is still answered, in order, and the peer's release seen
     (within the reactor's 10 ms wait) instead of hanging."""
