@@ -35,6 +35,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from agent.cloud import CloudError, UploadGone
 from agent.config import Peer, Settings
@@ -211,10 +212,13 @@ class QueryRetrieve:
         plan = self._plan(event, peer, "C-MOVE", propose=True)
         store: dict[str, Association] = {}
 
+        counts = Counts()
+
         def opened(store_event: evt.Event) -> None:
             store["assoc"] = store_event.assoc
             tune(store_event.assoc, sends_stores=True)
             send_from_files(store_event.assoc, file_of)
+            _count_answers(store_event.assoc, counts)
 
         # a refusal still goes through the destination (pynetdicom's contract): propose
         # something every storage SCP takes
@@ -236,7 +240,9 @@ class QueryRetrieve:
             return accepted_by(assoc.accepted_contexts) if assoc is not None else {}
 
         try:
-            yield from self._deliver(event, peer, "C-MOVE", where, plan, accepted, tally, delivery)
+            yield from self._deliver(
+                event, peer, "C-MOVE", where, plan, accepted, (tally, delivery, counts)
+            )
         finally:
             _close(plan)
             self._audit_retrieve(
@@ -249,7 +255,9 @@ class QueryRetrieve:
         """Deliver a C-GET's instances over its own association."""
         peer = _peer(event)
         plan = self._plan(event, peer, "C-GET", propose=False)
+        counts = Counts()
         send_from_files(event.assoc, file_of)
+        _count_answers(event.assoc, counts)
 
         def accepted() -> Accepted:
             return accepted_by(event.assoc.accepted_contexts)
@@ -257,7 +265,7 @@ class QueryRetrieve:
         tally, delivery = RequestTally(), Delivery()
         try:
             yield from self._deliver(
-                event, peer, "C-GET", f"to {peer}", plan, accepted, tally, delivery
+                event, peer, "C-GET", f"to {peer}", plan, accepted, (tally, delivery, counts)
             )
         finally:
             _close(plan)
@@ -300,12 +308,12 @@ class QueryRetrieve:
         where: str,
         plan: _Plan | Refusal,
         accepted: Callable[[], Accepted],
-        tally: RequestTally,
-        delivery: Delivery,
+        notes: tuple[RequestTally, Delivery, Counts],
     ) -> Iterator[Any]:
         """Yield the sub-operation count, then one dataset per instance (pynetdicom's contract
-        after the destination); note in `tally` how it ended and in `delivery` what it
-        offered."""
+        after the destination); note in the tally how it ended, in the delivery what it
+        offered, and in the counts what it did and what the destination answered."""
+        tally, delivery, counts = notes
         if isinstance(plan, Refusal):
             if plan.status is QRStatus.NOT_CONFIGURED:
                 logger.error("%s from %s refused: %s", kind, peer, _NOT_CONFIGURED)
@@ -322,7 +330,6 @@ class QueryRetrieve:
             "%s %s from %s %s: %d instances", kind, plan.scope.description, peer, where, len(refs)
         )
         yield len(refs)
-        counts = Counts()
         items = self.retriever.items(refs, accepted, counts)
         # the requester's association only takes pending responses and may bring a C-CANCEL:
         # its reactor need not poll 10,000 times a second while the instances go out
@@ -356,9 +363,15 @@ class QueryRetrieve:
                 else:
                     delivery.offered(ref, failed=False)
                     yield QRStatus.PENDING, item.dataset
-            if delivery.failed:
+            if delivery.failed or counts.refused or counts.warned:
+                # pynetdicom answers the same: Warning, sub-operations failed or warned
                 tally.final = QRStatus.SUB_OPERATIONS_FAILED
-                tally.reason = f"{delivery.failed} of {len(refs)} instances could not be sent"
+                reasons = [
+                    f"{delivery.failed} could not be sent" if delivery.failed else "",
+                    f"{counts.refused} refused by the destination" if counts.refused else "",
+                    f"{counts.warned} stored with a warning" if counts.warned else "",
+                ]
+                tally.reason = f"of {len(refs)} instances, " + ", ".join(r for r in reasons if r)
             else:
                 tally.final = QRStatus.SUCCESS
         finally:
@@ -432,6 +445,37 @@ def _next_item(items: Generator[Item, None, None], ref: InstanceRef) -> Item:
     except Exception as exc:  # a bug in preparing one instance must not end the retrieval
         logger.exception("unexpected error preparing instance %s", ref.sop_instance)
         return Failed(ref, f"internal error at the gateway: {exc!r}")
+
+
+def _count_answers(assoc: Association, counts: Counts) -> None:
+    """Count in `counts` each C-STORE sent on `assoc` that its receiver refused (a failure, no
+    answer, an exception: pynetdicom counts those failed) or stored with a warning. A C-GET's
+    association serves several retrievals: its sends are wrapped once, and each retrieval
+    counts into its own `counts`."""
+    send = assoc.send_c_store
+    if getattr(send, "counts", None) is not None:
+        send.counts = counts  # type: ignore[attr-defined]
+        return
+
+    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        current: Counts = send_c_store.counts  # type: ignore[attr-defined]
+        try:
+            status = send(dataset, *args, **kwargs)
+        except Exception:
+            current.refused += 1
+            raise
+        code = status.get("Status") if isinstance(status, Dataset) else None
+        category = code_to_category(int(code)) if code is not None else STATUS_FAILURE
+        if category == STATUS_WARNING:
+            current.warned += 1
+        elif category != STATUS_SUCCESS:
+            current.refused += 1
+        return status
+
+    send_c_store.counts = counts  # type: ignore[attr-defined]
+    # what send_from_files looks for, so that a later retrieval does not wrap the sends again
+    send_c_store.from_files = getattr(send, "from_files", False)  # type: ignore[attr-defined]
+    assoc.send_c_store = send_c_store  # type: ignore[method-assign]
 
 
 def _failed_marker(ref: InstanceRef) -> Dataset:

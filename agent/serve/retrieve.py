@@ -132,13 +132,20 @@ class Counts:
     cached: int = 0
     decompressed: int = 0
     failed: int = 0
+    """Instances that could not be fetched or prepared: never offered to the destination."""
+    refused: int = 0
+    """Instances the destination answered with a failure (or no answer)."""
+    warned: int = 0
+    """Instances the destination stored with a warning."""
     started: float = field(default_factory=time.monotonic)
 
     def summary(self) -> str:
         took = time.monotonic() - self.started
         return (
             f"{self.fetched} fetched, {self.cached} from the cache,"
-            f" {self.decompressed} decompressed, {self.failed} failed in {took:.1f} s"
+            f" {self.decompressed} decompressed, {self.failed} failed,"
+            f" {self.refused} refused and {self.warned} stored with a warning by the destination"
+            f" in {took:.1f} s"
         )
 
 

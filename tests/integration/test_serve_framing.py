@@ -160,6 +160,13 @@ def test_get_by_getscu_and_by_pynetdicom_with_small_pdus_delivers_the_data_sets_
             for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
             if status
         ]
+        got_first = dict(got.data_sets)
+        got.data_sets.clear()
+        again = [  # a second retrieval on the same association
+            int(status.Status)
+            for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
+            if status
+        ]
         assoc.release()
         log = agent.log_tail()
 
@@ -167,8 +174,9 @@ def test_get_by_getscu_and_by_pynetdicom_with_small_pdus_delivers_the_data_sets_
     assert {k: datasets.dataset_sha256(p) for k, p in received(tmp_path / "getscu").items()} == (
         expected
     )
-    assert statuses[-1] == SUCCESS, log
-    assert got.data_sets == expected
+    assert statuses[-1] == SUCCESS and again[-1] == SUCCESS, log
+    assert got_first == expected and got.data_sets == expected
+    assert log.count("0 refused and 0 stored with a warning by the destination") == 3, log
 
 
 def test_a_destination_aborting_mid_send_fails_the_move_and_the_agent_serves_on(
@@ -252,6 +260,9 @@ def test_warnings_and_failures_with_comments_count_per_instance_among_successes(
         result = move(agent, "PYSCP", "STUDY", f"StudyInstanceUID={uid(series[0])}")
         again = move(agent, "PYSCP", "STUDY", f"StudyInstanceUID={uid(series[0])}")
         log = agent.log_tail()
+        audited = agent.rows(
+            "SELECT outcome, reason FROM audit WHERE event = 'retrieve' ORDER BY id"
+        )
 
     for moved in (result, again):
         counts = dcmtk.sub_operations(moved)
@@ -260,6 +271,11 @@ def test_warnings_and_failures_with_comments_count_per_instance_among_successes(
         )
         assert dcmtk.final_status(moved) == WARNING, moved.stdout[-3000:] + log
     assert set(answering.data_sets) == {uid(p, "SOPInstanceUID") for p in series}
+    # the agent's own account says what the destination answered, as the requester was told
+    summary = "0 failed, 2 refused and 2 stored with a warning by the destination"
+    assert log.count(summary) == 2, log
+    reason = "of 8 instances, 2 refused by the destination, 2 stored with a warning"
+    assert audited == [("failure", reason)] * 2
 
 
 def test_a_destination_that_does_not_answer_fails_the_move_at_the_dimse_timeout(
