@@ -235,6 +235,15 @@ _ELEMENT_HEADER = struct.Struct("<HHI")
 _US = struct.Struct("<H")
 
 
+def store_success_value(value: bytes) -> int | None:
+    """Return what `store_success` returns for the presentation data value `value` (its message
+    control header, then its fragment) if it is a whole command set in one fragment; None
+    otherwise."""
+    if not value or value[0] & (COMMAND | LAST) != COMMAND | LAST:
+        return None
+    return store_success(value[1:])
+
+
 def store_success(encoded: bytes) -> int | None:
     """Return the Message ID Being Responded To of `encoded`, a command set (Implicit VR Little
     Endian), if it is a C-STORE response saying Success and nothing more; None for anything

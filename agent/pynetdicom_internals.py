@@ -436,10 +436,10 @@ class _ResponseReader:
                 return None
             if not _read_exactly(sock, 6 + length, deadline, read):
                 return None
-            item_length, context_id, control = struct.unpack_from(">IBB", read, 6)
-            if item_length + 4 != length or control & 3 != pdata.COMMAND | pdata.LAST:
+            item_length, context_id = struct.unpack_from(">IB", read, 6)
+            if item_length + 4 != length:
                 return None
-            responding_to = pdata.store_success(bytes(read[12:]))
+            responding_to = pdata.store_success_value(bytes(read[11:]))
             if responding_to is None:
                 return None
             read.clear()
@@ -485,11 +485,10 @@ def read_store_successes(assoc: Association) -> None:
         values = primitive.presentation_data_value_list
         if dimse.message is None and len(values) == 1 and not assoc.get_handlers(_DIMSE_RECV):
             context_id, data = values[0]
-            if data[:1] and data[0] & (pdata.COMMAND | pdata.LAST) == pdata.COMMAND | pdata.LAST:
-                responding_to = pdata.store_success(data[1:])
-                if responding_to is not None:
-                    dimse.msg_queue.put((context_id, cast(Any, StoreSuccess(responding_to))))
-                    return
+            responding_to = pdata.store_success_value(data)
+            if responding_to is not None:
+                dimse.msg_queue.put((context_id, cast(Any, StoreSuccess(responding_to))))
+                return
         receive(primitive)
 
     receive_primitive.store_successes = True  # type: ignore[attr-defined]
